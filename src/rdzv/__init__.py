@@ -1,0 +1,1 @@
+"""rdzv: fast, elastic rendezvous for distributed training launchers, on etcd v3."""

@@ -1,0 +1,1 @@
+# The rendezvous core; see _state.pxd.

@@ -1,0 +1,1 @@
+"""The compiled rendezvous core (being written)."""

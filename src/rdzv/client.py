@@ -1,0 +1,534 @@
+"""The one way rdzv talks to etcd: configuration, connection, retries, errors.
+
+``EtcdClient`` wraps an ``etcd3`` client (imported through ``_etcd3_compat`` so
+that any protobuf works) and speaks raw etcd v3 requests. Transactions are given
+as plain tuples, which keeps the compiled core free of protobuf and I/O:
+
+compares
+    ``("mod", key, rev)``: the key's mod_revision equals ``rev`` (0: absent).
+operations
+    ``("get", key)`` -> ``(value, mod_revision, create_revision)`` or ``None``;
+    ``("count", prefix)`` -> number of keys under ``prefix``;
+    ``("range", prefix, limit)`` -> ``[(key, value, create_revision), ...]`` in
+    creation order; ``("put", key, value, lease)`` -> ``None``;
+    ``("delete", key)`` -> number of keys deleted.
+
+Every gRPC failure that means "etcd is not there" becomes a
+``RendezvousConnectionError`` naming the endpoints; transient ones are retried
+with jittered exponential backoff for at most ``connect_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from rdzv._etcd3_compat import load_etcd3
+from rdzv.api import RendezvousConnectionError, RendezvousParameters
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 2379
+DEFAULT_CONNECT_TIMEOUT = 5.0
+_PROTOCOLS = ("http", "https")
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def parse_endpoints(endpoint: str) -> list[tuple[str, int]]:
+    """Parse ``host[:port][,host[:port]...]`` into ``[(host, port), ...]``.
+
+    A leading ``http://`` or ``https://`` on an entry is accepted and ignored (the
+    ``protocol`` parameter decides). IPv6 hosts go in brackets: ``[::1]:2379``.
+
+    Raises:
+        ValueError: the string is empty, or an entry has a bad host or port.
+    """
+    if not isinstance(endpoint, str) or not endpoint.strip():
+        raise ValueError(
+            "The rendezvous endpoint must be 'host[:port]' or a comma-separated list "
+            f"of them (default port {DEFAULT_PORT}), got {endpoint!r}."
+        )
+    result = []
+    for raw in endpoint.split(","):
+        entry = raw.strip()
+        for scheme in ("http://", "https://"):
+            if entry.startswith(scheme):
+                entry = entry[len(scheme):]
+        entry = entry.rstrip("/")
+        host, port_text = entry, ""
+        if entry.startswith("["):
+            close = entry.find("]")
+            if close < 0:
+                raise ValueError(f"Endpoint {raw.strip()!r} opens '[' without closing it.")
+            host, rest = entry[1:close], entry[close + 1:]
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"Endpoint {raw.strip()!r}: expected ':port' after ']'.")
+            port_text = rest[1:]
+        elif entry.count(":") == 1:
+            host, port_text = entry.split(":")
+        elif entry.count(":") > 1:
+            raise ValueError(
+                f"Endpoint {raw.strip()!r}: write IPv6 addresses in brackets, "
+                f"e.g. '[::1]:{DEFAULT_PORT}'."
+            )
+        if not host or any(c.isspace() or c in "/@?#" for c in host):
+            raise ValueError(
+                f"Endpoint {raw.strip()!r} has no valid host; expected 'host[:port]'."
+            )
+        port = DEFAULT_PORT
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(
+                    f"Endpoint {raw.strip()!r} has port {port_text!r}; "
+                    "expected a number from 1 to 65535."
+                )
+            port = int(port_text)
+        result.append((host, port))
+    return result
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """How to reach etcd: endpoints, transport security and credentials.
+
+    Attributes:
+        endpoints: ``[(host, port), ...]``; the client fails over between them.
+        protocol: ``"http"`` or ``"https"``.
+        cacert: CA bundle that signs the server certificate (https).
+        cert: client certificate for mutual TLS.
+        key: private key of ``cert``.
+        username: etcd user, if etcd authentication is on.
+        password: that user's password; never logged or shown in errors.
+        connect_timeout: seconds a request keeps retrying an unreachable etcd.
+    """
+
+    endpoints: tuple[tuple[str, int], ...]
+    protocol: str = "http"
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.protocol not in _PROTOCOLS:
+            raise ValueError(
+                f"The rendezvous protocol must be one of {', '.join(_PROTOCOLS)}, "
+                f"got {self.protocol!r}."
+            )
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("Give both 'cert' and 'key' for mutual TLS, or neither.")
+        if self.protocol == "http" and (self.cacert or self.cert):
+            raise ValueError(
+                "'cacert', 'cert' and 'key' need protocol=https; got protocol=http."
+            )
+        if (self.username is None) != (self.password is None):
+            raise ValueError("Give both 'username' and 'password' for etcd auth, or neither.")
+        if not self.connect_timeout > 0:
+            raise ValueError(
+                f"'connect_timeout' must be a positive number of seconds, "
+                f"got {self.connect_timeout!r}."
+            )
+
+    @classmethod
+    def from_params(cls, params: RendezvousParameters) -> EtcdConfig:
+        """Build the configuration from rendezvous parameters."""
+        protocol = params.get("protocol", "http")
+        if not isinstance(protocol, str):
+            raise ValueError(f"The rendezvous protocol must be a string, got {protocol!r}.")
+        return cls(
+            endpoints=tuple(parse_endpoints(params.endpoint)),
+            protocol=protocol.lower(),
+            cacert=params.get("cacert"),
+            cert=params.get("cert"),
+            key=params.get("key"),
+            username=params.get("username"),
+            password=params.get("password"),
+            connect_timeout=_positive_float(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        )
+
+    def describe(self) -> str:
+        """The endpoints as the user wrote them, for messages (no credentials)."""
+        return ",".join(
+            f"{self.protocol}://{_host_text(host)}:{port}" for host, port in self.endpoints
+        )
+
+
+def _positive_float(params: RendezvousParameters, name: str, default: float) -> float:
+    value = params.get(name, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"The rendezvous option '{name}' must be a number of seconds, got {value!r}."
+        ) from None
+    if not number > 0:
+        raise ValueError(f"The rendezvous option '{name}' must be positive, got {value!r}.")
+    return number
+
+
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
+
+
+class EtcdClient:
+    """A connection to etcd with the few raw v3 calls rdzv needs.
+
+    Args:
+        config: where and how to connect.
+    """
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        etcd3 = load_etcd3()
+        self._rpc = etcd3.etcdrpc
+        self._etcd3_exceptions = etcd3.exceptions
+        host, port = self._target()
+        kwargs: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "grpc_options": [
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1_000),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ],
+        }
+        if config.protocol == "https":
+            kwargs.update(ca_cert=config.cacert, cert_cert=config.cert, cert_key=config.key)
+            if config.cacert is None:
+                raise ValueError("protocol=https needs 'cacert', the CA that signs etcd's cert.")
+        try:
+            self._etcd = self._retrying(
+                lambda: etcd3.client(
+                    user=config.username, password=config.password, **kwargs
+                ),
+                "authenticate",
+            )
+        except FileNotFoundError as e:
+            raise ValueError(f"Cannot read TLS file {e.filename!r}: {e.strerror}.") from None
+        self._timeout = config.connect_timeout
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _target(self) -> tuple[str, int]:
+        endpoints = self.config.endpoints
+        if len(endpoints) == 1:
+            return _host_text(endpoints[0][0]), endpoints[0][1]
+        # etcd3 formats "{host}:{port}"; a gRPC "ipv4:"/"ipv6:" target lists every
+        # address and lets gRPC fail over between them.
+        hosts = [h for h, _ in endpoints]
+        if all(_is_ipv4(h) for h in hosts):
+            scheme = "ipv4:"
+        elif all(":" in h for h in hosts):
+            scheme = "ipv6:"
+        else:
+            raise ValueError(
+                "Several etcd endpoints must all be IPv4 or all IPv6 addresses "
+                f"(gRPC fails over between addresses, not names); got {self.config.describe()}."
+            )
+        head = ",".join(f"{_host_text(h)}:{p}" for h, p in endpoints[:-1])
+        last_host, last_port = endpoints[-1]
+        return f"{scheme}{head},{_host_text(last_host)}", last_port
+
+    # ---------------------------------------------------------------- errors
+    def _connection_error(self, what: str, err: BaseException) -> RendezvousConnectionError:
+        detail = err.details() if isinstance(err, grpc.RpcError) else str(err)
+        detail = detail or type(err).__name__
+        lowered = detail.lower()
+        kind = "cannot reach etcd"
+        if "ssl" in lowered or "tls" in lowered or "handshake" in lowered or "certificate" in lowered:
+            kind = "TLS failure talking to etcd"
+        elif "authentication" in lowered or "password" in lowered or "user name" in lowered:
+            kind = "etcd authentication failed"
+        return RendezvousConnectionError(
+            f"{kind} at {self.config.describe()} ({what}): {detail}"
+        )
+
+    def _retrying(self, fn: Callable[[], Any], what: str) -> Any:
+        """Call ``fn``, retrying transient failures for ``connect_timeout`` seconds."""
+        deadline = time.monotonic() + self.config.connect_timeout
+        delay = 0.005
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise self._connection_error(what, err) from None
+                if code not in _TRANSIENT or time.monotonic() + delay > deadline:
+                    raise self._connection_error(what, err) from None
+            except Exception as err:
+                if not isinstance(err, self._etcd3_exceptions.Etcd3Exception):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise self._connection_error(what, err) from None
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.5)
+
+    def _call(self, stub_method: Callable[..., Any], request: Any, what: str) -> Any:
+        etcd = self._etcd
+        return self._retrying(
+            lambda: stub_method(
+                request,
+                self._timeout,
+                credentials=etcd.call_credentials,
+                metadata=etcd.metadata,
+            ),
+            what,
+        )
+
+    # ------------------------------------------------------------ key-value
+    def get(self, key: bytes) -> tuple[bytes, int, int] | None:
+        """Return ``(value, mod_revision, create_revision)`` of ``key``, or None."""
+        response = self._call(self._etcd.kvstub.Range, self._rpc.RangeRequest(key=key), "get")
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return kv.value, kv.mod_revision, kv.create_revision
+
+    def range(self, prefix: bytes, limit: int = 0, keys_only: bool = False) -> list[tuple]:
+        """Return ``[(key, value, create_revision), ...]`` under ``prefix``, oldest first."""
+        response = self._call(
+            self._etcd.kvstub.Range, self._range_request(prefix, limit, keys_only), "range"
+        )
+        return [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
+
+    def count(self, prefix: bytes) -> int:
+        """Return how many keys start with ``prefix``."""
+        request = self._rpc.RangeRequest(
+            key=prefix, range_end=_prefix_end(prefix), count_only=True
+        )
+        return self._call(self._etcd.kvstub.Range, request, "count").count
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        """Store ``value`` at ``key``; return the new revision."""
+        request = self._rpc.PutRequest(key=key, value=value, lease=lease)
+        return self._call(self._etcd.kvstub.Put, request, "put").header.revision
+
+    def delete(self, key: bytes, prefix: bool = False) -> int:
+        """Delete ``key`` (or every key under it); return how many were deleted."""
+        request = self._rpc.DeleteRangeRequest(key=key)
+        if prefix:
+            request.range_end = _prefix_end(key)
+        return self._call(self._etcd.kvstub.DeleteRange, request, "delete").deleted
+
+    def _range_request(self, prefix: bytes, limit: int, keys_only: bool = False) -> Any:
+        rpc = self._rpc
+        return rpc.RangeRequest(
+            key=prefix,
+            range_end=_prefix_end(prefix),
+            limit=limit,
+            keys_only=keys_only,
+            sort_order=rpc.RangeRequest.ASCEND,
+            sort_target=rpc.RangeRequest.CREATE,
+        )
+
+    def _op(self, op: Sequence[Any]) -> Any:
+        rpc = self._rpc
+        kind = op[0]
+        if kind == "get":
+            return rpc.RequestOp(request_range=rpc.RangeRequest(key=op[1]))
+        if kind == "count":
+            return rpc.RequestOp(
+                request_range=rpc.RangeRequest(
+                    key=op[1], range_end=_prefix_end(op[1]), count_only=True
+                )
+            )
+        if kind == "range":
+            return rpc.RequestOp(request_range=self._range_request(op[1], op[2]))
+        if kind == "put":
+            return rpc.RequestOp(
+                request_put=rpc.PutRequest(key=op[1], value=op[2], lease=op[3])
+            )
+        if kind == "delete":
+            return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op[1]))
+        raise ValueError(f"unknown transaction operation {kind!r}")
+
+    def _compare(self, compare: Sequence[Any]) -> Any:
+        rpc = self._rpc
+        kind, key, expected = compare
+        if kind == "mod":
+            return rpc.Compare(
+                key=key,
+                result=rpc.Compare.EQUAL,
+                target=rpc.Compare.MOD,
+                mod_revision=expected,
+            )
+        if kind == "value":
+            return rpc.Compare(
+                key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, value=expected
+            )
+        raise ValueError(f"unknown transaction compare {kind!r}")
+
+    def txn(
+        self,
+        compares: Sequence[Sequence[Any]],
+        success: Sequence[Sequence[Any]],
+        failure: Sequence[Sequence[Any]] = (),
+    ) -> tuple[bool, int, list[Any]]:
+        """Run one transaction; return ``(succeeded, revision, results)``.
+
+        ``results`` has one entry per operation of the branch that ran, shaped as
+        the module docstring says.
+        """
+        request = self._rpc.TxnRequest(
+            compare=[self._compare(c) for c in compares],
+            success=[self._op(o) for o in success],
+            failure=[self._op(o) for o in failure],
+        )
+        response = self._call(self._etcd.kvstub.Txn, request, "transaction")
+        ops = success if response.succeeded else failure
+        results: list[Any] = []
+        for op, item in zip(ops, response.responses):
+            kind = op[0]
+            if kind == "get":
+                kvs = item.response_range.kvs
+                results.append(
+                    (kvs[0].value, kvs[0].mod_revision, kvs[0].create_revision) if kvs else None
+                )
+            elif kind == "count":
+                results.append(item.response_range.count)
+            elif kind == "range":
+                results.append(
+                    [(kv.key, kv.value, kv.create_revision) for kv in item.response_range.kvs]
+                )
+            elif kind == "delete":
+                results.append(item.response_delete_range.deleted)
+            else:
+                results.append(None)
+        return response.succeeded, response.header.revision, results
+
+    # ---------------------------------------------------------------- leases
+    def lease_grant(self, ttl: int) -> int:
+        """Grant a lease of ``ttl`` seconds; return its id."""
+        request = self._rpc.LeaseGrantRequest(TTL=ttl)
+        return self._call(self._etcd.leasestub.LeaseGrant, request, "lease grant").ID
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        """Refresh a lease once; return its new TTL (0 or less: it has expired)."""
+
+        def once() -> int:
+            request = self._rpc.LeaseKeepAliveRequest(ID=lease_id)
+            for response in self._etcd.leasestub.LeaseKeepAlive(
+                iter([request]),
+                self._timeout,
+                credentials=self._etcd.call_credentials,
+                metadata=self._etcd.metadata,
+            ):
+                return response.TTL
+            return 0
+
+        return self._retrying(once, "lease keep-alive")
+
+    def lease_revoke(self, lease_id: int) -> None:
+        """Revoke a lease, deleting every key attached to it."""
+        request = self._rpc.LeaseRevokeRequest(ID=lease_id)
+        try:
+            self._call(self._etcd.leasestub.LeaseRevoke, request, "lease revoke")
+        except RendezvousConnectionError as err:
+            if "not found" not in str(err):
+                raise
+
+    # --------------------------------------------------------------- watches
+    def watch(
+        self,
+        key: bytes,
+        callback: Callable[[Any], None],
+        start_revision: int,
+        prefix: bool = False,
+        no_put: bool = False,
+    ) -> int:
+        """Call ``callback(events)`` for changes of ``key`` from ``start_revision``.
+
+        ``events`` is a list of ``(is_put, key, value, mod_revision)``, or the
+        exception that ended the watch (the watch is then gone; watch again from
+        the last revision seen).
+
+        Returns:
+            The watch id, for ``cancel_watch``.
+        """
+        filters = [self._rpc.WatchCreateRequest.NOPUT] if no_put else None
+        put_event = self._etcd3_events_put()
+
+        def on_response(response: Any) -> None:
+            if isinstance(response, Exception):
+                callback(response)
+                return
+            callback(
+                [
+                    (
+                        isinstance(event, put_event),
+                        event.key,
+                        event.value,
+                        event.mod_revision,
+                    )
+                    for event in response.events
+                ]
+            )
+
+        range_end = _prefix_end(key) if prefix else None
+        return self._retrying(
+            lambda: self._etcd.add_watch_callback(
+                key,
+                on_response,
+                range_end=range_end,
+                start_revision=start_revision,
+                filters=filters,
+            ),
+            "watch",
+        )
+
+    def _etcd3_events_put(self) -> type:
+        from etcd3.events import PutEvent
+
+        return PutEvent
+
+    def cancel_watch(self, watch_id: int) -> None:
+        """Stop a watch started by ``watch``."""
+        self._etcd.cancel_watch(watch_id)
+
+    # ----------------------------------------------------------------- misc
+    def status(self) -> Any:
+        """Return etcd's status (version, leader, revision)."""
+        return self._call(
+            self._etcd.maintenancestub.Status, self._rpc.StatusRequest(), "status"
+        )
+
+    @property
+    def etcd3(self) -> Any:
+        """The underlying ``etcd3`` client, for callers that need its full API."""
+        return self._etcd
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._etcd.close()
+
+
+def _is_ipv4(host: str) -> bool:
+    parts = host.split(".")
+    return len(parts) == 4 and all(p.isdigit() and 0 <= int(p) <= 255 for p in parts)
