@@ -1,1 +1,102 @@
-# The rendezvous core; see _state.pxd.
+# The rendezvous core, at a glance. Open this file first.
+#
+# Two machines live in _state.pyx:
+#
+# * the *run* machine: the state record at <run>/state, shared by every node and
+#   changed only by compare-and-swap (one CAS per transition, never per join);
+# * the *node* machine: what one node does next, given the state record it last
+#   saw and what it has written itself. It never does I/O of its own: it builds
+#   transactions as tuples and hands them to a client object (see client.py),
+#   which keeps it testable without a server.
+
+cpdef enum Status:
+    # Run states, as stored in the state record. NONE means "no record yet".
+    NONE = 0
+    JOINABLE = 1    # round r accepts members
+    FROZEN = 2      # round r's world is fixed; members confirm they are alive
+    FINAL = 3       # round r is complete; late nodes wait for round r+1
+    CLOSED = 4      # terminal for the run
+
+cpdef enum Event:
+    # Transitions of the run machine; each is one CAS on the state record.
+    OPEN = 0        # NONE -> JOINABLE(0), FINAL(r) -> JOINABLE(r+1)
+    FREEZE = 1      # JOINABLE(r) -> FROZEN(r)
+    FINALIZE = 2    # FROZEN(r) -> FINAL(r)
+    RESTART = 3     # FROZEN(r) -> JOINABLE(r+1): a world member died
+    CLOSE = 4       # any -> CLOSED
+
+cpdef enum Phase:
+    # Where one node stands in the current call to next_rendezvous().
+    IDLE = 0        # has not read the state yet
+    JOINED = 1      # member of a joinable round, waiting for it to freeze
+    CONFIRMED = 2   # in a frozen round's world, confirmed, waiting for final
+    WAITING = 3     # late or surplus: waiting for the next round to open
+    DONE = 4        # member of a final round: next_rendezvous() returns
+
+cpdef enum Step:
+    # What the node machine asks its driver to do next.
+    STEP_WAIT = 0   # block until the state changes, an event arrives or wake_at
+    STEP_DONE = 1   # the round is complete: return rank and world size
+
+
+cdef class StateRecord:
+    cdef readonly long long round
+    cdef readonly int status
+    cdef readonly int min_nodes
+    cdef readonly int max_nodes
+    cdef readonly long long cutoff
+    cdef readonly int world_size
+    cdef readonly long long last_final
+    cpdef bytes encode(self)
+
+
+cdef class Backoff:
+    cdef double initial
+    cdef double cap
+    cdef double current
+
+
+cdef class Node:
+    # Identity and settings
+    cdef readonly str node_id
+    cdef readonly bytes run_prefix
+    cdef readonly int min_nodes
+    cdef readonly int max_nodes
+    cdef readonly long long lease
+    cdef readonly bytes descriptor
+    cdef readonly double last_call_timeout
+
+    # What the node last saw of the run
+    cdef readonly object keys
+    cdef readonly double liveness_interval
+    cdef readonly StateRecord state
+    cdef readonly long long state_mod
+
+    # What this node did in the current call
+    cdef readonly int phase
+    cdef readonly long long joined_round
+    cdef readonly long long join_revision
+    cdef readonly long long completed_round
+    cdef readonly int rank
+    cdef readonly list world
+    cdef readonly long long waiting_round
+    cdef readonly double wake_at
+    cdef readonly bint freezer
+    cdef readonly set confirmed
+    cdef readonly bint check_liveness
+    cdef readonly long long watch_revision
+    cdef readonly long long freeze_round
+    cdef readonly long long freeze_revision
+    cdef bint world_member_lost
+    cdef list stale_keys
+    cdef Backoff backoff
+
+    cdef bint _cas(self, client, int event, StateRecord s, dict changes=*, list extra=*) except -1
+    cdef bint _join(self, client, StateRecord s, double now) except -1
+    cdef bint _freeze(self, client, StateRecord s, double now) except -1
+    cdef object _freezer_duties(self, client, StateRecord s)
+    cdef int _confirm_or_leave(self, client, StateRecord s, double now) except -1
+    cdef int _check_world(self, client, StateRecord s, double now) except -1
+    cdef bint _register_waiting(self, client, StateRecord s) except -1
+    cdef bint _wait_for_next(self, client, StateRecord s, double now) except -1
+    cdef int _stop_freezing(self) except -1

@@ -1,1 +1,762 @@
-"""The compiled rendezvous core (being written)."""
+# cython: language_level=3
+"""The compiled rendezvous core: codecs, transition table, rank assignment, CAS loop.
+
+Theory of operation
+-------------------
+A run is a sequence of rounds. ``<run>/state`` holds one small record: the
+current round, its status (``joinable``, ``frozen``, ``final``, ``closed``), the
+node bounds, and once frozen the cutoff revision and world size. The record only
+changes through the transitions in ``_TRANSITIONS``, each a single
+compare-and-swap on the record's mod_revision. Joining is *not* a transition:
+a node joins round r with one transaction that succeeds only while the record is
+unchanged, puts its member key (on its lease) and counts the members; etcd's
+revision order is the join order. So N joins cost N writes and no CAS retries.
+
+The node whose join brings the count to ``max_nodes`` freezes the round; a node
+whose join brings it to ``min_nodes`` or beyond arms the last-call timer and
+freezes when it fires (the CAS makes racing freezers safe). The freezer computes
+the rank assignment here, publishes it with the frozen record in one
+transaction, and watches the round's keys: each world member confirms it is
+alive with one put; when all have, the freezer marks the round final. A world
+member whose key vanishes (lease expiry) before that makes it restart the
+round. Everyone else only watches the state record: O(1) events per node.
+
+Two rules, after h11: everything that decides what happens to the rendezvous is
+in this file, and nothing in this file does I/O by itself. ``Node`` receives a
+client object with ``txn(compares, success, failure)`` and ``get(key)`` (see
+``rdzv.client``) and returns what its driver should do next.
+"""
+
+from libc.math cimport INFINITY
+
+import random
+import time
+
+from rdzv.api import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousStateError,
+)
+
+FORMAT_VERSION = 1
+_STATE_MAGIC = b"rdzv1"
+_WORLD_MAGIC = b"rdzv1-world"
+_MEMBER_MAGIC = b"rdzv1-node"
+
+_STATUS_NAMES = ("none", "joinable", "frozen", "final", "closed")
+_EVENT_NAMES = ("open", "freeze", "finalize", "restart", "close")
+_STATUS_BY_NAME = {name: i for i, name in enumerate(_STATUS_NAMES) if i != NONE}
+
+# The run machine: _TRANSITIONS[status][event] is the status after the event, or
+# -1 where the event is not allowed. OPEN and RESTART also advance the round.
+cdef int _TRANSITIONS[5][5]
+_TABLE = [
+    #  OPEN       FREEZE   FINALIZE  RESTART   CLOSE
+    [JOINABLE,   -1,      -1,       -1,       CLOSED],   # NONE
+    [-1,         FROZEN,  -1,       -1,       CLOSED],   # JOINABLE
+    [-1,         -1,      FINAL,    JOINABLE, CLOSED],   # FROZEN
+    [JOINABLE,   -1,      -1,       -1,       CLOSED],   # FINAL
+    [-1,         -1,      -1,       -1,       -1],       # CLOSED
+]
+for _row, _targets in enumerate(_TABLE):
+    for _col, _target in enumerate(_targets):
+        _TRANSITIONS[_row][_col] = _target
+del _TABLE, _row, _targets, _col, _target
+
+# Bound on lost compare-and-swaps in one advance() before giving up. Each lost
+# CAS returns the newer record, so a loss means progress by someone else; this
+# only stops a pathological livelock.
+_MAX_CAS_ATTEMPTS = 1000
+
+
+class TransitionError(RendezvousError):
+    """A transition that the run machine does not allow from this status."""
+
+
+def status_name(int status):
+    """Return the lowercase name of a status code."""
+    return _STATUS_NAMES[status]
+
+
+# --------------------------------------------------------------- state record
+cdef class StateRecord:
+    """The record stored at ``<run>/state``.
+
+    Args:
+        round: round number, only ever grows.
+        status: one of the ``Status`` codes (not NONE).
+        min_nodes, max_nodes: bounds of the round's world.
+        cutoff: revision at which the world was read (frozen and final).
+        world_size: number of members (frozen and final), else 0.
+        last_final: the latest round that completed before this one, or -1.
+    """
+
+    def __init__(self, long long round, int status, int min_nodes, int max_nodes,
+                 long long cutoff=0, int world_size=0, long long last_final=-1):
+        self.round = round
+        self.status = status
+        self.min_nodes = min_nodes
+        self.max_nodes = max_nodes
+        self.cutoff = cutoff
+        self.world_size = world_size
+        self.last_final = last_final
+
+    cpdef bytes encode(self):
+        """Serialize as one line of ASCII, readable with ``etcdctl get``."""
+        return b"%s round=%d status=%s min=%d max=%d cutoff=%d world=%d last_final=%d" % (
+            _STATE_MAGIC, self.round, _STATUS_NAMES[self.status].encode(),
+            self.min_nodes, self.max_nodes, self.cutoff, self.world_size, self.last_final,
+        )
+
+    def __eq__(self, other):
+        if not isinstance(other, StateRecord):
+            return NotImplemented
+        return self.encode() == (<StateRecord>other).encode()
+
+    def __repr__(self):
+        return f"StateRecord({self.encode().decode()})"
+
+    def transition(self, int event, **changes):
+        """Return the record after ``event``, per the transition table.
+
+        Raises:
+            TransitionError: ``event`` is not allowed from this status.
+        """
+        return _apply(self, event, changes)
+
+
+cdef StateRecord _apply(StateRecord s, int event, dict changes):
+    cdef int status = s.status if s is not None else NONE
+    cdef int target = _TRANSITIONS[status][event]
+    if target < 0:
+        raise TransitionError(
+            f"cannot {_EVENT_NAMES[event]} a rendezvous that is {_STATUS_NAMES[status]}"
+        )
+    cdef long long round = s.round if s is not None else 0
+    cdef long long last_final = s.last_final if s is not None else -1
+    if event == OPEN and status == FINAL:
+        last_final = round
+        round += 1
+    elif event == RESTART:
+        round += 1
+    cdef StateRecord new = StateRecord(
+        round, target,
+        changes.get("min_nodes", s.min_nodes if s is not None else 1),
+        changes.get("max_nodes", s.max_nodes if s is not None else 1),
+        changes.get("cutoff", s.cutoff if target in (FROZEN, FINAL) else 0),
+        changes.get("world_size", s.world_size if target in (FROZEN, FINAL) else 0),
+        last_final,
+    )
+    if event == CLOSE and s is not None:
+        new.cutoff = s.cutoff
+        new.world_size = s.world_size
+    return new
+
+
+cdef long long _parse_int(bytes text, bytes key, bytes field, long long low) except? -2:
+    if not text or not (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())):
+        raise RendezvousStateError(
+            f"state record at {key.decode(errors='replace')!r} has a bad "
+            f"{field.decode()}={text.decode(errors='replace')!r}; expected an integer"
+        )
+    cdef long long value = int(text)
+    if value < low:
+        raise RendezvousStateError(
+            f"state record at {key.decode(errors='replace')!r} has "
+            f"{field.decode()}={value}, below {low}"
+        )
+    return value
+
+
+_STATE_FIELDS = (b"round", b"status", b"min", b"max", b"cutoff", b"world", b"last_final")
+
+
+def decode_state(data, key=b"state"):
+    """Parse a state record; raise ``RendezvousStateError`` naming ``key`` if bad.
+
+    Args:
+        data: the bytes stored at the state key.
+        key: the key they came from, for the error message.
+    """
+    if not isinstance(data, bytes):
+        raise TypeError("state record must be bytes")
+    cdef bytes k = key if isinstance(key, bytes) else str(key).encode()
+    name = k.decode(errors="replace")
+    parts = data.split(b" ")
+    if not parts or parts[0] != _STATE_MAGIC:
+        head = data[:24]
+        raise RendezvousStateError(
+            f"state record at {name!r} is not an rdzv version-{FORMAT_VERSION} record "
+            f"(starts with {head!r}); it was written by another program or another rdzv "
+            "version. Use another etcd_prefix or run id, or delete the run's keys."
+        )
+    if len(parts) != 1 + len(_STATE_FIELDS):
+        raise RendezvousStateError(
+            f"state record at {name!r} has {len(parts) - 1} fields, expected "
+            f"{len(_STATE_FIELDS)}: {data[:120]!r}"
+        )
+    values = {}
+    for part, field in zip(parts[1:], _STATE_FIELDS):
+        field_name, sep, text = part.partition(b"=")
+        if field_name != field or not sep:
+            raise RendezvousStateError(
+                f"state record at {name!r}: expected field {field.decode()!r}, "
+                f"found {part[:40]!r}"
+            )
+        values[field] = text
+    status = _STATUS_BY_NAME.get(values[b"status"].decode("ascii", "replace"))
+    if status is None:
+        raise RendezvousStateError(
+            f"state record at {name!r} has unknown status {values[b'status'][:20]!r}"
+        )
+    cdef StateRecord s = StateRecord(
+        _parse_int(values[b"round"], k, b"round", 0),
+        status,
+        _parse_int(values[b"min"], k, b"min", 1),
+        _parse_int(values[b"max"], k, b"max", 1),
+        _parse_int(values[b"cutoff"], k, b"cutoff", 0),
+        _parse_int(values[b"world"], k, b"world", 0),
+        _parse_int(values[b"last_final"], k, b"last_final", -1),
+    )
+    if s.max_nodes < s.min_nodes or s.max_nodes > 0x7FFFFFFF:
+        raise RendezvousStateError(
+            f"state record at {name!r} has min={s.min_nodes} > max={s.max_nodes}"
+        )
+    if s.status in (FROZEN, FINAL) and not s.min_nodes <= s.world_size <= s.max_nodes:
+        raise RendezvousStateError(
+            f"state record at {name!r} has world={s.world_size} outside "
+            f"[{s.min_nodes}, {s.max_nodes}]"
+        )
+    if s.last_final >= s.round:
+        raise RendezvousStateError(
+            f"state record at {name!r} has last_final={s.last_final} >= round={s.round}"
+        )
+    return s
+
+
+# --------------------------------------------------------- world and members
+def encode_world(long long round, list node_ids):
+    """Serialize a rank assignment: node ids in rank order."""
+    return b"%s round=%d ids=%s" % (
+        _WORLD_MAGIC, round, ",".join(node_ids).encode("ascii"))
+
+
+def decode_world(data, key=b"world"):
+    """Parse a rank assignment into ``(round, [node_id, ...])``.
+
+    Raises:
+        RendezvousStateError: the bytes are not a world record (names ``key``).
+    """
+    name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+    parts = data.split(b" ") if isinstance(data, bytes) else []
+    if len(parts) != 3 or parts[0] != _WORLD_MAGIC or not parts[1].startswith(b"round=") \
+            or not parts[2].startswith(b"ids="):
+        raise RendezvousStateError(
+            f"world record at {name!r} cannot be decoded: {bytes(data)[:60]!r}")
+    round_text = parts[1][6:]
+    if not round_text.isdigit():
+        raise RendezvousStateError(f"world record at {name!r} has a bad round")
+    ids_text = parts[2][4:]
+    try:
+        ids = ids_text.decode("ascii").split(",") if ids_text else []
+    except UnicodeDecodeError:
+        raise RendezvousStateError(f"world record at {name!r} has non-ASCII ids") from None
+    if len(set(ids)) != len(ids) or any(not i for i in ids):
+        raise RendezvousStateError(f"world record at {name!r} has empty or repeated ids")
+    return int(round_text), ids
+
+
+def encode_member(str host, str addr, int pid):
+    """Serialize a node descriptor (what a member key holds)."""
+    for value, what in ((host, "host"), (addr, "address")):
+        if not value or any(c.isspace() for c in value):
+            raise ValueError(f"node {what} must be non-empty without spaces, got {value!r}")
+    return b"%s %s %s %d" % (_MEMBER_MAGIC, host.encode(), addr.encode(), pid)
+
+
+def decode_member(data):
+    """Parse a node descriptor into ``(host, addr, pid)``; None if it is not one."""
+    parts = data.split(b" ")
+    if len(parts) != 4 or parts[0] != _MEMBER_MAGIC or not parts[3].isdigit():
+        return None
+    try:
+        return parts[1].decode(), parts[2].decode(), int(parts[3])
+    except UnicodeDecodeError:
+        return None
+
+
+# ------------------------------------------------------------ rank assignment
+def assign_ranks(members, previous, int max_nodes):
+    """Choose the world and give each member a rank.
+
+    Args:
+        members: ``[(node_id, descriptor_bytes), ...]`` in join order.
+        previous: node ids in rank order of the last completed round (or empty).
+        max_nodes: at most this many of the earliest joiners form the world.
+
+    Returns:
+        The node ids of the world in rank order. Members of the previous round
+        keep their rank where it still exists; every other rank goes to the
+        remaining members sorted by descriptor (host, then address, pid, id),
+        so that one host's nodes get adjacent ranks.
+    """
+    cdef list world = list(members[:max_nodes])
+    cdef Py_ssize_t size = len(world)
+    cdef Py_ssize_t rank
+    cdef list ranks = [None] * size
+    cdef dict old_rank = {}
+    for rank, node_id in enumerate(previous):
+        old_rank[node_id] = rank
+    cdef list newcomers = []
+    for node_id, descriptor in world:
+        rank = old_rank.get(node_id, -1)
+        if 0 <= rank < size:
+            ranks[rank] = node_id
+        else:
+            newcomers.append((_sort_key(descriptor), node_id))
+    newcomers.sort()
+    cdef Py_ssize_t i = 0
+    for rank in range(size):
+        if ranks[rank] is None:
+            ranks[rank] = newcomers[i][1]
+            i += 1
+    return ranks
+
+
+cdef tuple _sort_key(bytes descriptor):
+    parsed = decode_member(descriptor)
+    if parsed is None:
+        return ("", "", 0, descriptor)
+    return parsed
+
+
+# ------------------------------------------------------------------- backoff
+cdef class Backoff:
+    """Jittered exponential backoff that starts in microseconds.
+
+    Args:
+        initial: first delay in seconds.
+        cap: largest delay in seconds.
+    """
+
+    def __init__(self, double initial=50e-6, double cap=0.05):
+        self.initial = initial
+        self.cap = cap
+        self.current = initial
+
+    def next_delay(self):
+        """Return the next delay (full jitter) and grow the ceiling."""
+        cdef double delay = random.uniform(0.0, self.current)
+        self.current = min(self.current * 2.0, self.cap)
+        return delay
+
+    def reset(self):
+        """Forget earlier conflicts."""
+        self.current = self.initial
+
+
+# ----------------------------------------------------------------- node machine
+cdef class Node:
+    """One node's side of the rendezvous, as a sans-I/O state machine.
+
+    Args:
+        node_id: unique id (the lease id in hex); key names use it.
+        keys: the run's ``RunKeys``.
+        min_nodes, max_nodes: bounds this node asks for (the state record's
+            win once a round exists).
+        lease: the lease every key this node writes is attached to.
+        descriptor: ``encode_member(host, addr, pid)`` of this node.
+        last_call_timeout: seconds between the min-th join and the freeze.
+        liveness_interval: how long a confirmed member waits for ``final``
+            before it checks the world's liveness itself.
+    """
+
+    def __init__(self, str node_id, keys, int min_nodes, int max_nodes, long long lease,
+                 bytes descriptor, double last_call_timeout, double liveness_interval):
+        if not 1 <= min_nodes <= max_nodes:
+            raise ValueError(
+                f"need 1 <= min_nodes <= max_nodes, got {min_nodes} and {max_nodes}")
+        self.node_id = node_id
+        self.keys = keys
+        self.run_prefix = keys.run
+        self.min_nodes = min_nodes
+        self.max_nodes = max_nodes
+        self.lease = lease
+        self.descriptor = descriptor
+        self.last_call_timeout = last_call_timeout
+        self.liveness_interval = liveness_interval
+        self.state = None
+        self.state_mod = -1
+        self.completed_round = -1
+        self.stale_keys = []
+        self.backoff = Backoff()
+        self.freezer = False
+        self.freeze_round = -1
+        self.confirmed = set()
+        self.world = []
+        self.begin()
+
+    # ------------------------------------------------------------ observing
+    def begin(self):
+        """Start a new ``next_rendezvous()`` call."""
+        self.phase = IDLE
+        self.joined_round = -1
+        self.join_revision = 0
+        self.rank = -1
+        self.waiting_round = -1
+        self.wake_at = INFINITY
+        self.check_liveness = False
+        self.watch_revision = 0
+
+    def observe_state(self, value, long long mod_revision):
+        """Feed the state record as read or watched (None: the key is absent).
+
+        Older revisions than the one already seen are ignored.
+        """
+        if mod_revision < self.state_mod and value is not None:
+            return
+        if value is None:
+            self.state = None
+            self.state_mod = 0
+        else:
+            self.state = decode_state(value, self.keys.state)
+            self.state_mod = mod_revision
+        if self.freezer and (self.state is None or self.state.round != self.freeze_round
+                             or self.state.status != FROZEN):
+            self._stop_freezing()
+
+    def observe_round_events(self, events):
+        """Feed the freezer's watch of its round: ``[(is_put, key, value, rev)]``."""
+        if not self.freezer:
+            return
+        confirmed_prefix = self.keys.confirmed(self.freeze_round)
+        members_prefix = self.keys.members(self.freeze_round)
+        world = set(self.world)
+        for is_put, key, _value, _rev in events:
+            if key.startswith(confirmed_prefix):
+                node_id = key[len(confirmed_prefix):].decode()
+                if node_id in world:
+                    if is_put:
+                        self.confirmed.add(node_id)
+                    else:
+                        self.world_member_lost = True
+            elif not is_put and key.startswith(members_prefix):
+                if key[len(members_prefix):].decode() in world:
+                    self.world_member_lost = True
+
+    def observe_member_deleted(self):
+        """A member key of the round this late node waits on was deleted."""
+        self.check_liveness = True
+
+    def forget_state(self):
+        """Drop the cached state record so that the next step re-reads it."""
+        self.state = None
+        self.state_mod = -1
+
+    cdef int _stop_freezing(self) except -1:
+        self.freezer = False
+        self.freeze_round = -1
+        self.confirmed = set()
+        self.world_member_lost = False
+        return 0
+
+    # ------------------------------------------------------------- stepping
+    def advance(self, client, double now):
+        """Do what the last observed state calls for; return a ``Step``.
+
+        May run transactions through ``client``. On ``STEP_WAIT`` the driver
+        blocks until the state record changes, a watched event arrives, or
+        ``wake_at`` passes, then calls ``advance`` again.
+
+        Raises:
+            RendezvousClosedError: the run is closed.
+            RendezvousStateError: a record in etcd cannot be decoded.
+        """
+        cdef int attempts = 0
+        cdef StateRecord s
+        while True:
+            attempts += 1
+            if attempts > _MAX_CAS_ATTEMPTS:
+                raise RendezvousStateError(
+                    f"gave up after {_MAX_CAS_ATTEMPTS} lost compare-and-swaps on "
+                    f"{self.keys.state.decode()!r}")
+            if self.state_mod < 0:
+                got = client.get(self.keys.state)
+                if got is None:
+                    self.observe_state(None, 0)
+                else:
+                    self.observe_state(got[0], got[1])
+                continue
+            s = self.state
+            if s is None:
+                if not self._cas(client, OPEN, None):
+                    continue
+                continue
+            if s.status == CLOSED:
+                raise RendezvousClosedError(
+                    f"the rendezvous of run {self.keys.run_id!r} is closed")
+            if self.freezer:
+                step = self._freezer_duties(client, s)
+                if step is not None:
+                    continue
+            if s.status == JOINABLE:
+                if self.phase == JOINED and self.joined_round == s.round:
+                    if now >= self.wake_at:
+                        self.wake_at = INFINITY
+                        if self._freeze(client, s, now):
+                            continue
+                    return STEP_WAIT
+                if self._join(client, s, now):
+                    continue
+                continue
+            if s.status == FROZEN:
+                if self.phase == JOINED and self.joined_round == s.round:
+                    self._confirm_or_leave(client, s, now)
+                    continue
+                if self.phase == CONFIRMED and self.joined_round == s.round:
+                    if now >= self.wake_at or self.check_liveness:
+                        self._check_world(client, s, now)
+                        if self.state is not s:
+                            continue
+                    return STEP_WAIT
+                if self._wait_for_next(client, s, now):
+                    continue
+                return STEP_WAIT
+            if s.status == FINAL:
+                if self.phase == CONFIRMED and self.joined_round == s.round:
+                    self.phase = DONE
+                    self.completed_round = s.round
+                    self.wake_at = INFINITY
+                    return STEP_DONE
+                if self.completed_round == s.round:
+                    # This node was in the last round and asks for a new one.
+                    self._cas(client, OPEN, s)
+                    continue
+                if self._wait_for_next(client, s, now):
+                    continue
+                return STEP_WAIT
+            raise RendezvousStateError(f"unexpected status {s.status}")
+
+    # ----------------------------------------------------------- operations
+    cdef bint _cas(self, client, int event, StateRecord s, dict changes=None,
+                   list extra=None) except -1:
+        """Apply one run transition with a CAS; True if this node won it.
+
+        On a lost CAS the newer record (returned by the same transaction) is
+        observed, so the caller's next decision is made on fresh state.
+        """
+        if changes is None:
+            changes = {}
+        if s is None or event == OPEN:
+            changes.setdefault("min_nodes", self.min_nodes)
+            changes.setdefault("max_nodes", self.max_nodes)
+        cdef StateRecord new = _apply(s, event, changes)
+        success = [("put", self.keys.state, new.encode(), 0)]
+        if extra:
+            success.extend(extra)
+        ok, revision, results = client.txn(
+            [("mod", self.keys.state, self.state_mod)],
+            success,
+            [("get", self.keys.state)],
+        )
+        if ok:
+            self.state = new
+            self.state_mod = revision
+            self.backoff.reset()
+            if self.freezer and (new.status != FROZEN or new.round != self.freeze_round):
+                self._stop_freezing()
+            return True
+        got = results[0]
+        same = got is not None and s is not None and got[0] == s.encode()
+        if got is None:
+            self.observe_state(None, 0)
+        else:
+            self.observe_state(got[0], got[1])
+        if same:
+            time.sleep(self.backoff.next_delay())
+        return False
+
+    cdef bint _join(self, client, StateRecord s, double now) except -1:
+        """Join round ``s.round`` with one transaction; False if the state moved."""
+        cdef bytes members = self.keys.members(s.round)
+        success = [
+            ("put", members + self.node_id.encode(), self.descriptor, self.lease),
+            ("count", members),
+        ]
+        for key in self.stale_keys:
+            success.append(("delete", key))
+        ok, revision, results = client.txn(
+            [("mod", self.keys.state, self.state_mod)],
+            success,
+            [("get", self.keys.state)],
+        )
+        if not ok:
+            got = results[0]
+            if got is None:
+                self.observe_state(None, 0)
+            else:
+                self.observe_state(got[0], got[1])
+            return False
+        self.stale_keys = [members + self.node_id.encode()]
+        self.phase = JOINED
+        self.joined_round = s.round
+        self.join_revision = revision
+        self.waiting_round = -1
+        cdef long long count = results[1]
+        if count >= s.max_nodes:
+            self._freeze(client, s, now)
+        elif count >= s.min_nodes:
+            self.wake_at = now + self.last_call_timeout
+        return True
+
+    cdef bint _freeze(self, client, StateRecord s, double now) except -1:
+        """Fix round ``s.round``'s world and publish it; True if this node did."""
+        cdef bytes members = self.keys.members(s.round)
+        reads = [("range", members, s.max_nodes)]
+        if s.last_final >= 0:
+            reads.append(("get", self.keys.world(s.last_final)))
+        ok, revision, results = client.txn(
+            [("mod", self.keys.state, self.state_mod)], reads, [("get", self.keys.state)])
+        if not ok:
+            got = results[0]
+            if got is None:
+                self.observe_state(None, 0)
+            else:
+                self.observe_state(got[0], got[1])
+            return False
+        listed = [(key[len(members):].decode(), value) for key, value, _ in results[0]]
+        if len(listed) < s.min_nodes:
+            # Members died since the count reached min: wait for more joins.
+            return False
+        previous = []
+        if len(results) > 1 and results[1] is not None:
+            previous = decode_world(results[1][0], self.keys.world(s.last_final))[1]
+        world = assign_ranks(listed, previous, s.max_nodes)
+        cdef list extra = [("put", self.keys.world(s.round), encode_world(s.round, world), 0)]
+        if not self._cas(client, FREEZE, s,
+                         {"cutoff": revision, "world_size": len(world)}, extra):
+            return False
+        self.freezer = True
+        self.freeze_round = s.round
+        self.freeze_revision = self.state_mod
+        self.world = world
+        self.confirmed = set()
+        self.world_member_lost = False
+        return True
+
+    cdef object _freezer_duties(self, client, StateRecord s):
+        """As the freezer: finalize when all confirmed, restart if one is lost."""
+        if s.status != FROZEN or s.round != self.freeze_round:
+            self._stop_freezing()
+            return None
+        if self.world_member_lost:
+            self._cas(client, RESTART, s)
+            return True
+        if len(self.confirmed) >= s.world_size:
+            self._cas(client, FINALIZE, s)
+            return True
+        return None
+
+    cdef int _confirm_or_leave(self, client, StateRecord s, double now) except -1:
+        """In a frozen round: confirm if in its world, else wait as surplus."""
+        cdef bytes world_key = self.keys.world(s.round)
+        if not self.freezer or self.freeze_round != s.round:
+            got = client.get(world_key)
+            if got is None:
+                raise RendezvousStateError(
+                    f"round {s.round} is frozen but {world_key.decode()!r} is missing")
+            round, ids = decode_world(got[0], world_key)
+            if round != s.round or len(ids) != s.world_size:
+                raise RendezvousStateError(
+                    f"world record at {world_key.decode()!r} does not match the "
+                    f"state record (round {round} vs {s.round}, size {len(ids)} vs "
+                    f"{s.world_size})")
+            self.world = ids
+        cdef bytes me = self.node_id.encode()
+        try:
+            self.rank = self.world.index(self.node_id)
+        except ValueError:
+            self.rank = -1
+        if self.rank < 0:
+            # Surplus: joined after the cutoff or beyond max_nodes. Its member key
+            # is in stale_keys, so registering as waiting withdraws it.
+            self.phase = IDLE
+            return 0
+        client.txn([], [("put", self.keys.confirmed(s.round) + me, b"", self.lease)], [])
+        self.stale_keys.append(self.keys.confirmed(s.round) + me)
+        self.phase = CONFIRMED
+        self.wake_at = now + self.liveness_interval
+        return 0
+
+    cdef int _check_world(self, client, StateRecord s, double now) except -1:
+        """Fallback liveness check of a frozen round's world, by any member."""
+        self.check_liveness = False
+        ok, revision, results = client.txn([], [
+            ("count", self.keys.members(s.round), s.cutoff),
+            ("count", self.keys.confirmed(s.round)),
+        ], [])
+        if results[0] < s.world_size:
+            self._cas(client, RESTART, s)
+        elif results[1] >= s.world_size:
+            self._cas(client, FINALIZE, s)
+        else:
+            self.wake_at = now + self.liveness_interval
+        return 0
+
+    cdef bint _register_waiting(self, client, StateRecord s) except -1:
+        """Put this node's waiting key for round ``s.round``; count its world."""
+        cdef bytes me = self.node_id.encode()
+        ops = [("put", self.keys.waiting(s.round) + me, b"", self.lease),
+               ("count", self.keys.members(s.round), s.cutoff)]
+        for key in self.stale_keys:
+            if key != self.keys.waiting(s.round) + me:
+                ops.append(("delete", key))
+        ok, revision, results = client.txn([], ops, [])
+        self.phase = WAITING
+        self.waiting_round = s.round
+        self.watch_revision = revision
+        self.stale_keys = [self.keys.waiting(s.round) + me]
+        return results[1] < s.world_size
+
+    cdef bint _wait_for_next(self, client, StateRecord s, double now) except -1:
+        """Late or surplus node: register, and open the next round if the world
+        of round ``s.round`` lost a member. True if the state moved."""
+        cdef bint lost
+        if self.phase != WAITING or self.waiting_round != s.round:
+            lost = self._register_waiting(client, s)
+        elif self.check_liveness:
+            self.check_liveness = False
+            ok, revision, results = client.txn(
+                [], [("count", self.keys.members(s.round), s.cutoff)], [])
+            lost = results[0] < s.world_size
+        else:
+            return False
+        if not lost:
+            return False
+        self._cas(client, RESTART if s.status == FROZEN else OPEN, s)
+        return True
+
+    def close(self, client):
+        """Close the run (terminal, CLOSE from any status); True if this call did."""
+        cdef int attempts = 0
+        while attempts < _MAX_CAS_ATTEMPTS:
+            attempts += 1
+            if self.state_mod < 0:
+                got = client.get(self.keys.state)
+                self.observe_state(None if got is None else got[0], 0 if got is None else got[1])
+            if self.state is not None and self.state.status == CLOSED:
+                return False
+            if self._cas(client, CLOSE, self.state):
+                return True
+        raise RendezvousStateError(
+            f"could not close {self.keys.state.decode()!r}: too many concurrent changes")
+
+    # -------------------------------------------------------------- leaving
+    def cleanup_ops(self):
+        """Deletes that withdraw this node from the current round (on timeout)."""
+        return [("delete", key) for key in self.stale_keys]
+
+    def left(self):
+        """Record that ``cleanup_ops`` ran."""
+        self.stale_keys = []
+        self.phase = IDLE

@@ -8,7 +8,8 @@ compares
     ``("mod", key, rev)``: the key's mod_revision equals ``rev`` (0: absent).
 operations
     ``("get", key)`` -> ``(value, mod_revision, create_revision)`` or ``None``;
-    ``("count", prefix)`` -> number of keys under ``prefix``;
+    ``("count", prefix[, max_create_revision])`` -> number of keys under
+    ``prefix`` (created at or before ``max_create_revision`` if given);
     ``("range", prefix, limit)`` -> ``[(key, value, create_revision), ...]`` in
     creation order; ``("put", key, value, lease)`` -> ``None``;
     ``("delete", key)`` -> number of keys deleted.
@@ -227,6 +228,7 @@ class EtcdClient:
             )
         except FileNotFoundError as e:
             raise ValueError(f"Cannot read TLS file {e.filename!r}: {e.strerror}.") from None
+        self._watch_stub = self._rpc.WatchStub(self._etcd.channel)
         self._timeout = config.connect_timeout
         self._closed = False
         self._lock = threading.Lock()
@@ -350,11 +352,10 @@ class EtcdClient:
         if kind == "get":
             return rpc.RequestOp(request_range=rpc.RangeRequest(key=op[1]))
         if kind == "count":
-            return rpc.RequestOp(
-                request_range=rpc.RangeRequest(
-                    key=op[1], range_end=_prefix_end(op[1]), count_only=True
-                )
-            )
+            request = rpc.RangeRequest(key=op[1], range_end=_prefix_end(op[1]), count_only=True)
+            if len(op) > 2:
+                request.max_create_revision = op[2]
+            return rpc.RequestOp(request_range=request)
         if kind == "range":
             return rpc.RequestOp(request_range=self._range_request(op[1], op[2]))
         if kind == "put":
@@ -458,55 +459,32 @@ class EtcdClient:
         start_revision: int,
         prefix: bool = False,
         no_put: bool = False,
-    ) -> int:
+    ) -> _WatchStream:
         """Call ``callback(events)`` for changes of ``key`` from ``start_revision``.
 
         ``events`` is a list of ``(is_put, key, value, mod_revision)``, or the
-        exception that ended the watch (the watch is then gone; watch again from
-        the last revision seen).
+        exception that ended the watch (it is then gone; watch again from the
+        revision after the last event seen). Each watch is its own gRPC stream
+        with its own thread, so a slow callback never delays another watch.
 
         Returns:
-            The watch id, for ``cancel_watch``.
+            A handle for ``cancel_watch``.
+
+        Raises:
+            RendezvousConnectionError: the watch could not be created.
         """
-        filters = [self._rpc.WatchCreateRequest.NOPUT] if no_put else None
-        put_event = self._etcd3_events_put()
+        rpc = self._rpc
+        create = rpc.WatchCreateRequest(key=key, start_revision=start_revision)
+        if prefix:
+            create.range_end = _prefix_end(key)
+        if no_put:
+            create.filters.append(rpc.WatchCreateRequest.NOPUT)
+        stream = _WatchStream(self, rpc.WatchRequest(create_request=create), callback)
+        return self._retrying(stream.start, "watch")
 
-        def on_response(response: Any) -> None:
-            if isinstance(response, Exception):
-                callback(response)
-                return
-            callback(
-                [
-                    (
-                        isinstance(event, put_event),
-                        event.key,
-                        event.value,
-                        event.mod_revision,
-                    )
-                    for event in response.events
-                ]
-            )
-
-        range_end = _prefix_end(key) if prefix else None
-        return self._retrying(
-            lambda: self._etcd.add_watch_callback(
-                key,
-                on_response,
-                range_end=range_end,
-                start_revision=start_revision,
-                filters=filters,
-            ),
-            "watch",
-        )
-
-    def _etcd3_events_put(self) -> type:
-        from etcd3.events import PutEvent
-
-        return PutEvent
-
-    def cancel_watch(self, watch_id: int) -> None:
-        """Stop a watch started by ``watch``."""
-        self._etcd.cancel_watch(watch_id)
+    def cancel_watch(self, handle: _WatchStream) -> None:
+        """Stop a watch started by ``watch``; idempotent."""
+        handle.cancel()
 
     # ----------------------------------------------------------------- misc
     def status(self) -> Any:
@@ -527,6 +505,70 @@ class EtcdClient:
                 return
             self._closed = True
         self._etcd.close()
+
+
+class _WatchStream:
+    """One etcd watch on its own gRPC stream, read by a daemon thread."""
+
+    def __init__(self, client: EtcdClient, request: Any, callback: Callable[[Any], None]):
+        self._client = client
+        self._request = request
+        self._callback = callback
+        self._cancelled = threading.Event()
+        self._created = threading.Event()
+        self._error: BaseException | None = None
+        self._call: Any = None
+
+    def _requests(self) -> Any:
+        yield self._request
+        self._cancelled.wait()
+
+    def start(self) -> _WatchStream:
+        etcd = self._client._etcd
+        self._created.clear()
+        self._error = None
+        self._call = self._client._watch_stub.Watch(
+            self._requests(), credentials=etcd.call_credentials, metadata=etcd.metadata
+        )
+        threading.Thread(target=self._run, name="rdzv-watch", daemon=True).start()
+        if not self._created.wait(self._client.config.connect_timeout):
+            self.cancel()
+            raise grpc.RpcError("watch was not created in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        try:
+            for response in self._call:
+                if response.created:
+                    self._created.set()
+                if response.compact_revision:
+                    raise RuntimeError(
+                        f"watch start revision was compacted (now {response.compact_revision})"
+                    )
+                if response.canceled:
+                    raise RuntimeError(f"watch canceled by etcd: {response.cancel_reason}")
+                if response.events:
+                    self._callback(
+                        [
+                            (e.type == 0, e.kv.key, e.kv.value, e.kv.mod_revision)
+                            for e in response.events
+                        ]
+                    )
+        except Exception as err:
+            if self._cancelled.is_set():
+                return
+            if not self._created.is_set():
+                self._error = err
+                self._created.set()
+                return
+            self._callback(err)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._call is not None:
+            self._call.cancel()
 
 
 def _is_ipv4(host: str) -> bool:

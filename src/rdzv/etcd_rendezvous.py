@@ -1,0 +1,485 @@
+"""The etcd v3 rendezvous handler: torch's ``RendezvousHandler`` on rdzv's core.
+
+The decisions are made by the compiled node machine (``rdzv._state.Node``);
+this module only drives it: it owns the etcd connection, the lease, the watches
+and the deadlines, and turns a completed round into a ``RendezvousInfo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from rdzv import _state
+from rdzv.api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousStoreInfo,
+    RendezvousTimeoutError,
+)
+from rdzv.client import EtcdClient, EtcdConfig
+from rdzv.etcd_store import EtcdStore
+from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
+from rdzv.session import Session
+from rdzv.watch import Inbox, Watch
+
+__all__ = ["EtcdRendezvousHandler", "create_rdzv_handler", "RENDEZVOUS_OPTIONS"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_LAST_CALL_TIMEOUT = 30.0
+DEFAULT_LEASE_TTL = 10
+DEFAULT_STORE_TIMEOUT = 300.0
+
+#: Options read from ``RendezvousParameters`` (``--rdzv-conf`` keys), with what they mean.
+RENDEZVOUS_OPTIONS: dict[str, str] = {
+    "timeout": f"seconds a node waits for a round before RendezvousTimeoutError "
+    f"(default {DEFAULT_TIMEOUT:g})",
+    "last_call_timeout": "seconds between the min_nodes-th join and the round's completion "
+    f"when fewer than max_nodes joined (default {DEFAULT_LAST_CALL_TIMEOUT:g})",
+    "etcd_prefix": f"key prefix shared by all runs (default {DEFAULT_PREFIX!r})",
+    "protocol": "'http' or 'https' (default 'http')",
+    "cacert": "CA bundle that signs etcd's certificate (https)",
+    "cert": "client certificate for mutual TLS",
+    "key": "private key of 'cert'",
+    "username": "etcd user (or env RDZV_ETCD_USERNAME)",
+    "password": "etcd password (or env RDZV_ETCD_PASSWORD); never logged",
+    "lease_ttl": f"seconds after which a dead node's keys vanish (default {DEFAULT_LEASE_TTL})",
+    "keepalive_interval": "seconds between lease keep-alives (default lease_ttl / 4)",
+    "connect_timeout": "seconds a request retries an unreachable etcd before "
+    "RendezvousConnectionError (default 5)",
+    "store_timeout": f"default timeout of the round's store (default {DEFAULT_STORE_TIMEOUT:g})",
+}
+
+# Keys that torch's launcher or other backends put in the configuration; they
+# mean nothing to this backend and are accepted silently.
+_FOREIGN_OPTIONS = frozenset(
+    {
+        "is_host",
+        "rank",
+        "join_timeout",
+        "read_timeout",
+        "close_timeout",
+        "heartbeat",
+        "keep_alive_interval",
+        "keep_alive_max_attempt",
+        "store_type",
+        "use_libuv",
+    }
+)
+
+
+def _seconds(params: RendezvousParameters, name: str, default: float) -> float:
+    value = params.get(name, default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"The rendezvous option '{name}' must be a number of seconds, got {value!r}."
+        ) from None
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(
+            f"The rendezvous option '{name}' must be a positive, finite number of seconds, "
+            f"got {value!r}."
+        )
+    return seconds
+
+
+class EtcdRendezvousHandler(RendezvousHandler):
+    """A rendezvous over etcd v3 whose join costs O(1) writes per node.
+
+    Create it with ``create_rdzv_handler(params)``. The connection to etcd is
+    checked and this node's lease granted at creation, so an unreachable etcd
+    fails there, within ``connect_timeout`` seconds.
+
+    Args:
+        client: connection to etcd (owned by the handler from now on).
+        run_id: the run's id.
+        backend: backend name reported by ``get_backend()``.
+        min_nodes, max_nodes: bounds of a round's world.
+        timeout: seconds ``next_rendezvous()`` waits for its round.
+        last_call_timeout: seconds from the min-th join to completion.
+        etcd_prefix: key prefix shared by all runs.
+        lease_ttl: seconds after which a dead node's keys vanish.
+        keepalive_interval: seconds between lease keep-alives.
+        local_addr: address this node advertises if it becomes rank 0.
+        store_timeout: default timeout of the round's store.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        run_id: str,
+        backend: str,
+        min_nodes: int,
+        max_nodes: int,
+        timeout: float = DEFAULT_TIMEOUT,
+        last_call_timeout: float = DEFAULT_LAST_CALL_TIMEOUT,
+        etcd_prefix: str = DEFAULT_PREFIX,
+        lease_ttl: int = DEFAULT_LEASE_TTL,
+        keepalive_interval: float | None = None,
+        local_addr: str | None = None,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
+    ) -> None:
+        self._client = client
+        self._run_id = run_id
+        self._backend = backend
+        self._keys = RunKeys(etcd_prefix, run_id)
+        self._min_nodes = min_nodes
+        self._max_nodes = max_nodes
+        self._timeout = timeout
+        self._last_call_timeout = last_call_timeout
+        self._lease_ttl = lease_ttl
+        self._keepalive_interval = keepalive_interval or lease_ttl / 4
+        self._local_addr = local_addr
+        self._store_timeout = store_timeout
+        self._host = local_addr or socket.getfqdn()
+        self._lock = threading.RLock()
+        self._inbox = Inbox()
+        self._state_watch: Watch | None = None
+        self._state_watch_from = 0
+        self._round_watch: tuple[int, Watch] | None = None
+        self._waiting_watch: tuple[int, Watch] | None = None
+        self._shutdown = False
+        self._session = Session(client, lease_ttl, self._keepalive_interval)
+        self._node = self._new_node()
+
+    # ------------------------------------------------------------ the machine
+    def _new_node(self) -> Any:
+        descriptor = _state.encode_member(
+            self._host.replace(" ", "_"), (self._local_addr or self._host), os.getpid()
+        )
+        return _state.Node(
+            self._session.node_id,
+            self._keys,
+            self._min_nodes,
+            self._max_nodes,
+            self._session.lease_id,
+            descriptor,
+            self._last_call_timeout,
+            float(self._lease_ttl),
+        )
+
+    def _renew_session_if_lost(self) -> None:
+        if not self._session.lost:
+            return
+        logger.warning(
+            "node %s of run %r lost its lease (keep-alives stalled past %d s) and was "
+            "dropped from the rendezvous; joining again as a new node",
+            self._session.node_id, self._run_id, self._lease_ttl,
+        )
+        completed = self._node.completed_round
+        self._session.close(revoke=False)
+        self._session = Session(self._client, self._lease_ttl, self._keepalive_interval)
+        self._node = self._new_node()
+        del completed  # a new node has no rank to keep
+
+    def _drain(self, timeout: float | None) -> None:
+        node = self._node
+        for item in self._inbox.drain(timeout):
+            tag = item[0]
+            if tag == "state":
+                for is_put, _key, value, revision in item[1]:
+                    node.observe_state(value if is_put else None, revision)
+            elif tag == "round":
+                node.observe_round_events(item[1])
+            elif tag == "waiting":
+                node.observe_member_deleted()
+            elif tag == "error":
+                raise item[1]
+
+    def _sync_watches(self) -> None:
+        """Start and stop watches to match what the node machine is doing."""
+        node = self._node
+        if self._state_watch is None and node.state_mod > 0:
+            self._state_watch = Watch(
+                self._client, self._keys.state, node.state_mod + 1, self._inbox, "state"
+            )
+        if node.freezer:
+            if self._round_watch is None or self._round_watch[0] != node.freeze_round:
+                self._cancel("_round_watch")
+                self._round_watch = (
+                    node.freeze_round,
+                    Watch(
+                        self._client,
+                        self._keys.round(node.freeze_round),
+                        node.freeze_revision + 1,
+                        self._inbox,
+                        "round",
+                        prefix=True,
+                    ),
+                )
+        else:
+            self._cancel("_round_watch")
+        if node.phase == _state.Phase.WAITING:
+            if self._waiting_watch is None or self._waiting_watch[0] != node.waiting_round:
+                self._cancel("_waiting_watch")
+                self._waiting_watch = (
+                    node.waiting_round,
+                    Watch(
+                        self._client,
+                        self._keys.members(node.waiting_round),
+                        node.watch_revision + 1,
+                        self._inbox,
+                        "waiting",
+                        prefix=True,
+                        no_put=True,
+                    ),
+                )
+        else:
+            self._cancel("_waiting_watch")
+
+    def _cancel(self, attr: str) -> None:
+        current = getattr(self, attr)
+        if current is not None:
+            setattr(self, attr, None)
+            current[1].cancel()
+
+    # --------------------------------------------------------- the interface
+    def get_backend(self) -> str:
+        """Return the backend name the parameters gave (``"etcd"``, ``"etcd3"``)."""
+        return self._backend
+
+    def get_run_id(self) -> str:
+        """Return the run id."""
+        return self._run_id
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        """Block until this node is a member of a completed round.
+
+        Calling it again after a completed round starts the next round; the other
+        members see it through ``num_nodes_waiting()`` and join it too.
+
+        Returns:
+            The round's store, this node's rank, the world size, and rank 0's
+            bootstrap address.
+
+        Raises:
+            RendezvousClosedError: the run is closed.
+            RendezvousTimeoutError: no round completed within ``timeout`` s.
+            RendezvousConnectionError: etcd could not be reached.
+            RendezvousStateError: a record in etcd cannot be decoded.
+        """
+        with self._lock:
+            self._check_not_shut_down()
+            self._renew_session_if_lost()
+            start = time.monotonic()
+            deadline = start + self._timeout
+            node = self._node
+            node.begin()
+            try:
+                while True:
+                    now = time.monotonic()
+                    step = node.advance(self._client, now)
+                    if step == _state.Step.STEP_DONE:
+                        break
+                    self._sync_watches()
+                    now = time.monotonic()
+                    if now >= deadline:
+                        raise RendezvousTimeoutError(
+                            f"run {self._run_id!r}: no round completed within "
+                            f"{self._timeout:g} s ({self._describe_wait()})"
+                        )
+                    self._drain(min(deadline, node.wake_at) - now)
+                    if self._session.lost:
+                        raise RendezvousError(
+                            f"node {node.node_id} lost its lease during the rendezvous of "
+                            f"run {self._run_id!r}; call next_rendezvous() again to rejoin"
+                        )
+            except RendezvousClosedError:
+                self._withdraw()
+                raise
+            except (RendezvousTimeoutError, RendezvousError):
+                self._withdraw()
+                raise
+            self._sync_watches()
+            world_size = node.state.world_size
+            rank = node.rank
+            logger.info(
+                "run %r round %d complete in %.3f s: rank %d of %d",
+                self._run_id, node.completed_round, time.monotonic() - start, rank, world_size,
+            )
+        store = EtcdStore(
+            self._client, self._keys.kv(node.completed_round), timeout=self._store_timeout
+        )
+        store_info = RendezvousStoreInfo.build(rank, store, self._local_addr)
+        return RendezvousInfo(store, rank, world_size, store_info)
+
+    def _describe_wait(self) -> str:
+        state = self._node.state
+        if state is None:
+            return "no state record"
+        return (
+            f"round {state.round} is {_state.status_name(state.status)}, "
+            f"min_nodes={state.min_nodes}, max_nodes={state.max_nodes}"
+        )
+
+    def _withdraw(self) -> None:
+        """Remove this node's keys from the round it is leaving."""
+        ops = self._node.cleanup_ops()
+        if ops:
+            try:
+                self._client.txn([], ops, [])
+            except RendezvousConnectionError as err:
+                logger.warning("could not withdraw from run %r: %s", self._run_id, err)
+        self._node.left()
+        self._cancel("_round_watch")
+        self._cancel("_waiting_watch")
+
+    def is_closed(self) -> bool:
+        """Return whether the run is closed (one read of the state record)."""
+        self._check_not_shut_down()
+        got = self._client.get(self._keys.state)
+        if got is None:
+            return False
+        return _state.decode_state(got[0], self._keys.state).status == _state.Status.CLOSED
+
+    def set_closed(self) -> None:
+        """Close the run for every node, now and later; works before any round."""
+        with self._lock:
+            self._check_not_shut_down()
+            self._node.forget_state()
+            self._node.close(self._client)
+
+    def num_nodes_waiting(self) -> int:
+        """Return how many nodes wait for a round after the one this node completed.
+
+        These are late nodes, surplus nodes beyond ``max_nodes``, and members that
+        already started the next round. One transaction per call.
+        """
+        self._check_not_shut_down()
+        completed = self._node.completed_round
+        if completed < 0:
+            return 0
+        ok, _rev, results = self._client.txn(
+            [], [("get", self._keys.state), ("count", self._keys.waiting(completed))], []
+        )
+        waiting = results[1]
+        if results[0] is None:
+            return waiting
+        state = _state.decode_state(results[0][0], self._keys.state)
+        if state.status != _state.Status.CLOSED and state.round > completed:
+            ok, _rev, counts = self._client.txn(
+                [], [("count", self._keys.members(state.round))], []
+            )
+            return max(1, waiting + counts[0])
+        return waiting
+
+    def shutdown(self) -> bool:
+        """Release this node's lease, watches and connection; idempotent.
+
+        Returns:
+            True.
+        """
+        with self._lock:
+            if self._shutdown:
+                return True
+            self._shutdown = True
+            for attr in ("_round_watch", "_waiting_watch"):
+                self._cancel(attr)
+            if self._state_watch is not None:
+                self._state_watch.cancel()
+                self._state_watch = None
+            try:
+                self._session.close()
+            finally:
+                self._client.close()
+        return True
+
+    def _check_not_shut_down(self) -> None:
+        if self._shutdown:
+            raise RendezvousError(
+                f"the rendezvous handler of run {self._run_id!r} was shut down; create a new one"
+            )
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in etcd (its lease id in hex)."""
+        return self._node.node_id
+
+    @property
+    def lease_id(self) -> int:
+        """This node's lease id."""
+        return self._session.lease_id
+
+
+def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
+    """Create an etcd v3 rendezvous handler from parameters.
+
+    Options (``params.config``, torchrun's ``--rdzv-conf``) are listed in
+    ``RENDEZVOUS_OPTIONS``. etcd is contacted here (a lease is granted), so an
+    unreachable endpoint raises ``RendezvousConnectionError`` from this call.
+
+    Raises:
+        ValueError: an option is unknown or malformed (the message says which).
+        RendezvousConnectionError: etcd cannot be reached within connect_timeout.
+    """
+    if not isinstance(params, RendezvousParameters):
+        raise TypeError(f"expected RendezvousParameters, got {type(params).__name__}")
+    unknown = set(params.config) - set(RENDEZVOUS_OPTIONS) - _FOREIGN_OPTIONS
+    if unknown:
+        raise ValueError(
+            f"Unknown rendezvous option(s) {', '.join(sorted(unknown))}; "
+            f"the etcd rendezvous accepts {', '.join(sorted(RENDEZVOUS_OPTIONS))}."
+        )
+    if not isinstance(params.run_id, str) or not params.run_id:
+        raise ValueError(f"The run id must be a non-empty string, got {params.run_id!r}.")
+    for name, value in (("min_nodes", params.min_nodes), ("max_nodes", params.max_nodes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if params.max_nodes > 1_000_000:
+        raise ValueError(f"max_nodes={params.max_nodes} is more than 1000000 nodes.")
+    for env, name in (("RDZV_ETCD_USERNAME", "username"), ("RDZV_ETCD_PASSWORD", "password")):
+        if params.get(name) is None and os.environ.get(env):
+            params.config[name] = os.environ[env]
+    config = EtcdConfig.from_params(params)
+    prefix = normalize_prefix(params.get("etcd_prefix", DEFAULT_PREFIX))
+    RunKeys(prefix, params.run_id)  # validates the run id before any I/O
+    lease_ttl_value = params.get("lease_ttl", DEFAULT_LEASE_TTL)
+    lease_ttl = params.get_as_int("lease_ttl", DEFAULT_LEASE_TTL)
+    if lease_ttl is None or lease_ttl < 2 or str(lease_ttl) != str(lease_ttl_value).strip():
+        raise ValueError(
+            f"The rendezvous option 'lease_ttl' must be a whole number of seconds >= 2, "
+            f"got {lease_ttl_value!r}."
+        )
+    keepalive = _seconds(params, "keepalive_interval", lease_ttl / 4)
+    if keepalive >= lease_ttl:
+        raise ValueError(
+            f"keepalive_interval ({keepalive:g} s) must be shorter than lease_ttl "
+            f"({lease_ttl} s), or the lease expires between keep-alives."
+        )
+    timeout = _seconds(params, "timeout", DEFAULT_TIMEOUT)
+    last_call = _seconds(params, "last_call_timeout", DEFAULT_LAST_CALL_TIMEOUT)
+    store_timeout = _seconds(params, "store_timeout", DEFAULT_STORE_TIMEOUT)
+    local_addr = params.local_addr
+    if local_addr is not None and (not isinstance(local_addr, str) or not local_addr.strip()
+                                   or any(c.isspace() for c in local_addr)):
+        raise ValueError(f"local_addr must be a host name or address, got {local_addr!r}.")
+    client = EtcdClient(config)
+    try:
+        return EtcdRendezvousHandler(
+            client,
+            run_id=params.run_id,
+            backend=params.backend,
+            min_nodes=params.min_nodes,
+            max_nodes=params.max_nodes,
+            timeout=timeout,
+            last_call_timeout=last_call,
+            etcd_prefix=prefix,
+            lease_ttl=lease_ttl,
+            keepalive_interval=keepalive,
+            local_addr=local_addr,
+            store_timeout=store_timeout,
+        )
+    except BaseException:
+        client.close()
+        raise

@@ -1,0 +1,85 @@
+"""The key layout of a run in etcd: the one place that spells key names.
+
+Everything of run ``R`` under prefix ``P`` lives below ``P/R/``::
+
+    P/R/state                          the state record (run machine, CAS only)
+    P/R/rounds/<r>/members/<node>      a node's join of round r      (its lease)
+    P/R/rounds/<r>/confirmed/<node>    a world member is alive        (its lease)
+    P/R/rounds/<r>/waiting/<node>      a late or surplus node         (its lease)
+    P/R/rounds/<r>/world               node ids in rank order, written at freeze
+    P/R/rounds/<r>/kv/<key>            the round's store (``EtcdStore``)
+
+Round numbers are zero-padded so that lexical order is numeric order.
+"""
+
+from __future__ import annotations
+
+_ROUND_DIGITS = 12
+DEFAULT_PREFIX = "/rdzv"
+
+
+def _check_segment(name: str, what: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"The {what} must be a non-empty string, got {name!r}.")
+    if "/" in name or name in (".", ".."):
+        raise ValueError(
+            f"The {what} {name!r} must not contain '/' or be '.' or '..'; "
+            "it names one level of the run's keys in etcd."
+        )
+    if len(name.encode("utf-8")) > 1024:
+        raise ValueError(f"The {what} is {len(name.encode())} bytes; at most 1024 are allowed.")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise ValueError(f"The {what} {name!r} must not contain control characters.")
+    return name
+
+
+def normalize_prefix(prefix: str) -> str:
+    """Return ``prefix`` as ``/a/b`` (leading slash, no trailing slash).
+
+    Raises:
+        ValueError: the prefix is not a string or has empty, ``.`` or ``..`` parts.
+    """
+    if not isinstance(prefix, str):
+        raise ValueError(f"etcd_prefix must be a string like '/rdzv', got {prefix!r}.")
+    parts = [p for p in prefix.split("/") if p]
+    for part in parts:
+        _check_segment(part, "etcd_prefix component")
+    return "/" + "/".join(parts) if parts else ""
+
+
+class RunKeys:
+    """Key names of one run.
+
+    Args:
+        prefix: the etcd prefix shared by all runs (``etcd_prefix``).
+        run_id: the run's id; one path segment (no ``/``).
+    """
+
+    def __init__(self, prefix: str, run_id: str) -> None:
+        self.run_id = _check_segment(run_id, "run id")
+        self.run = f"{normalize_prefix(prefix)}/{run_id}/".encode("utf-8")
+        self.state = self.run + b"state"
+
+    def round(self, r: int) -> bytes:
+        """Prefix of every key of round ``r``."""
+        return self.run + b"rounds/%0*d/" % (_ROUND_DIGITS, r)
+
+    def members(self, r: int) -> bytes:
+        """Prefix of the member keys of round ``r``."""
+        return self.round(r) + b"members/"
+
+    def confirmed(self, r: int) -> bytes:
+        """Prefix of the confirmation keys of round ``r``."""
+        return self.round(r) + b"confirmed/"
+
+    def waiting(self, r: int) -> bytes:
+        """Prefix of the keys of nodes waiting for the round after ``r``."""
+        return self.round(r) + b"waiting/"
+
+    def world(self, r: int) -> bytes:
+        """Key of round ``r``'s rank assignment."""
+        return self.round(r) + b"world"
+
+    def kv(self, r: int) -> bytes:
+        """Prefix of round ``r``'s store."""
+        return self.round(r) + b"kv/"

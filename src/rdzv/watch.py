@@ -1,0 +1,120 @@
+"""Watches that feed one inbox, resuming after a broken stream without a gap."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Any
+
+from rdzv.client import EtcdClient
+
+logger = logging.getLogger(__name__)
+
+
+class Inbox:
+    """A queue of watch events that one driver thread waits on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._items: deque[tuple[Any, ...]] = deque()
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        """Add an item and wake the waiter."""
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+
+    def drain(self, timeout: float | None) -> list[tuple[Any, ...]]:
+        """Return every queued item, waiting up to ``timeout`` s for the first."""
+        with self._cond:
+            if not self._items and (timeout is None or timeout > 0):
+                self._cond.wait(timeout)
+            items = list(self._items)
+            self._items.clear()
+            return items
+
+
+class Watch:
+    """Watch a key or prefix from a revision and push events into an inbox.
+
+    If the stream breaks (etcd restarted, leader changed), the watch is created
+    again from the revision after the last event delivered, so nothing is lost
+    and nothing is delivered twice.
+
+    Args:
+        client: the etcd connection.
+        key: the key, or the prefix if ``prefix``.
+        start_revision: first revision to deliver.
+        inbox: where ``(tag, events)`` items go.
+        tag: first element of every item, so the driver knows the source.
+        prefix: watch every key under ``key``.
+        no_put: deliver deletions only.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        key: bytes,
+        start_revision: int,
+        inbox: Inbox,
+        tag: str,
+        prefix: bool = False,
+        no_put: bool = False,
+    ) -> None:
+        self._client = client
+        self._key = key
+        self._next_revision = start_revision
+        self._inbox = inbox
+        self._tag = tag
+        self._prefix = prefix
+        self._no_put = no_put
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._watch_id: int | None = None
+        self._start()
+
+    def _start(self) -> None:
+        watch_id = self._client.watch(
+            self._key,
+            self._on_events,
+            start_revision=self._next_revision,
+            prefix=self._prefix,
+            no_put=self._no_put,
+        )
+        with self._lock:
+            if self._cancelled:
+                self._client.cancel_watch(watch_id)
+            else:
+                self._watch_id = watch_id
+
+    def _on_events(self, events: Any) -> None:
+        if isinstance(events, Exception):
+            with self._lock:
+                if self._cancelled:
+                    return
+                self._watch_id = None
+            logger.debug("watch on %r broke (%s); resuming", self._key, events)
+            threading.Thread(target=self._resume, daemon=True).start()
+            return
+        if events:
+            self._next_revision = events[-1][3] + 1
+            self._inbox.put((self._tag, events))
+
+    def _resume(self) -> None:
+        try:
+            self._start()
+        except Exception as err:  # reported to the driver, which decides
+            self._inbox.put(("error", err))
+
+    def cancel(self) -> None:
+        """Stop delivering events; idempotent."""
+        with self._lock:
+            self._cancelled = True
+            watch_id, self._watch_id = self._watch_id, None
+        if watch_id is not None:
+            try:
+                self._client.cancel_watch(watch_id)
+            except Exception as err:  # best effort: the stream may be gone
+                logger.debug("cancel of watch on %r failed: %s", self._key, err)
+
