@@ -1,1 +1,49 @@
-"""rdzv: fast, elastic rendezvous for distributed training launchers, on etcd v3."""
+"""rdzv: fast, elastic rendezvous for distributed training launchers, on etcd v3.
+
+The public names mirror torch's module paths, so code written for
+``torch.distributed.elastic.rendezvous`` ports by renaming imports:
+
+- ``rdzv.api``: parameters, the handler interface, results and errors;
+- ``rdzv.etcd_rendezvous``: ``create_rdzv_handler`` and the handler;
+- ``rdzv.etcd_server``: ``EtcdServer`` (and ``EtcdCluster``) for local etcd;
+- ``rdzv.etcd_store``: ``EtcdStore``, the store of a completed round.
+
+``rdzv.torch`` (the only module that imports torch) plugs rdzv into torchrun.
+"""
+
+from rdzv.api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousStateError,
+    RendezvousStoreInfo,
+    RendezvousTimeoutError,
+)
+from rdzv.etcd_rendezvous import EtcdRendezvousHandler, create_rdzv_handler
+from rdzv.etcd_server import EtcdCluster, EtcdServer
+from rdzv.etcd_store import EtcdStore, StoreTimeoutError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EtcdCluster",
+    "EtcdRendezvousHandler",
+    "EtcdServer",
+    "EtcdStore",
+    "RendezvousClosedError",
+    "RendezvousConnectionError",
+    "RendezvousError",
+    "RendezvousGracefulExitError",
+    "RendezvousHandler",
+    "RendezvousInfo",
+    "RendezvousParameters",
+    "RendezvousStateError",
+    "RendezvousStoreInfo",
+    "RendezvousTimeoutError",
+    "StoreTimeoutError",
+    "create_rdzv_handler",
+]

@@ -125,6 +125,15 @@ cdef class StateRecord:
         return _apply(self, event, changes)
 
 
+def transition(StateRecord s, int event, **changes):
+    """Return the record after ``event`` applied to ``s`` (None: no record yet).
+
+    Raises:
+        TransitionError: the table does not allow ``event`` from that status.
+    """
+    return _apply(s, event, changes)
+
+
 cdef StateRecord _apply(StateRecord s, int event, dict changes):
     cdef int status = s.status if s is not None else NONE
     cdef int target = _TRANSITIONS[status][event]

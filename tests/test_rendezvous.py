@@ -1,0 +1,290 @@
+"""Whole rounds against a real etcd: agreement, elasticity, late and surplus nodes,
+closing, corrupt state, and nodes killed for real."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rdzv.api import (
+    RendezvousClosedError,
+    RendezvousConnectionError,
+    RendezvousStateError,
+    RendezvousTimeoutError,
+)
+from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
+from rdzv.keys import RunKeys
+
+from helpers import (
+    ProcessNode,
+    ThreadNode,
+    assert_one_world,
+    make_handler,
+    run_round,
+    wait_for,
+)
+
+
+@pytest.fixture
+def etcd(etcd_endpoint):
+    client = EtcdClient(EtcdConfig(endpoints=tuple(parse_endpoints(etcd_endpoint))))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def handlers():
+    created = []
+    yield created
+    for handler in created:
+        handler.shutdown()
+
+
+def test_single_node_round_store_and_shutdown(etcd_endpoint, run_id):
+    handler = make_handler(etcd_endpoint, run_id, 1, 1)
+    info = handler.next_rendezvous()
+    assert (info.rank, info.world_size) == (0, 1)
+    info.store.set("greeting", b"hello")
+    assert info.store.get("greeting") == b"hello"
+    assert info.bootstrap_store_info.master_port > 0
+    assert handler.shutdown() is True
+    assert handler.shutdown() is True
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 32, 64])
+def test_full_round_of_n_nodes(etcd_endpoint, run_id, handlers, n):
+    handlers.extend(make_handler(etcd_endpoint, run_id, n, n) for _ in range(n))
+    infos = run_round([ThreadNode(h) for h in handlers])
+    assert_one_world(infos, n)
+    # Every member got the same bootstrap address, published by rank 0.
+    assert len({(i.bootstrap_store_info.master_addr, i.bootstrap_store_info.master_port)
+                for i in infos}) == 1
+
+
+def test_rounds_repeat_and_survivors_keep_ranks(etcd_endpoint, run_id, handlers):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 4, 4) for _ in range(4))
+    first = run_round([ThreadNode(h) for h in handlers])
+    second = run_round([ThreadNode(h) for h in handlers])
+    assert_one_world(second, 4)
+    assert [i.rank for i in first] == [i.rank for i in second]
+
+
+def test_last_call_completes_with_fewer_than_max(etcd_endpoint, run_id, handlers):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 4, last_call_timeout=1)
+                    for _ in range(3))
+    nodes = [ThreadNode(h) for h in handlers]
+    start = time.monotonic()
+    infos = run_round(nodes)
+    elapsed = max(n.finished_at for n in nodes) - start
+    assert_one_world(infos, 3)
+    assert 1.0 <= elapsed < 4.0, elapsed
+
+
+def test_max_nodes_completes_without_last_call(etcd_endpoint, run_id, handlers):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 3, last_call_timeout=30)
+                    for _ in range(3))
+    nodes = [ThreadNode(h) for h in handlers]
+    start = time.monotonic()
+    infos = run_round(nodes)
+    assert_one_world(infos, 3)
+    assert max(n.finished_at for n in nodes) - start < 5
+
+
+def test_timeout_with_too_few_nodes_and_withdrawal(etcd_endpoint, run_id, handlers, etcd):
+    handlers.append(make_handler(etcd_endpoint, run_id, 2, 2, timeout=1.5))
+    start = time.monotonic()
+    with pytest.raises(RendezvousTimeoutError, match="1.5 s"):
+        handlers[0].next_rendezvous()
+    assert 1.5 <= time.monotonic() - start < 3.5
+    # The timed-out node withdrew: two fresh nodes form a round without it.
+    assert etcd.count(RunKeys("/rdzv", run_id).members(0)) == 0
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 2) for _ in range(2))
+    assert_one_world(run_round([ThreadNode(h) for h in handlers[1:]]), 2)
+
+
+def test_late_node_waits_and_is_admitted_next_round(etcd_endpoint, run_id, handlers):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 3, last_call_timeout=0.5)
+                    for _ in range(3))
+    first, second, late = handlers
+    assert_one_world(run_round([ThreadNode(first), ThreadNode(second)]), 2)
+    assert first.num_nodes_waiting() == 0
+    late_node = ThreadNode(late).start()
+    wait_for(lambda: first.num_nodes_waiting() == 1, what="late node counted as waiting")
+    assert second.num_nodes_waiting() == 1
+    assert not late_node.done
+    infos = run_round([ThreadNode(first), ThreadNode(second)]) + [late_node.join()]
+    assert_one_world(infos, 3)
+
+
+def test_surplus_node_waits_and_is_admitted(etcd_endpoint, run_id, handlers):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 1, 2, last_call_timeout=30)
+                    for _ in range(3))
+    nodes = [ThreadNode(h).start() for h in handlers]
+    wait_for(lambda: sum(n.done for n in nodes) == 2, what="two of three complete")
+    done = [n for n in nodes if n.done]
+    surplus = next(n for n in nodes if not n.done)
+    assert_one_world([n.result for n in done], 2)
+    wait_for(lambda: done[0].handler.num_nodes_waiting() == 1, what="surplus counted")
+    # A member leaves for good: the surplus node takes its place in the next round.
+    done[0].handler.shutdown()
+    handlers.remove(done[0].handler)
+    survivor = ThreadNode(done[1].handler).start()
+    assert_one_world([survivor.join(), surplus.join()], 2)
+
+
+def test_close_before_any_round(etcd_endpoint, run_id, handlers):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 2) for _ in range(2))
+    assert not handlers[1].is_closed()
+    handlers[0].set_closed()
+    assert handlers[1].is_closed()
+    with pytest.raises(RendezvousClosedError):
+        handlers[1].next_rendezvous()
+    handlers[0].set_closed()  # closing twice is fine
+
+
+def test_close_wakes_waiting_nodes_and_is_terminal(etcd_endpoint, run_id, handlers):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 2) for _ in range(3))
+    assert_one_world(run_round([ThreadNode(h) for h in handlers[:2]]), 2)
+    blocked = ThreadNode(handlers[2]).start()  # late: waits for a next round
+    handlers[0].set_closed()
+    assert isinstance(blocked.join(10), RendezvousClosedError)
+    for handler in handlers:
+        assert handler.is_closed()
+        with pytest.raises(RendezvousClosedError):
+            handler.next_rendezvous()
+    late = make_handler(etcd_endpoint, run_id, 1, 1)
+    handlers.append(late)
+    with pytest.raises(RendezvousClosedError):
+        late.next_rendezvous()
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"", b"rdzv9 round=1", b"\x00\xff" * 10, b"rdzv1 round=3 status=joinable"]
+)
+def test_corrupt_state_raises_and_is_kept(etcd_endpoint, run_id, handlers, etcd, garbage):
+    keys = RunKeys("/rdzv", run_id)
+    etcd.put(keys.state, garbage)
+    handlers.append(make_handler(etcd_endpoint, run_id, 1, 1))
+    with pytest.raises(RendezvousStateError, match=keys.state.decode()):
+        handlers[0].next_rendezvous()
+    with pytest.raises(RendezvousStateError):
+        handlers[0].set_closed()
+    assert etcd.get(keys.state)[0] == garbage
+
+
+def test_unreachable_endpoint_fails_fast_naming_it():
+    start = time.monotonic()
+    with pytest.raises(RendezvousConnectionError, match="127.0.0.1:1"):
+        make_handler("127.0.0.1:1", "run", 1, 1, connect_timeout=2)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ({"protocol": "ftp"}, "http, https"),
+        ({"timeout": "soon"}, "'timeout'"),
+        ({"timeout": -1}, "'timeout'"),
+        ({"last_call_timeout": 0}, "'last_call_timeout'"),
+        ({"lease_ttl": 1}, "'lease_ttl'"),
+        ({"lease_ttl": 4, "keepalive_interval": 5}, "keepalive_interval"),
+        ({"colour": "blue"}, "Unknown rendezvous option"),
+        ({"etcd_prefix": "/a/../b"}, "etcd_prefix"),
+        ({"cert": "c.pem"}, "cert"),
+    ],
+)
+def test_bad_parameters_are_refused_before_any_io(config, fragment):
+    # The endpoint is unreachable: a ValueError proves nothing was attempted.
+    with pytest.raises(ValueError, match=fragment):
+        make_handler("127.0.0.1:1", "run", 1, 1, **config)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["", "host:port", "host:0", "host:70000", "::1", "[::1", "a b:1", "h:1,"]
+)
+def test_bad_endpoints_are_refused(endpoint):
+    with pytest.raises(ValueError, match="ndpoint"):
+        make_handler(endpoint, "run", 1, 1)
+
+
+@pytest.mark.parametrize("run_id", ["a/b", "..", "", "x" * 2000, "tab\there"])
+def test_bad_run_ids_are_refused(run_id):
+    with pytest.raises(ValueError, match="run id"):
+        make_handler("127.0.0.1:1", run_id, 1, 1)
+
+
+# ------------------------------------------------------------ nodes killed for real
+def _member_count(etcd, run_id, round):
+    return etcd.count(RunKeys("/rdzv", run_id).members(round))
+
+
+def test_node_killed_before_round_is_never_counted(etcd_endpoint, run_id, handlers, etcd):
+    doomed = ProcessNode(etcd_endpoint, run_id, 2, 3, lease_ttl=2, last_call_timeout=0.5)
+    try:
+        doomed.send("join")
+        wait_for(lambda: _member_count(etcd, run_id, 0) == 1, what="doomed node joined")
+        doomed.kill()
+        wait_for(lambda: _member_count(etcd, run_id, 0) == 0, timeout=10,
+                 what="dead node's key expired")
+    finally:
+        doomed.close()
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 3, last_call_timeout=0.5)
+                    for _ in range(2))
+    assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
+
+
+def test_node_killed_during_round_is_dropped_within_its_ttl(
+        etcd_endpoint, run_id, handlers, etcd):
+    """A member dies after joining: the round freezes with it, it never confirms,
+    and the round restarts without it once its lease expires."""
+    doomed = ProcessNode(etcd_endpoint, run_id, 2, 3, lease_ttl=2)
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 3, lease_ttl=2) for _ in range(3))
+    try:
+        doomed.send("join")
+        wait_for(lambda: _member_count(etcd, run_id, 0) == 1, what="doomed node joined")
+        first = ThreadNode(handlers[0]).start()
+        wait_for(lambda: _member_count(etcd, run_id, 0) == 2, what="second node joined")
+        doomed.kill()
+        start = time.monotonic()
+        second = ThreadNode(handlers[1]).start()  # the third join reaches max: freeze
+        late = ThreadNode(handlers[2]).start()
+        infos = [first.join(), second.join(), late.join()]
+        assert time.monotonic() - start < 2 + 5
+    finally:
+        doomed.close()
+    assert_one_world(infos, 3)
+
+
+def test_node_killed_after_round_is_replaced(etcd_endpoint, run_id, handlers):
+    doomed = ProcessNode(etcd_endpoint, run_id, 2, 3, lease_ttl=2, last_call_timeout=0.5)
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 3, lease_ttl=2,
+                                 last_call_timeout=0.5) for _ in range(3))
+    try:
+        doomed.send("join")
+        infos = run_round([ThreadNode(h) for h in handlers[:2]])
+        ranks = [doomed.result()["rank"]] + [i.rank for i in infos]
+        assert sorted(ranks) == [0, 1, 2] and {i.world_size for i in infos} == {3}
+        doomed.kill()
+        # A late node notices the dead member and opens the next round; the
+        # survivors see it as waiting and re-join.
+        late = ThreadNode(handlers[2]).start()
+        wait_for(lambda: handlers[0].num_nodes_waiting() > 0, timeout=10,
+                 what="survivors told about the next round")
+        survivors = run_round([ThreadNode(h) for h in handlers[:2]])
+        assert_one_world(survivors + [late.join()], 3)
+    finally:
+        doomed.close()
+
+
+def test_subprocess_nodes_agree(etcd_endpoint, run_id):
+    nodes = [ProcessNode(etcd_endpoint, run_id, 4, 4) for _ in range(4)]
+    try:
+        for node in nodes:
+            node.send("join")
+        results = [node.result() for node in nodes]
+    finally:
+        for node in nodes:
+            node.close()
+    assert sorted(r["rank"] for r in results) == [0, 1, 2, 3]
+    assert {r["world_size"] for r in results} == {4}

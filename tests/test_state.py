@@ -1,0 +1,153 @@
+"""Sans-I/O tests of the compiled core: codecs, transition table, rank assignment."""
+
+import pytest
+
+import rdzv._state as core
+from rdzv.api import RendezvousStateError
+from rdzv.keys import RunKeys
+
+Status = core.Status
+Event = core.Event
+
+
+def test_core_is_the_compiled_extension():
+    assert core.__file__.endswith((".so", ".pyd")), core.__file__
+
+
+def record(status, round=0, min_nodes=2, max_nodes=4, cutoff=0, world=0, last_final=-1):
+    return core.StateRecord(round, status, min_nodes, max_nodes, cutoff, world, last_final)
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        record(Status.JOINABLE),
+        record(Status.FROZEN, round=7, cutoff=123, world=3, last_final=5),
+        record(Status.FINAL, round=2**40, min_nodes=1, max_nodes=10**6, cutoff=9, world=10**6),
+        record(Status.CLOSED, round=3, last_final=2),
+    ],
+)
+def test_state_record_round_trips(rec):
+    assert core.decode_state(rec.encode(), b"/p/r/state") == rec
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"", "not an rdzv version-1 record"),
+        (b"rdzv2 round=0", "not an rdzv version-1 record"),
+        (b"\xff\xfe garbage", "not an rdzv version-1 record"),
+        (record(Status.JOINABLE).encode()[:-1], "bad last_final"),
+        (record(Status.JOINABLE).encode().replace(b"joinable", b"melted"), "unknown status"),
+        (record(Status.JOINABLE).encode().replace(b"round=0", b"round=-1"), "below 0"),
+        (record(Status.JOINABLE).encode().replace(b"min=2", b"min=9"), "min=9 > max=4"),
+        (record(Status.FROZEN, cutoff=5, world=1).encode(), "outside"),
+        (record(Status.JOINABLE).encode() + b" extra=1", "fields"),
+        (record(Status.JOINABLE).encode().replace(b"max=", b"mix="), "expected field 'max'"),
+    ],
+)
+def test_bad_state_record_names_the_key(data, fragment):
+    with pytest.raises(RendezvousStateError) as info:
+        core.decode_state(data, b"/p/run/state")
+    assert "/p/run/state" in str(info.value)
+    assert fragment in str(info.value)
+
+
+# The whole table: every (status, event) pair either moves where the protocol
+# says or is refused.
+EXPECTED = {
+    (Status.NONE, Event.OPEN): (Status.JOINABLE, 0),
+    (Status.NONE, Event.CLOSE): (Status.CLOSED, 0),
+    (Status.JOINABLE, Event.FREEZE): (Status.FROZEN, 0),
+    (Status.JOINABLE, Event.CLOSE): (Status.CLOSED, 0),
+    (Status.FROZEN, Event.FINALIZE): (Status.FINAL, 0),
+    (Status.FROZEN, Event.RESTART): (Status.JOINABLE, 1),
+    (Status.FROZEN, Event.CLOSE): (Status.CLOSED, 0),
+    (Status.FINAL, Event.OPEN): (Status.JOINABLE, 1),
+    (Status.FINAL, Event.CLOSE): (Status.CLOSED, 0),
+}
+
+
+@pytest.mark.parametrize("status", list(Status))
+@pytest.mark.parametrize("event", list(Event))
+def test_transition_table(status, event):
+    rec = None if status == Status.NONE else record(status, round=4, cutoff=10, world=3)
+    expected = EXPECTED.get((status, event))
+    if expected is None:
+        with pytest.raises(core.TransitionError):
+            core.transition(rec, event)
+        return
+    new = core.transition(rec, event, cutoff=10, world_size=3)
+    assert new.status == expected[0]
+    assert new.round == (rec.round if rec else 0) + expected[1]
+    # Only rounds that completed become last_final.
+    if status == Status.FINAL and event == Event.OPEN:
+        assert new.last_final == rec.round
+    elif rec is not None:
+        assert new.last_final == rec.last_final
+
+
+def test_rounds_only_grow_through_any_path():
+    rec = record(Status.JOINABLE)
+    seen = [rec.round]
+    for event in (Event.FREEZE, Event.RESTART, Event.FREEZE, Event.FINALIZE, Event.OPEN):
+        rec = rec.transition(event, cutoff=1, world_size=2)
+        seen.append(rec.round)
+    assert seen == sorted(seen) and seen[-1] == 2
+
+
+def members(*descriptors):
+    return [(f"id{i}", core.encode_member(host, addr, pid))
+            for i, (host, addr, pid) in enumerate(descriptors)]
+
+
+def test_fresh_world_ranks_are_host_major_and_deterministic():
+    joined = members(("b", "b", 1), ("a", "a", 7), ("b", "b", 0), ("a", "a", 3))
+    ranks = core.assign_ranks(joined, [], 4)
+    assert ranks == ["id3", "id1", "id2", "id0"]  # a/3, a/7, b/0, b/1
+    assert core.assign_ranks(list(reversed(joined)), [], 4) == ranks
+
+
+def test_world_is_the_first_max_nodes_joiners():
+    joined = members(*[(f"h{i}", "x", i) for i in range(6)])
+    assert sorted(core.assign_ranks(joined, [], 4)) == ["id0", "id1", "id2", "id3"]
+
+
+def test_survivors_keep_their_ranks():
+    joined = members(("z", "z", 0), ("y", "y", 0), ("x", "x", 0), ("new", "new", 0))
+    previous = ["gone", "id0", "id1", "id2"]  # id0 had rank 1, id1 rank 2, id2 rank 3
+    ranks = core.assign_ranks(joined, previous, 4)
+    assert ranks[1:] == ["id0", "id1", "id2"]
+    assert ranks[0] == "id3"
+
+
+def test_survivor_whose_rank_no_longer_exists_is_renumbered():
+    joined = members(("a", "a", 0), ("b", "b", 0))
+    previous = ["gone1", "gone2", "id0", "id1"]  # both survivors had ranks >= 2
+    assert sorted(core.assign_ranks(joined, previous, 4)) == ["id0", "id1"]
+    assert core.assign_ranks(joined, previous, 4) == ["id0", "id1"]
+
+
+def test_world_and_member_codecs():
+    ids = [f"{i:016x}" for i in range(1000)]
+    assert core.decode_world(core.encode_world(5, ids), b"k") == (5, ids)
+    for bad in (b"", b"rdzv1-world round=x ids=", b"junk", b"rdzv1-world round=1 ids=a,a"):
+        with pytest.raises(RendezvousStateError, match="k"):
+            core.decode_world(bad, b"k")
+    assert core.decode_member(core.encode_member("h", "10.0.0.1", 42)) == ("h", "10.0.0.1", 42)
+    assert core.decode_member(b"rubbish") is None
+    with pytest.raises(ValueError):
+        core.encode_member("has space", "a", 1)
+
+
+def test_backoff_is_jittered_starts_small_and_is_capped():
+    backoff = core.Backoff(50e-6, 0.01)
+    delays = [backoff.next_delay() for _ in range(50)]
+    assert delays[0] <= 50e-6
+    assert max(delays) <= 0.01
+    assert len(set(delays)) > 40
+
+
+def test_node_rejects_bad_bounds():
+    with pytest.raises(ValueError):
+        core.Node("n", RunKeys("/p", "r"), 3, 2, 0, b"", 1.0, 1.0)
