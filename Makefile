@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 
-.PHONY: install install-test demo test bench soak clean
+.PHONY: install install-test demo test bench compat clean
+
+# protobuf releases `make compat` checks etcd3 against (the newest is what `make test` gets).
+PROTOBUF_VERSIONS := 3.20.3 4.21.12 4.25.8 5.29.5 6.33.0
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +32,16 @@ test: install-test
 bench: install-test
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) benchmarks/join_latency.py
+
+# The compatibility tests and a real rendezvous on each older protobuf, each
+# installed to a folder of its own that shadows the venv's copy.
+compat: install-test
+	@for v in $(PROTOBUF_VERSIONS); do \
+	  echo "== protobuf $$v"; \
+	  $(PIP) install --quiet --target build/protobuf-$$v protobuf==$$v || exit 1; \
+	  PYTHONPATH=build/protobuf-$$v $(PY) -m pytest -q tests/test_compat.py tests/test_seed.py \
+	    tests/test_rendezvous.py -k "compat or seed or full_round" || exit 1; \
+	done
 
 clean:
 	rm -rf build dist src/*.egg-info src/rdzv/_state.c src/rdzv/*.so
