@@ -27,7 +27,11 @@ def main() -> None:
         if command == "join":
             try:
                 info = handler.next_rendezvous()
-                result = {"rank": info.rank, "world_size": info.world_size}
+                result = {
+                    "rank": info.rank,
+                    "world_size": info.world_size,
+                    "round": handler.round,
+                }
             except RendezvousError as err:
                 result = {"error": type(err).__name__, "message": str(err)}
             print(json.dumps(result), flush=True)

@@ -90,6 +90,7 @@ cdef class Node:
     cdef bint world_member_lost
     cdef list stale_keys
     cdef Backoff backoff
+    cdef list bootstrap
 
     cdef bint _cas(self, client, int event, StateRecord s, dict changes=*, list extra=*) except -1
     cdef bint _join(self, client, StateRecord s, double now) except -1

@@ -403,11 +403,20 @@ cdef class Node:
         self.freeze_round = -1
         self.confirmed = set()
         self.world = []
+        self.bootstrap = []
         self.begin()
 
     # ------------------------------------------------------------ observing
-    def begin(self):
-        """Start a new ``next_rendezvous()`` call."""
+    def begin(self, bootstrap=()):
+        """Start a new ``next_rendezvous()`` call.
+
+        Args:
+            bootstrap: ``[(store_key, value), ...]`` to write into the round's
+                store if this node gets rank 0 (``MASTER_ADDR``/``MASTER_PORT``).
+                They go in with rank 0's confirmation, so they exist before the
+                round is final and every member reads them with one request.
+        """
+        self.bootstrap = list(bootstrap)
         self.phase = IDLE
         self.joined_round = -1
         self.join_revision = 0
@@ -691,7 +700,11 @@ cdef class Node:
             # is in stale_keys, so registering as waiting withdraws it.
             self.phase = IDLE
             return 0
-        client.txn([], [("put", self.keys.confirmed(s.round) + me, b"", self.lease)], [])
+        confirm = [("put", self.keys.confirmed(s.round) + me, b"", self.lease)]
+        if self.rank == 0:
+            kv = self.keys.kv(s.round)
+            confirm.extend(("put", kv + key, value, 0) for key, value in self.bootstrap)
+        client.txn([], confirm, [])
         self.stale_keys.append(self.keys.confirmed(s.round) + me)
         self.phase = CONFIRMED
         self.wake_at = now + self.liveness_interval

@@ -275,7 +275,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             start = time.monotonic()
             deadline = start + self._timeout
             node = self._node
-            node.begin()
+            node.begin(self._bootstrap_entries())
             try:
                 while True:
                     now = time.monotonic()
@@ -311,8 +311,22 @@ class EtcdRendezvousHandler(RendezvousHandler):
         store = EtcdStore(
             self._client, self._keys.kv(node.completed_round), timeout=self._store_timeout
         )
-        store_info = RendezvousStoreInfo.build(rank, store, self._local_addr)
+        # Rank 0 wrote these with its confirmation, before the round became final.
+        addr, port = store.multi_get(
+            [RendezvousStoreInfo.MASTER_ADDR_KEY, RendezvousStoreInfo.MASTER_PORT_KEY]
+        )
+        store_info = RendezvousStoreInfo(addr.decode("utf-8"), int(port))
         return RendezvousInfo(store, rank, world_size, store_info)
+
+    def _bootstrap_entries(self) -> list[tuple[bytes, bytes]]:
+        """What this node publishes as ``MASTER_ADDR``/``MASTER_PORT`` if it is rank 0."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return [
+            (RendezvousStoreInfo.MASTER_ADDR_KEY.encode(), self._host.encode("utf-8")),
+            (RendezvousStoreInfo.MASTER_PORT_KEY.encode(), str(port).encode()),
+        ]
 
     def _describe_wait(self) -> str:
         state = self._node.state
@@ -400,6 +414,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
             raise RendezvousError(
                 f"the rendezvous handler of run {self._run_id!r} was shut down; create a new one"
             )
+
+    @property
+    def round(self) -> int:
+        """The round this node last completed (-1 before its first)."""
+        return self._node.completed_round
 
     @property
     def node_id(self) -> str:
