@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -116,7 +116,7 @@ class EtcdConfig:
     cert: str | None = None
     key: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
@@ -255,30 +255,49 @@ class EtcdClient:
 
     # ---------------------------------------------------------------- errors
     def _connection_error(self, what: str, err: BaseException) -> RendezvousConnectionError:
-        detail = err.details() if isinstance(err, grpc.RpcError) else str(err)
+        detail = err.details() if hasattr(err, "details") else str(err)
         detail = detail or type(err).__name__
         lowered = detail.lower()
         kind = "cannot reach etcd"
-        if "ssl" in lowered or "tls" in lowered or "handshake" in lowered or "certificate" in lowered:
-            kind = "TLS failure talking to etcd"
-        elif "authentication" in lowered or "password" in lowered or "user name" in lowered:
-            kind = "etcd authentication failed"
+        if _is_tls_failure(detail):
+            kind = "TLS failure talking to etcd (check cacert, cert and key)"
+        elif any(w in lowered for w in ("authentication", "password", "user name", "auth token",
+                                         "permission denied", "user is not")):
+            kind = "etcd authentication failed (check username and password)"
         return RendezvousConnectionError(
             f"{kind} at {self.config.describe()} ({what}): {detail}"
         )
 
     def _retrying(self, fn: Callable[[], Any], what: str) -> Any:
-        """Call ``fn``, retrying transient failures for ``connect_timeout`` seconds."""
+        """Call ``fn``, retrying transient failures for ``connect_timeout`` seconds.
+
+        Refused credentials and bad requests fail at once: retrying them would
+        only hammer etcd. An expired auth token is renewed once and the call
+        retried.
+        """
         deadline = time.monotonic() + self.config.connect_timeout
         delay = 0.005
+        renewed = False
         while True:
             try:
                 return fn()
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise self._connection_error(what, err) from None
-                if code not in _TRANSIENT or time.monotonic() + delay > deadline:
+                details = (err.details() if hasattr(err, "details") else "") or ""
+                if (
+                    "invalid auth token" in details
+                    and not renewed
+                    and self.config.username is not None
+                    and hasattr(self, "_etcd")
+                ):
+                    renewed = True
+                    self._authenticate()
+                    continue
+                if (
+                    code not in _TRANSIENT
+                    or time.monotonic() + delay > deadline
+                    or _is_tls_failure(details)
+                ):
                     raise self._connection_error(what, err) from None
             except Exception as err:
                 if not isinstance(err, self._etcd3_exceptions.Etcd3Exception):
@@ -287,6 +306,21 @@ class EtcdClient:
                     raise self._connection_error(what, err) from None
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.5)
+
+    def _authenticate(self) -> None:
+        """Get a fresh auth token (etcd expires idle ones, 300 s by default)."""
+        etcd = self._etcd
+        response = etcd.auth_stub.Authenticate(
+            self._rpc.AuthenticateRequest(
+                name=self.config.username, password=self.config.password
+            ),
+            self._timeout,
+        )
+        etcd.metadata = (("token", response.token),)
+        if etcd.call_credentials is not None:
+            etcd.call_credentials = grpc.metadata_call_credentials(
+                _TokenCredentials(response.token)
+            )
 
     def _call(self, stub_method: Callable[..., Any], request: Any, what: str) -> Any:
         etcd = self._etcd
@@ -507,6 +541,16 @@ class EtcdClient:
         self._etcd.close()
 
 
+class _TokenCredentials(grpc.AuthMetadataPlugin):
+    """Attach an etcd auth token to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, context: Any, callback: Any) -> None:
+        callback((("token", self._token),), None)
+
+
 class _WatchStream:
     """One etcd watch on its own gRPC stream, read by a daemon thread."""
 
@@ -569,6 +613,11 @@ class _WatchStream:
         self._cancelled.set()
         if self._call is not None:
             self._call.cancel()
+
+
+def _is_tls_failure(detail: str) -> bool:
+    lowered = detail.lower()
+    return any(word in lowered for word in ("ssl", "tls", "handshake", "certificate", "x509"))
 
 
 def _is_ipv4(host: str) -> bool:
