@@ -471,16 +471,10 @@ def test_cluster_survives_killing_its_leader(own_cluster: EtcdCluster, run_id: s
         client.close()
 
 
-@pytest.mark.xfail(
-    reason="rdzv.client.EtcdClient uses connect_timeout both as each attempt's gRPC deadline "
-    "and as the whole retry budget. A put sent right after the leader dies reaches a follower "
-    "that still forwards it to the dead leader; etcd answers only after its request timeout "
-    "(5 s + 2 x election timeout), so that one attempt uses up the budget and the put fails "
-    "instead of being retried on the new leader.",
-    raises=RendezvousConnectionError,
-)
 def test_put_right_after_the_leader_dies(own_cluster: EtcdCluster, run_id: str) -> None:
-    client = _client_leader_first(own_cluster, own_cluster.leader(), connect_timeout=2.0)
+    # Each attempt has a short deadline, so one stuck on the dead leader is
+    # retried within connect_timeout and reaches the new leader.
+    client = _client_leader_first(own_cluster, own_cluster.leader(), connect_timeout=5.0)
     try:
         client.put(run_id.encode(), b"before")
         own_cluster.members[own_cluster.leader()].kill()

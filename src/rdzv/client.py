@@ -40,6 +40,7 @@ DEFAULT_PORT = 2379
 DEFAULT_CONNECT_TIMEOUT = 5.0
 _PROTOCOLS = ("http", "https")
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_ATTEMPT_TIMEOUT = 2.0
 
 
 def parse_endpoints(endpoint: str) -> list[tuple[str, int]]:
@@ -229,7 +230,10 @@ class EtcdClient:
         except FileNotFoundError as e:
             raise ValueError(f"Cannot read TLS file {e.filename!r}: {e.strerror}.") from None
         self._watch_stub = self._rpc.WatchStub(self._etcd.channel)
-        self._timeout = config.connect_timeout
+        # Each attempt gets a short deadline so that a request stuck on a dead
+        # leader is retried (on another member) within connect_timeout, instead of
+        # spending the whole budget on one attempt.
+        self._timeout = min(config.connect_timeout, _ATTEMPT_TIMEOUT)
         self._closed = False
         self._lock = threading.Lock()
 
