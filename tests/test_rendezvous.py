@@ -10,6 +10,7 @@ import pytest
 from rdzv.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
+    RendezvousError,
     RendezvousStateError,
     RendezvousTimeoutError,
 )
@@ -288,3 +289,20 @@ def test_subprocess_nodes_agree(etcd_endpoint, run_id):
             node.close()
     assert sorted(r["rank"] for r in results) == [0, 1, 2, 3]
     assert {r["world_size"] for r in results} == {4}
+
+
+def test_close_and_shutdown_from_another_thread_wake_the_waiter(
+        etcd_endpoint, run_id, handlers, etcd):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 3, 3) for _ in range(2))
+    waiter = ThreadNode(handlers[0]).start()
+    wait_for(lambda: _member_count(etcd, run_id, 0) == 1, what="node joined")
+    start = time.monotonic()
+    handlers[0].set_closed()  # same handler, other thread
+    assert isinstance(waiter.join(10), RendezvousClosedError)
+    assert time.monotonic() - start < 5
+
+    other = make_handler(etcd_endpoint, run_id + "-2", 2, 2)
+    waiter = ThreadNode(other).start()
+    wait_for(lambda: _member_count(etcd, run_id + "-2", 0) == 1, what="node joined")
+    assert other.shutdown() is True
+    assert isinstance(waiter.join(10), RendezvousError)

@@ -144,6 +144,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._store_timeout = store_timeout
         self._host = local_addr or socket.getfqdn()
         self._lock = threading.RLock()
+        self._shutdown_lock = threading.Lock()
         self._inbox = Inbox()
         self._state_watch: Watch | None = None
         self._state_watch_from = 0
@@ -177,11 +178,10 @@ class EtcdRendezvousHandler(RendezvousHandler):
             "dropped from the rendezvous; joining again as a new node",
             self._session.node_id, self._run_id, self._lease_ttl,
         )
-        completed = self._node.completed_round
         self._session.close(revoke=False)
         self._session = Session(self._client, self._lease_ttl, self._keepalive_interval)
         self._node = self._new_node()
-        del completed  # a new node has no rank to keep
+        self._cancel_state_watch()
 
     def _drain(self, timeout: float | None) -> None:
         node = self._node
@@ -195,7 +195,17 @@ class EtcdRendezvousHandler(RendezvousHandler):
             elif tag == "waiting":
                 node.observe_member_deleted()
             elif tag == "error":
-                raise item[1]
+                # A watch could not be resumed (etcd unreachable): drop it so that
+                # the next call starts afresh from a re-read state record.
+                _, failed_tag, err = item
+                if failed_tag == "state":
+                    self._cancel_state_watch()
+                    node.forget_state()
+                else:
+                    self._cancel("_round_watch" if failed_tag == "round" else "_waiting_watch")
+                raise err
+            elif tag == "shutdown":
+                return
 
     def _sync_watches(self) -> None:
         """Start and stop watches to match what the node machine is doing."""
@@ -237,6 +247,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 )
         else:
             self._cancel("_waiting_watch")
+
+    def _cancel_state_watch(self) -> None:
+        if self._state_watch is not None:
+            self._state_watch.cancel()
+            self._state_watch = None
 
     def _cancel(self, attr: str) -> None:
         current = getattr(self, attr)
@@ -290,15 +305,13 @@ class EtcdRendezvousHandler(RendezvousHandler):
                             f"{self._timeout:g} s ({self._describe_wait()})"
                         )
                     self._drain(min(deadline, node.wake_at) - now)
+                    self._check_not_shut_down()
                     if self._session.lost:
                         raise RendezvousError(
                             f"node {node.node_id} lost its lease during the rendezvous of "
                             f"run {self._run_id!r}; call next_rendezvous() again to rejoin"
                         )
-            except RendezvousClosedError:
-                self._withdraw()
-                raise
-            except (RendezvousTimeoutError, RendezvousError):
+            except RendezvousError:
                 self._withdraw()
                 raise
             self._sync_watches()
@@ -358,11 +371,18 @@ class EtcdRendezvousHandler(RendezvousHandler):
         return _state.decode_state(got[0], self._keys.state).status == _state.Status.CLOSED
 
     def set_closed(self) -> None:
-        """Close the run for every node, now and later; works before any round."""
-        with self._lock:
-            self._check_not_shut_down()
-            self._node.forget_state()
-            self._node.close(self._client)
+        """Close the run for every node, now and later; works before any round.
+
+        Safe to call from another thread while this handler waits in
+        ``next_rendezvous()``, which then raises ``RendezvousClosedError``.
+        """
+        self._check_not_shut_down()
+        # A machine of its own, so as not to race the one next_rendezvous() drives.
+        closer = _state.Node(
+            self._session.node_id, self._keys, self._min_nodes, self._max_nodes,
+            self._session.lease_id, b"", self._last_call_timeout, float(self._lease_ttl),
+        )
+        closer.close(self._client)
 
     def num_nodes_waiting(self) -> int:
         """Return how many nodes wait for a round after the one this node completed.
@@ -391,18 +411,21 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def shutdown(self) -> bool:
         """Release this node's lease, watches and connection; idempotent.
 
+        A ``next_rendezvous()`` waiting in another thread wakes up and raises
+        ``RendezvousError``.
+
         Returns:
             True.
         """
-        with self._lock:
+        with self._shutdown_lock:
             if self._shutdown:
                 return True
             self._shutdown = True
+        self._inbox.put(("shutdown",))
+        with self._lock:
             for attr in ("_round_watch", "_waiting_watch"):
                 self._cancel(attr)
-            if self._state_watch is not None:
-                self._state_watch.cancel()
-                self._state_watch = None
+            self._cancel_state_watch()
             try:
                 self._session.close()
             finally:

@@ -105,7 +105,7 @@ class Watch:
         try:
             self._start()
         except Exception as err:  # reported to the driver, which decides
-            self._inbox.put(("error", err))
+            self._inbox.put(("error", self._tag, err))
 
     def cancel(self) -> None:
         """Stop delivering events; idempotent."""
