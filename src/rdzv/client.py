@@ -22,7 +22,6 @@ with jittered exponential backoff for at most ``connect_timeout`` seconds.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from typing import Any
 import grpc
 
 from rdzv._etcd3_compat import load_etcd3
+from rdzv._state import Backoff
 from rdzv.api import RendezvousConnectionError, RendezvousParameters
 
 logger = logging.getLogger(__name__)
@@ -280,7 +280,8 @@ class EtcdClient:
         retried.
         """
         deadline = time.monotonic() + self.config.connect_timeout
-        delay = 0.005
+        backoff = Backoff(0.005, 0.5)
+        delay = backoff.next_delay()
         renewed = False
         while True:
             try:
@@ -308,8 +309,8 @@ class EtcdClient:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise self._connection_error(what, err) from None
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 0.5)
+            time.sleep(delay)
+            delay = backoff.next_delay()
 
     def _authenticate(self) -> None:
         """Get a fresh auth token (etcd expires idle ones, 300 s by default)."""

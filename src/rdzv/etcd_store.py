@@ -28,12 +28,12 @@ import logging
 import math
 import operator
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rdzv._state import Backoff
 from rdzv.client import EtcdClient
 
 __all__ = ["EtcdStore", "StoreTimeoutError"]
@@ -387,7 +387,7 @@ class EtcdStore:
         current: bytes | None = None
         mod_revision = 0
         known = False  # whether ``current`` was read from etcd or only assumed
-        backoff = _FIRST_BACKOFF
+        backoff = Backoff(_FIRST_BACKOFF, _MAX_BACKOFF)
         attempts = 0
         while True:
             new_value, result = compute(current)
@@ -419,8 +419,7 @@ class EtcdStore:
                     "set_timeout() or spread the updates over several keys."
                 )
             logger.debug("Lost the race on %r (attempt %d); retrying.", key, attempts)
-            time.sleep(min(backoff * random.uniform(0.5, 1.5), deadline - now))
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+            time.sleep(min(backoff.next_delay(), deadline - now))
 
     # -------------------------------------------------------------- waiting
     def _wait_for(self, keys: list[bytes], timeout: float) -> list[bytes]:
