@@ -81,6 +81,8 @@ cdef class Node:
     cdef readonly list world
     cdef readonly long long waiting_round
     cdef readonly double wake_at
+    cdef readonly double open_at
+    cdef readonly bint freeze_pending
     cdef readonly bint freezer
     cdef readonly set confirmed
     cdef readonly bint check_liveness
@@ -93,7 +95,11 @@ cdef class Node:
     cdef list bootstrap
 
     cdef bint _cas(self, client, int event, StateRecord s, dict changes=*, list extra=*) except -1
+    cdef object _join_txn(self, client, long long round)
     cdef bint _join(self, client, StateRecord s, double now) except -1
+    cdef int _joined(self, long long round, long long revision, long long count,
+                     int min_nodes, int max_nodes, double now) except -1
+    cdef bint _prejoin(self, client, StateRecord s, double now) except -1
     cdef bint _freeze(self, client, StateRecord s, double now) except -1
     cdef object _freezer_duties(self, client, StateRecord s)
     cdef int _confirm_or_leave(self, client, StateRecord s, double now) except -1

@@ -407,6 +407,11 @@ cdef class Node:
         self.begin()
 
     # ------------------------------------------------------------ observing
+    @property
+    def next_wake(self):
+        """The earliest time at which ``advance`` has something to do unprompted."""
+        return min(self.wake_at, self.open_at)
+
     def begin(self, bootstrap=()):
         """Start a new ``next_rendezvous()`` call.
 
@@ -423,6 +428,8 @@ cdef class Node:
         self.rank = -1
         self.waiting_round = -1
         self.wake_at = INFINITY
+        self.open_at = INFINITY
+        self.freeze_pending = False
         self.check_liveness = False
         self.watch_revision = 0
 
@@ -506,20 +513,32 @@ cdef class Node:
                     self.observe_state(got[0], got[1])
                 continue
             s = self.state
-            if s is None:
-                if not self._cas(client, OPEN, None):
-                    continue
-                continue
-            if s.status == CLOSED:
+            if s is not None and s.status == CLOSED:
                 raise RendezvousClosedError(
                     f"the rendezvous of run {self.keys.run_id!r} is closed")
-            if self.freezer:
+            if self.freezer and s is not None:
                 step = self._freezer_duties(client, s)
                 if step is not None:
                     continue
+            if s is None or s.status == FINAL:
+                if s is not None and self.phase == CONFIRMED and self.joined_round == s.round:
+                    self.phase = DONE
+                    self.completed_round = s.round
+                    self.wake_at = INFINITY
+                    return STEP_DONE
+                if s is None or self.completed_round == s.round:
+                    # A new run, or a member of the last round asking for the next.
+                    if self._prejoin(client, s, now):
+                        continue
+                    return STEP_WAIT
+                if self._wait_for_next(client, s, now):
+                    continue
+                return STEP_WAIT
             if s.status == JOINABLE:
                 if self.phase == JOINED and self.joined_round == s.round:
-                    if now >= self.wake_at:
+                    self.open_at = INFINITY
+                    if self.freeze_pending or now >= self.wake_at:
+                        self.freeze_pending = False
                         self.wake_at = INFINITY
                         if self._freeze(client, s, now):
                             continue
@@ -537,19 +556,6 @@ cdef class Node:
                         if self.state is not s:
                             continue
                     return STEP_WAIT
-                if self._wait_for_next(client, s, now):
-                    continue
-                return STEP_WAIT
-            if s.status == FINAL:
-                if self.phase == CONFIRMED and self.joined_round == s.round:
-                    self.phase = DONE
-                    self.completed_round = s.round
-                    self.wake_at = INFINITY
-                    return STEP_DONE
-                if self.completed_round == s.round:
-                    # This node was in the last round and asks for a new one.
-                    self._cas(client, OPEN, s)
-                    continue
                 if self._wait_for_next(client, s, now):
                     continue
                 return STEP_WAIT
@@ -600,9 +606,15 @@ cdef class Node:
             time.sleep(self.backoff.next_delay())
         return False
 
-    cdef bint _join(self, client, StateRecord s, double now) except -1:
-        """Join round ``s.round`` with one transaction; False if the state moved."""
-        cdef bytes members = self.keys.members(s.round)
+    cdef object _join_txn(self, client, long long round):
+        """Put this node's member key of ``round`` and count the members.
+
+        The transaction succeeds while ``round`` has no world record, that is
+        until it is frozen; it does not depend on the state record, so joins
+        never conflict with each other nor with the round being opened. On
+        failure the newer state record is observed and None returned.
+        """
+        cdef bytes members = self.keys.members(round)
         success = [
             ("put", members + self.node_id.encode(), self.descriptor, self.lease),
             ("count", members),
@@ -610,28 +622,71 @@ cdef class Node:
         for key in self.stale_keys:
             success.append(("delete", key))
         ok, revision, results = client.txn(
-            [("mod", self.keys.state, self.state_mod)],
-            success,
-            [("get", self.keys.state)],
-        )
+            [("create", self.keys.world(round), 0)], success, [("get", self.keys.state)])
         if not ok:
             got = results[0]
-            if got is None:
-                self.observe_state(None, 0)
-            else:
-                self.observe_state(got[0], got[1])
+            self.observe_state(None if got is None else got[0], 0 if got is None else got[1])
+            return None
+        return revision, results[1]
+
+    cdef bint _join(self, client, StateRecord s, double now) except -1:
+        """Join the open round ``s.round``; False if it froze first."""
+        joined = self._join_txn(client, s.round)
+        if joined is None:
             return False
-        self.stale_keys = [members + self.node_id.encode()]
+        self._joined(s.round, joined[0], joined[1], s.min_nodes, s.max_nodes, now)
+        if self.freeze_pending:
+            self.freeze_pending = False
+            self._freeze(client, s, now)
+        return True
+
+    cdef int _joined(self, long long round, long long revision, long long count,
+                     int min_nodes, int max_nodes, double now) except -1:
+        """Record a join of ``round`` that made the member count ``count``."""
+        self.stale_keys = [self.keys.members(round) + self.node_id.encode()]
         self.phase = JOINED
-        self.joined_round = s.round
+        self.joined_round = round
         self.join_revision = revision
         self.waiting_round = -1
-        cdef long long count = results[1]
-        if count >= s.max_nodes:
-            self._freeze(client, s, now)
-        elif count >= s.min_nodes:
+        if count >= max_nodes:
+            self.freeze_pending = True
+        elif count >= min_nodes:
             self.wake_at = now + self.last_call_timeout
-        return True
+        return 0
+
+    cdef bint _prejoin(self, client, StateRecord s, double now) except -1:
+        """Join the round after ``s`` before it is open; True if the state moved.
+
+        Every member of a final round asks for the next one at about the same
+        time. Rather than all racing to open it (one lost CAS each), they join
+        it while the record still says final, and only the first of them (member
+        count 1) opens it. The others wait for the record to change; if the
+        opener dies first, the next one to wake opens it after
+        ``liveness_interval``.
+        """
+        cdef long long target = 0 if s is None else s.round + 1
+        if self.phase == JOINED and self.joined_round == target:
+            if now >= self.wake_at:
+                # The last call ran out before the round opened: freeze on opening.
+                self.wake_at = INFINITY
+                self.freeze_pending = True
+            if now < self.open_at:
+                return False
+            self.open_at = now + self.liveness_interval
+            self._cas(client, OPEN, s)
+            return True
+        joined = self._join_txn(client, target)
+        if joined is None:
+            return True
+        self._joined(target, joined[0], joined[1],
+                     self.min_nodes if s is None else s.min_nodes,
+                     self.max_nodes if s is None else s.max_nodes, now)
+        if joined[1] == 1:
+            self.open_at = INFINITY
+            self._cas(client, OPEN, s)
+            return True
+        self.open_at = now + self.liveness_interval
+        return False
 
     cdef bint _freeze(self, client, StateRecord s, double now) except -1:
         """Fix round ``s.round``'s world and publish it; True if this node did."""

@@ -5,7 +5,8 @@ that any protobuf works) and speaks raw etcd v3 requests. Transactions are given
 as plain tuples, which keeps the compiled core free of protobuf and I/O:
 
 compares
-    ``("mod", key, rev)``: the key's mod_revision equals ``rev`` (0: absent).
+    ``("mod", key, rev)``: the key's mod_revision equals ``rev`` (0: absent);
+    ``("create", key, rev)``: its create_revision equals ``rev`` (0: absent).
 operations
     ``("get", key)`` -> ``(value, mod_revision, create_revision)`` or ``None``;
     ``("count", prefix[, max_create_revision])`` -> number of keys under
@@ -414,6 +415,13 @@ class EtcdClient:
                 result=rpc.Compare.EQUAL,
                 target=rpc.Compare.MOD,
                 mod_revision=expected,
+            )
+        if kind == "create":
+            return rpc.Compare(
+                key=key,
+                result=rpc.Compare.EQUAL,
+                target=rpc.Compare.CREATE,
+                create_revision=expected,
             )
         if kind == "value":
             return rpc.Compare(

@@ -22,6 +22,7 @@ from rdzv.api import (
     RendezvousHandler,
     RendezvousInfo,
     RendezvousParameters,
+    RendezvousStateError,
     RendezvousStoreInfo,
     RendezvousTimeoutError,
 )
@@ -147,12 +148,12 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._shutdown_lock = threading.Lock()
         self._inbox = Inbox()
         self._state_watch: Watch | None = None
-        self._state_watch_from = 0
         self._round_watch: tuple[int, Watch] | None = None
         self._waiting_watch: tuple[int, Watch] | None = None
         self._shutdown = False
         self._session = Session(client, lease_ttl, self._keepalive_interval)
         self._node = self._new_node()
+        self._watch_state()
 
     # ------------------------------------------------------------ the machine
     def _new_node(self) -> Any:
@@ -210,10 +211,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def _sync_watches(self) -> None:
         """Start and stop watches to match what the node machine is doing."""
         node = self._node
-        if self._state_watch is None and node.state_mod > 0:
-            self._state_watch = Watch(
-                self._client, self._keys.state, node.state_mod + 1, self._inbox, "state"
-            )
+        if self._state_watch is None:
+            self._watch_state()
         if node.freezer:
             if self._round_watch is None or self._round_watch[0] != node.freeze_round:
                 self._cancel("_round_watch")
@@ -247,6 +246,26 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 )
         else:
             self._cancel("_waiting_watch")
+
+    def _watch_state(self) -> None:
+        """Read the state record and watch it from that read on.
+
+        Done when the handler is created, so that a round's clock does not pay
+        for setting up the watch.
+        """
+        _, revision, (got,) = self._client.txn([], [("get", self._keys.state)], [])
+        if got is not None:
+            try:
+                self._node.observe_state(got[0], got[1])
+            except RendezvousStateError:
+                # Reported by next_rendezvous(), which re-reads it; creating a
+                # handler does not fail on it.
+                self._node.forget_state()
+        else:
+            self._node.observe_state(None, 0)
+        self._state_watch = Watch(
+            self._client, self._keys.state, revision + 1, self._inbox, "state"
+        )
 
     def _cancel_state_watch(self) -> None:
         if self._state_watch is not None:
@@ -304,7 +323,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                             f"run {self._run_id!r}: no round completed within "
                             f"{self._timeout:g} s ({self._describe_wait()})"
                         )
-                    self._drain(min(deadline, node.wake_at) - now)
+                    self._drain(min(deadline, node.next_wake) - now)
                     self._check_not_shut_down()
                     if self._session.lost:
                         raise RendezvousError(
@@ -394,19 +413,23 @@ class EtcdRendezvousHandler(RendezvousHandler):
         completed = self._node.completed_round
         if completed < 0:
             return 0
-        ok, _rev, results = self._client.txn(
-            [], [("get", self._keys.state), ("count", self._keys.waiting(completed))], []
+        # Late and surplus nodes of the completed round, members that already
+        # joined the next one, and (if the record moved on) its members.
+        _ok, _rev, (state, waiting, next_members) = self._client.txn(
+            [],
+            [
+                ("get", self._keys.state),
+                ("count", self._keys.waiting(completed)),
+                ("count", self._keys.members(completed + 1)),
+            ],
+            [],
         )
-        waiting = results[1]
-        if results[0] is None:
-            return waiting
-        state = _state.decode_state(results[0][0], self._keys.state)
-        if state.status != _state.Status.CLOSED and state.round > completed:
-            ok, _rev, counts = self._client.txn(
-                [], [("count", self._keys.members(state.round))], []
-            )
-            return max(1, waiting + counts[0])
-        return waiting
+        count = waiting + next_members
+        if state is not None:
+            record = _state.decode_state(state[0], self._keys.state)
+            if record.status != _state.Status.CLOSED and record.round > completed + 1:
+                count = max(count, 1)
+        return count
 
     def shutdown(self) -> bool:
         """Release this node's lease, watches and connection; idempotent.
