@@ -62,8 +62,7 @@ def parse_endpoints(endpoint: str) -> list[tuple[str, int]]:
     for raw in endpoint.split(","):
         entry = raw.strip()
         for scheme in ("http://", "https://"):
-            if entry.startswith(scheme):
-                entry = entry[len(scheme):]
+            entry = entry.removeprefix(scheme)
         entry = entry.rstrip("/")
         host, port_text = entry, ""
         if entry.startswith("["):

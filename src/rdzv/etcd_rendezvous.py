@@ -8,6 +8,7 @@ and the deadlines, and turns a completed round into a ``RendezvousInfo``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -16,7 +17,6 @@ from typing import Any
 
 from rdzv import _state
 from rdzv.api import (
-    RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousError,
     RendezvousHandler,
@@ -32,7 +32,7 @@ from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 from rdzv.session import Session
 from rdzv.watch import Inbox, Watch
 
-__all__ = ["EtcdRendezvousHandler", "create_rdzv_handler", "RENDEZVOUS_OPTIONS"]
+__all__ = ["RENDEZVOUS_OPTIONS", "EtcdRendezvousHandler", "create_rdzv_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _seconds(params: RendezvousParameters, name: str, default: float) -> float:
         raise ValueError(
             f"The rendezvous option '{name}' must be a number of seconds, got {value!r}."
         ) from None
-    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+    if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(
             f"The rendezvous option '{name}' must be a positive, finite number of seconds, "
             f"got {value!r}."

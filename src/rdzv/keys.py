@@ -57,7 +57,7 @@ class RunKeys:
 
     def __init__(self, prefix: str, run_id: str) -> None:
         self.run_id = _check_segment(run_id, "run id")
-        self.run = f"{normalize_prefix(prefix)}/{run_id}/".encode("utf-8")
+        self.run = f"{normalize_prefix(prefix)}/{run_id}/".encode()
         self.state = self.run + b"state"
 
     def round(self, r: int) -> bytes:
