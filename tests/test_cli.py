@@ -276,6 +276,21 @@ def test_server_prints_its_endpoint_and_stops_on_sigterm(run_id):
     assert done.returncode == 5
 
 
+def test_server_on_a_fixed_port(run_id):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = start("server", "--port", str(port))
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().split() == ["endpoint:", f"127.0.0.1:{port}"]
+        assert status_json(f"127.0.0.1:{port}", run_id)["status"] == "none"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0
+    finally:
+        server.kill()
+
+
 def test_server_cluster_serves_and_stops_on_sigint(run_id):
     server = start("server", "--cluster", "3")
     try:
@@ -308,7 +323,7 @@ BAD_ARGUMENTS = [
     ["status", "--endpoint", "127.0.0.1:2379", "--run-id", "r", "--surprise"],
     ["status", "--endpoint", "127.0.0.1:2379", "--run-id", "r", "--conf", "protocol=gopher"],
     ["demo", "--nodes", "1"],
-    ["server", "--port", "2379"],
+    ["server", "--port", "0"],
     ["--log-level", "loud", "demo"],
 ]
 

@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep etcd's data and log here (default: a temporary "
                         "directory, removed on exit)")
     server.add_argument("--port", type=_port, default=None,
-                        help="fixed client port (not supported yet: etcd gets free ports)")
+                        help="client port (with --cluster N: ports PORT..PORT+N-1); "
+                        "default: a free port")
     server.add_argument("--cluster", type=_at_least(1), default=None, metavar="N",
                         help="start an N-member cluster instead of a single etcd")
     server.set_defaults(func=_cmd_server)
@@ -531,19 +532,17 @@ def _describe_round(client: EtcdClient, keys: RunKeys) -> str:
 # ------------------------------------------------------------------ server
 def _cmd_server(args: argparse.Namespace) -> int:
     """Run a local etcd until SIGINT or SIGTERM."""
-    if args.port is not None:
-        raise UsageError(
-            "--port is not supported yet: EtcdServer picks free ports itself and has no "
-            "fixed-port option; leave --port out and use the printed endpoint"
-        )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.cluster is not None:
-            group: EtcdServer | EtcdCluster = EtcdCluster(args.cluster, args.data_dir)
+            ports = None if args.port is None else [args.port + i for i in range(args.cluster)]
+            group: EtcdServer | EtcdCluster = EtcdCluster(
+                args.cluster, args.data_dir, client_ports=ports
+            )
         else:
-            group = EtcdServer(args.data_dir)
+            group = EtcdServer(args.data_dir, client_port=args.port)
         group.start()
         try:
             print(f"endpoint: {group.get_endpoint()}", flush=True)

@@ -607,9 +607,14 @@ class _EtcdGroup:
         enable_v2: bool,
         tls: TLSFiles | None,
         extra_args: Sequence[str],
+        client_ports: Sequence[int] | None = None,
     ) -> None:
         if isinstance(extra_args, str):
             raise TypeError("'extra_args' must be a list of strings, not one string.")
+        for port in client_ports or ():
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"A client port must be a number from 1 to 65535, got {port!r}.")
+        self._client_ports = tuple(client_ports) if client_ports else None
         self._given_data_dir = data_dir
         self._data_dir: str | None = None
         self._options = _LaunchOptions(
@@ -668,7 +673,7 @@ class _EtcdGroup:
         # is stopped when collected, a forgotten one at interpreter exit.
         finalizer = weakref.finalize(self, _shut_down, members, data_dir if owned else None)
         try:
-            self._launch_all(members, timeout, num_retries, stderr)
+            self._launch_all(members, timeout, num_retries, stderr, self._client_ports)
         except BaseException:
             finalizer()
             raise
@@ -678,13 +683,19 @@ class _EtcdGroup:
 
     @staticmethod
     def _launch_all(
-        members: list[EtcdMember], timeout: float, num_retries: int, stderr: _StdErr
+        members: list[EtcdMember],
+        timeout: float,
+        num_retries: int,
+        stderr: _StdErr,
+        client_ports: Sequence[int] | None,
     ) -> None:
         token = f"rdzv-{uuid.uuid4().hex}"
         for attempt in range(num_retries + 1):
             ports = _free_ports(3 * len(members))
             for i, member in enumerate(members):
                 member._ports = _Ports(*ports[3 * i : 3 * i + 3])
+                if client_ports is not None:
+                    member._ports = member._ports._replace(client=client_ports[i])
             initial_cluster = ",".join(f"{m.name}={m._peer_url()}" for m in members)
             for member in members:
                 member._initial_cluster = initial_cluster
@@ -791,6 +802,7 @@ class EtcdServer(_EtcdGroup):
             torch's v2 rendezvous backend on the same server.
         tls: serve clients over https with these files.
         extra_args: more etcd flags, appended last (they override ours).
+        client_port: serve clients on this loopback port instead of a free one.
 
     Raises:
         EtcdNotFoundError: no etcd binary was found.
@@ -804,8 +816,12 @@ class EtcdServer(_EtcdGroup):
         enable_v2: bool = False,
         tls: TLSFiles | None = None,
         extra_args: Sequence[str] = (),
+        client_port: int | None = None,
     ) -> None:
-        super().__init__(data_dir, etcd_binary_path, enable_v2, tls, extra_args)
+        super().__init__(
+            data_dir, etcd_binary_path, enable_v2, tls, extra_args,
+            None if client_port is None else [client_port],
+        )
 
     def _member_dirs(self, data_dir: str) -> list[tuple[str, str]]:
         return [("rdzv", data_dir)]
@@ -878,6 +894,7 @@ class EtcdCluster(_EtcdGroup):
         etcd_binary_path: the etcd binary; see ``find_etcd_binary``.
         enable_v2: also serve the v2 API.
         tls: serve clients over https with these files.
+        client_ports: one loopback client port per member instead of free ones.
         extra_args: more etcd flags for every member, appended last.
 
     Raises:
@@ -893,11 +910,16 @@ class EtcdCluster(_EtcdGroup):
         enable_v2: bool = False,
         tls: TLSFiles | None = None,
         extra_args: Sequence[str] = (),
+        client_ports: Sequence[int] | None = None,
     ) -> None:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"'size' must be a positive number of members, got {size!r}.")
+        if client_ports is not None and len(client_ports) != size:
+            raise ValueError(
+                f"'client_ports' needs one port per member ({size}), got {len(client_ports)}."
+            )
         self._size = size
-        super().__init__(data_dir, etcd_binary_path, enable_v2, tls, extra_args)
+        super().__init__(data_dir, etcd_binary_path, enable_v2, tls, extra_args, client_ports)
 
     def _member_dirs(self, data_dir: str) -> list[tuple[str, str]]:
         return [(f"etcd-{i}", os.path.join(data_dir, f"etcd-{i}")) for i in range(self._size)]
