@@ -46,9 +46,8 @@ AUTH_FAILURE_DEADLINE_S = 2.0
 # Simple tokens expire this long after their last use (etcd's minimum is 1 s; it
 # sweeps expired tokens once a second).
 TOKEN_TTL_S = 1
-# Keep-alives that never come during a test session: for handlers that must not use
-# their token, and for handlers whose failed creation leaks a keep-alive thread
-# (see test_refused_handler_leaves_no_keepalive_behind), so that it stays quiet.
+# Keep-alives that never come during a test: for handlers that must not use their
+# token while it expires.
 NO_KEEPALIVE = {"lease_ttl": 3600, "keepalive_interval": 1800}
 
 
@@ -298,13 +297,6 @@ def test_tls_failure_is_reported_fast_as_such(request, certs, run_id, caplog, ca
     _assert_no_secrets(certs, caplog, failure.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="protocol=http against an https etcd is reported as 'cannot reach etcd ... "
-    "Socket closed' after retrying for the whole connect_timeout; nothing says TLS "
-    "(fix in rdzv/client.py, EtcdClient._retrying/_connection_error)",
-)
 def test_plain_http_against_https_etcd_says_tls(tls_server, run_id):
     start = time.monotonic()
     with pytest.raises(RendezvousConnectionError) as failure:
@@ -396,13 +388,6 @@ def _outside_permissions(endpoint: str, run_id: str, certs: Certificates) -> Any
         handler.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="etcd's 'permission denied' (valid user, key outside its roles) is reported as "
-    "'etcd authentication failed (check username and password)' "
-    "(fix in rdzv/client.py, EtcdClient._connection_error)",
-)
 def test_key_outside_the_users_permissions_says_permission_denied(auth_server, certs, run_id):
     with pytest.raises(RendezvousConnectionError) as failure:
         _outside_permissions(auth_server.get_endpoint(), run_id, certs)
@@ -415,14 +400,6 @@ def _lease_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("rdzv-lease-")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="when EtcdRendezvousHandler.__init__ fails after its Session started (here: "
-    "permission denied on the first read), create_rdzv_handler closes the client but not "
-    "the Session: its keep-alive thread runs on and dies on the closed channel, and the "
-    "lease is not revoked (fix in rdzv/etcd_rendezvous.py)",
-)
 def test_refused_handler_leaves_no_keepalive_behind(auth_server, certs, run_id):
     before = _lease_threads()
     with pytest.raises(RendezvousConnectionError):
@@ -448,14 +425,6 @@ def test_idle_handlers_renew_expired_tokens(auth_server, certs, handlers):
     assert _authenticate_calls(auth_server) - before >= len(idle)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RendezvousConnectionError,
-    reason="over protocol=http every authenticated request fails: rdzv passes the token "
-    "as gRPC call credentials, which gRPC refuses on an insecure channel ('Established "
-    "channel does not have a sufficient security level to transfer call credential') "
-    "(fix in rdzv/client.py: send the token only as metadata)",
-)
 def test_round_with_authentication_over_plain_http():
     with EtcdServer() as server:
         _enable_auth(server)

@@ -23,6 +23,8 @@ with jittered exponential backoff for at most ``connect_timeout`` seconds.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -201,6 +203,7 @@ class EtcdClient:
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
+        self._tls_checked = False
         etcd3 = load_etcd3()
         self._rpc = etcd3.etcdrpc
         self._etcd3_exceptions = etcd3.exceptions
@@ -229,6 +232,10 @@ class EtcdClient:
             )
         except FileNotFoundError as e:
             raise ValueError(f"Cannot read TLS file {e.filename!r}: {e.strerror}.") from None
+        # The auth token travels as plain metadata on every call. etcd3 would also
+        # attach it as gRPC call credentials, which gRPC refuses to send over a
+        # channel without TLS, so auth over http would not work at all.
+        self._etcd.call_credentials = None
         self._watch_stub = self._rpc.WatchStub(self._etcd.channel)
         # Each attempt gets a short deadline so that a request stuck on a dead
         # leader is retried (on another member) within connect_timeout, instead of
@@ -265,8 +272,13 @@ class EtcdClient:
         kind = "cannot reach etcd"
         if _is_tls_failure(detail):
             kind = "TLS failure talking to etcd (check cacert, cert and key)"
+        elif "permission denied" in lowered:
+            kind = (
+                "etcd refused access (the user lacks read/write permission on the "
+                "rendezvous keys; grant it on the etcd_prefix)"
+            )
         elif any(w in lowered for w in ("authentication", "password", "user name", "auth token",
-                                         "permission denied", "user is not")):
+                                         "user is not")):
             kind = "etcd authentication failed (check username and password)"
         return RendezvousConnectionError(
             f"{kind} at {self.config.describe()} ({what}): {detail}"
@@ -304,6 +316,11 @@ class EtcdClient:
                     or _is_tls_failure(details)
                 ):
                     raise self._connection_error(what, err) from None
+                if self.config.protocol == "http" and self._serves_tls():
+                    raise RendezvousConnectionError(
+                        f"TLS failure talking to etcd at {self.config.describe()} ({what}): "
+                        "etcd serves https there; use protocol=https with cacert"
+                    ) from None
             except Exception as err:
                 if not isinstance(err, self._etcd3_exceptions.Etcd3Exception):
                     raise
@@ -311,6 +328,24 @@ class EtcdClient:
                     raise self._connection_error(what, err) from None
             time.sleep(delay)
             delay = backoff.next_delay()
+
+    def _serves_tls(self) -> bool:
+        """Whether an endpoint answers a TLS handshake (a plain-http client then
+        only sees its connection closed). Checked once, on the first failure."""
+        if self._tls_checked:
+            return False
+        self._tls_checked = True
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        for host, port in self.config.endpoints:
+            try:
+                with socket.create_connection((host, port), timeout=0.5) as sock:
+                    with context.wrap_socket(sock, server_hostname=host):
+                        return True
+            except (OSError, ssl.SSLError):
+                continue
+        return False
 
     def _authenticate(self) -> None:
         """Get a fresh auth token (etcd expires idle ones, 300 s by default)."""
@@ -322,10 +357,6 @@ class EtcdClient:
             self._timeout,
         )
         etcd.metadata = (("token", response.token),)
-        if etcd.call_credentials is not None:
-            etcd.call_credentials = grpc.metadata_call_credentials(
-                _TokenCredentials(response.token)
-            )
 
     def _call(self, stub_method: Callable[..., Any], request: Any, what: str) -> Any:
         etcd = self._etcd
@@ -333,7 +364,6 @@ class EtcdClient:
             lambda: stub_method(
                 request,
                 self._timeout,
-                credentials=etcd.call_credentials,
                 metadata=etcd.metadata,
             ),
             what,
@@ -480,7 +510,6 @@ class EtcdClient:
             for response in self._etcd.leasestub.LeaseKeepAlive(
                 iter([request]),
                 self._timeout,
-                credentials=self._etcd.call_credentials,
                 metadata=self._etcd.metadata,
             ):
                 return response.TTL
@@ -553,16 +582,6 @@ class EtcdClient:
         self._etcd.close()
 
 
-class _TokenCredentials(grpc.AuthMetadataPlugin):
-    """Attach an etcd auth token to every call."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def __call__(self, context: Any, callback: Any) -> None:
-        callback((("token", self._token),), None)
-
-
 class _WatchStream:
     """One etcd watch on its own gRPC stream, read by a daemon thread."""
 
@@ -584,7 +603,7 @@ class _WatchStream:
         self._created.clear()
         self._error = None
         self._call = self._client._watch_stub.Watch(
-            self._requests(), credentials=etcd.call_credentials, metadata=etcd.metadata
+            self._requests(), metadata=etcd.metadata
         )
         threading.Thread(target=self._run, name="rdzv-watch", daemon=True).start()
         if not self._created.wait(self._client.config.connect_timeout):

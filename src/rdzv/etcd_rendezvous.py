@@ -152,8 +152,12 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._waiting_watch: tuple[int, Watch] | None = None
         self._shutdown = False
         self._session = Session(client, lease_ttl, self._keepalive_interval)
-        self._node = self._new_node()
-        self._watch_state()
+        try:
+            self._node = self._new_node()
+            self._watch_state()
+        except BaseException:
+            self._session.close()
+            raise
 
     # ------------------------------------------------------------ the machine
     def _new_node(self) -> Any:
@@ -503,9 +507,16 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
             raise ValueError(f"{name} must be an integer, got {value!r}.")
     if params.max_nodes > 1_000_000:
         raise ValueError(f"max_nodes={params.max_nodes} is more than 1000000 nodes.")
+    credentials = {}
     for env, name in (("RDZV_ETCD_USERNAME", "username"), ("RDZV_ETCD_PASSWORD", "password")):
         if params.get(name) is None and os.environ.get(env):
-            params.config[name] = os.environ[env]
+            credentials[name] = os.environ[env]
+    if credentials:
+        # A copy: the caller's parameters never hold a password from the environment.
+        params = RendezvousParameters(
+            params.backend, params.endpoint, params.run_id, params.min_nodes,
+            params.max_nodes, params.local_addr, **{**params.config, **credentials},
+        )
     config = EtcdConfig.from_params(params)
     prefix = normalize_prefix(params.get("etcd_prefix", DEFAULT_PREFIX))
     RunKeys(prefix, params.run_id)  # validates the run id before any I/O
