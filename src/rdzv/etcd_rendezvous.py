@@ -27,7 +27,7 @@ from rdzv.api import (
     RendezvousTimeoutError,
 )
 from rdzv.client import EtcdClient, EtcdConfig
-from rdzv.etcd_store import EtcdStore
+from rdzv.etcd_store import EtcdStore, StoreTimeoutError
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 from rdzv.session import Session
 from rdzv.watch import Inbox, Watch
@@ -347,10 +347,17 @@ class EtcdRendezvousHandler(RendezvousHandler):
         store = EtcdStore(
             self._client, self._keys.kv(node.completed_round), timeout=self._store_timeout
         )
-        # Rank 0 wrote these with its confirmation, before the round became final.
-        addr, port = store.multi_get(
-            [RendezvousStoreInfo.MASTER_ADDR_KEY, RendezvousStoreInfo.MASTER_PORT_KEY]
-        )
+        # Rank 0 wrote these with its confirmation, before the round became final,
+        # so they are there unless someone deleted them.
+        try:
+            addr, port = store.multi_get(
+                [RendezvousStoreInfo.MASTER_ADDR_KEY, RendezvousStoreInfo.MASTER_PORT_KEY]
+            )
+        except StoreTimeoutError as err:
+            raise RendezvousTimeoutError(
+                f"run {self._run_id!r} round {node.completed_round}: rank 0's bootstrap "
+                f"address is missing from the round's store ({err})"
+            ) from err
         store_info = RendezvousStoreInfo(addr.decode("utf-8"), int(port))
         return RendezvousInfo(store, rank, world_size, store_info)
 
