@@ -162,17 +162,33 @@ cdef StateRecord _apply(StateRecord s, int event, dict changes):
     return new
 
 
-cdef long long _parse_int(bytes text, bytes key, bytes field, long long low) except? -2:
-    if not text or not (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())):
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _canonical_int(bytes text):
+    """The integer ``text`` spells in canonical ASCII decimal, or None."""
+    if not text or len(text) > 20:
+        return None
+    digits = text[1:] if text[:1] == b"-" else text
+    if not digits or not digits.isdigit() or (digits[:1] == b"0" and len(digits) > 1):
+        return None
+    value = int(text)
+    return None if text == b"-0" else value
+
+
+def _parse_int(bytes text, bytes key, bytes field, low, high):
+    """A field of the state record as a bounded int, or ``RendezvousStateError``."""
+    value = _canonical_int(text)
+    if value is None:
         raise RendezvousStateError(
             f"state record at {key.decode(errors='replace')!r} has a bad "
-            f"{field.decode()}={text.decode(errors='replace')!r}; expected an integer"
+            f"{field.decode()}={text[:24].decode(errors='replace')!r}; expected an integer"
         )
-    cdef long long value = int(text)
-    if value < low:
+    if not low <= value <= high:
         raise RendezvousStateError(
             f"state record at {key.decode(errors='replace')!r} has "
-            f"{field.decode()}={value}, below {low}"
+            f"{field.decode()}={value}, outside [{low}, {high}]"
         )
     return value
 
@@ -219,15 +235,15 @@ def decode_state(data, key=b"state"):
             f"state record at {name!r} has unknown status {values[b'status'][:20]!r}"
         )
     cdef StateRecord s = StateRecord(
-        _parse_int(values[b"round"], k, b"round", 0),
+        _parse_int(values[b"round"], k, b"round", 0, _INT64_MAX - 1),
         status,
-        _parse_int(values[b"min"], k, b"min", 1),
-        _parse_int(values[b"max"], k, b"max", 1),
-        _parse_int(values[b"cutoff"], k, b"cutoff", 0),
-        _parse_int(values[b"world"], k, b"world", 0),
-        _parse_int(values[b"last_final"], k, b"last_final", -1),
+        _parse_int(values[b"min"], k, b"min", 1, _INT32_MAX),
+        _parse_int(values[b"max"], k, b"max", 1, _INT32_MAX),
+        _parse_int(values[b"cutoff"], k, b"cutoff", 0, _INT64_MAX),
+        _parse_int(values[b"world"], k, b"world", 0, _INT32_MAX),
+        _parse_int(values[b"last_final"], k, b"last_final", -1, _INT64_MAX),
     )
-    if s.max_nodes < s.min_nodes or s.max_nodes > 0x7FFFFFFF:
+    if s.max_nodes < s.min_nodes:
         raise RendezvousStateError(
             f"state record at {name!r} has min={s.min_nodes} > max={s.max_nodes}"
         )
@@ -262,8 +278,8 @@ def decode_world(data, key=b"world"):
             or not parts[2].startswith(b"ids="):
         raise RendezvousStateError(
             f"world record at {name!r} cannot be decoded: {bytes(data)[:60]!r}")
-    round_text = parts[1][6:]
-    if not round_text.isdigit():
+    round_number = _canonical_int(parts[1][6:])
+    if round_number is None or round_number < 0:
         raise RendezvousStateError(f"world record at {name!r} has a bad round")
     ids_text = parts[2][4:]
     try:
@@ -272,7 +288,7 @@ def decode_world(data, key=b"world"):
         raise RendezvousStateError(f"world record at {name!r} has non-ASCII ids") from None
     if len(set(ids)) != len(ids) or any(not i for i in ids):
         raise RendezvousStateError(f"world record at {name!r} has empty or repeated ids")
-    return int(round_text), ids
+    return round_number, ids
 
 
 def encode_member(str host, str addr, int pid):
@@ -286,10 +302,13 @@ def encode_member(str host, str addr, int pid):
 def decode_member(data):
     """Parse a node descriptor into ``(host, addr, pid)``; None if it is not one."""
     parts = data.split(b" ")
-    if len(parts) != 4 or parts[0] != _MEMBER_MAGIC or not parts[3].isdigit():
+    if len(parts) != 4 or parts[0] != _MEMBER_MAGIC or not parts[1] or not parts[2]:
+        return None
+    pid = _canonical_int(parts[3])
+    if pid is None or pid < 0:
         return None
     try:
-        return parts[1].decode(), parts[2].decode(), int(parts[3])
+        return parts[1].decode(), parts[2].decode(), pid
     except UnicodeDecodeError:
         return None
 

@@ -217,6 +217,9 @@ class RendezvousParameters:
     ) -> None:
         if not backend:
             raise ValueError("The rendezvous backend name must be a non-empty string.")
+        for name, value in (("min_nodes", min_nodes), ("max_nodes", max_nodes)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}.")
         if min_nodes < 1:
             raise ValueError(
                 f"The minimum number of rendezvous nodes ({min_nodes}) must be greater than zero."
@@ -263,7 +266,7 @@ class RendezvousParameters:
             return value
         try:
             return int(value)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ValueError(
                 f"The rendezvous configuration option '{key}' does not represent a valid "
                 f"integer value."

@@ -23,6 +23,7 @@ with jittered exponential backoff for at most ``connect_timeout`` seconds.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -82,13 +83,13 @@ def parse_endpoints(endpoint: str) -> list[tuple[str, int]]:
                 f"Endpoint {raw.strip()!r}: write IPv6 addresses in brackets, "
                 f"e.g. '[::1]:{DEFAULT_PORT}'."
             )
-        if not host or any(c.isspace() or c in "/@?#" for c in host):
+        if not host or not _printable_ascii_or_idna(host) or any(c in "/@?#" for c in host):
             raise ValueError(
                 f"Endpoint {raw.strip()!r} has no valid host; expected 'host[:port]'."
             )
         port = DEFAULT_PORT
         if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
                 raise ValueError(
                     f"Endpoint {raw.strip()!r} has port {port_text!r}; "
                     "expected a number from 1 to 65535."
@@ -136,11 +137,18 @@ class EtcdConfig:
             )
         if (self.username is None) != (self.password is None):
             raise ValueError("Give both 'username' and 'password' for etcd auth, or neither.")
-        if not self.connect_timeout > 0:
+        if not 0 < self.connect_timeout <= MAX_SECONDS:
             raise ValueError(
-                f"'connect_timeout' must be a positive number of seconds, "
-                f"got {self.connect_timeout!r}."
+                f"'connect_timeout' must be a positive number of seconds, at most "
+                f"{MAX_SECONDS:g}, got {self.connect_timeout!r}."
             )
+        for name in ("cacert", "cert", "key"):
+            _check_readable_file(name, getattr(self, name))
+        for name in ("username", "password"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                shown = "a value" if name == "password" else repr(value)
+                raise ValueError(f"'{name}' must be a non-empty string, got {shown}.")
 
     @classmethod
     def from_params(cls, params: RendezvousParameters) -> EtcdConfig:
@@ -156,7 +164,7 @@ class EtcdConfig:
             key=params.get("key"),
             username=params.get("username"),
             password=params.get("password"),
-            connect_timeout=_positive_float(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+            connect_timeout=seconds_option(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         )
 
     def describe(self) -> str:
@@ -166,17 +174,53 @@ class EtcdConfig:
         )
 
 
-def _positive_float(params: RendezvousParameters, name: str, default: float) -> float:
+#: The longest duration any option may have: a year, well inside what
+#: threading and gRPC deadlines can represent.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def seconds_option(params: RendezvousParameters, name: str, default: float) -> float:
+    """Read option ``name`` as a positive, finite number of seconds (at most a year).
+
+    Raises:
+        ValueError: the value is not a number (int, float or numeric text), or is
+            not in (0, MAX_SECONDS].
+    """
     value = params.get(name, default)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
+    number = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = None
+    if number is None or not 0 < number <= MAX_SECONDS:
         raise ValueError(
-            f"The rendezvous option '{name}' must be a number of seconds, got {value!r}."
-        ) from None
-    if not number > 0:
-        raise ValueError(f"The rendezvous option '{name}' must be positive, got {value!r}.")
+            f"The rendezvous option '{name}' must be a positive number of seconds, at most "
+            f"{MAX_SECONDS:g} (a year), got {value!r}."
+        )
     return number
+
+
+def _check_readable_file(name: str, path: object) -> None:
+    """Refuse a TLS file option that is not the path of a readable file."""
+    if path is None:
+        return
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise ValueError(f"'{name}' must be the path of a PEM file, got {path!r}.")
+    text = os.fspath(path)
+    if not text or "\0" in text or not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError(f"'{name}' must be the path of a readable PEM file, got {text!r}.")
+
+
+def _printable_ascii_or_idna(host: str) -> bool:
+    """A host name gRPC can resolve: printable, no spaces, encodable as IDNA/ASCII."""
+    if any(not c.isprintable() or c.isspace() for c in host):
+        return False
+    try:
+        host.encode("idna" if not host.isascii() else "ascii")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _host_text(host: str) -> str:

@@ -26,7 +26,7 @@ from rdzv.api import (
     RendezvousStoreInfo,
     RendezvousTimeoutError,
 )
-from rdzv.client import EtcdClient, EtcdConfig
+from rdzv.client import EtcdClient, EtcdConfig, seconds_option
 from rdzv.etcd_store import EtcdStore, StoreTimeoutError
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 from rdzv.session import Session
@@ -40,6 +40,9 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_LAST_CALL_TIMEOUT = 30.0
 DEFAULT_LEASE_TTL = 10
 DEFAULT_STORE_TIMEOUT = 300.0
+#: etcd's own limit on a lease's time-to-live.
+MAX_LEASE_TTL = 9_000_000_000
+MIN_KEEPALIVE_INTERVAL = 0.05
 
 #: Options read from ``RendezvousParameters`` (``--rdzv-conf`` keys), with what they mean.
 RENDEZVOUS_OPTIONS: dict[str, str] = {
@@ -77,22 +80,6 @@ _FOREIGN_OPTIONS = frozenset(
         "use_libuv",
     }
 )
-
-
-def _seconds(params: RendezvousParameters, name: str, default: float) -> float:
-    value = params.get(name, default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"The rendezvous option '{name}' must be a number of seconds, got {value!r}."
-        ) from None
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(
-            f"The rendezvous option '{name}' must be a positive, finite number of seconds, "
-            f"got {value!r}."
-        )
-    return seconds
 
 
 class EtcdRendezvousHandler(RendezvousHandler):
@@ -334,7 +321,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
                             f"node {node.node_id} lost its lease during the rendezvous of "
                             f"run {self._run_id!r}; call next_rendezvous() again to rejoin"
                         )
-            except RendezvousError:
+            except BaseException:
+                # Timeouts, closes, lost connections, and anything unexpected
+                # (even KeyboardInterrupt): leave no key behind in the round.
                 self._withdraw()
                 raise
             self._sync_watches()
@@ -488,6 +477,14 @@ class EtcdRendezvousHandler(RendezvousHandler):
         return self._session.lease_id
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
     """Create an etcd v3 rendezvous handler from parameters.
 
@@ -528,24 +525,36 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
     prefix = normalize_prefix(params.get("etcd_prefix", DEFAULT_PREFIX))
     RunKeys(prefix, params.run_id)  # validates the run id before any I/O
     lease_ttl_value = params.get("lease_ttl", DEFAULT_LEASE_TTL)
-    lease_ttl = params.get_as_int("lease_ttl", DEFAULT_LEASE_TTL)
-    if lease_ttl is None or lease_ttl < 2 or str(lease_ttl) != str(lease_ttl_value).strip():
+    lease_ttl = None
+    if isinstance(lease_ttl_value, (int, str)) and not isinstance(lease_ttl_value, bool):
+        text = str(lease_ttl_value).strip()
+        if text.isascii() and text.isdigit() and len(text) <= 10:
+            lease_ttl = int(text)
+    if lease_ttl is None or not 2 <= lease_ttl <= MAX_LEASE_TTL:
         raise ValueError(
-            f"The rendezvous option 'lease_ttl' must be a whole number of seconds >= 2, "
-            f"got {lease_ttl_value!r}."
+            f"The rendezvous option 'lease_ttl' must be a whole number of seconds from 2 "
+            f"to {MAX_LEASE_TTL}, got {lease_ttl_value!r}."
         )
-    keepalive = _seconds(params, "keepalive_interval", lease_ttl / 4)
+    keepalive = seconds_option(params, "keepalive_interval", lease_ttl / 4)
+    if keepalive < MIN_KEEPALIVE_INTERVAL:
+        raise ValueError(
+            f"keepalive_interval must be at least {MIN_KEEPALIVE_INTERVAL} s, got {keepalive:g}."
+        )
     if keepalive >= lease_ttl:
         raise ValueError(
             f"keepalive_interval ({keepalive:g} s) must be shorter than lease_ttl "
             f"({lease_ttl} s), or the lease expires between keep-alives."
         )
-    timeout = _seconds(params, "timeout", DEFAULT_TIMEOUT)
-    last_call = _seconds(params, "last_call_timeout", DEFAULT_LAST_CALL_TIMEOUT)
-    store_timeout = _seconds(params, "store_timeout", DEFAULT_STORE_TIMEOUT)
+    timeout = seconds_option(params, "timeout", DEFAULT_TIMEOUT)
+    last_call = seconds_option(params, "last_call_timeout", DEFAULT_LAST_CALL_TIMEOUT)
+    store_timeout = seconds_option(params, "store_timeout", DEFAULT_STORE_TIMEOUT)
     local_addr = params.local_addr
-    if local_addr is not None and (not isinstance(local_addr, str) or not local_addr.strip()
-                                   or any(c.isspace() for c in local_addr)):
+    if local_addr is not None and (
+        not isinstance(local_addr, str)
+        or not local_addr
+        or any(not c.isprintable() or c.isspace() for c in local_addr)
+        or not _encodable(local_addr)
+    ):
         raise ValueError(f"local_addr must be a host name or address, got {local_addr!r}.")
     client = EtcdClient(config)
     try:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rdzv._state import Backoff
-from rdzv.client import EtcdClient
+from rdzv.client import MAX_SECONDS, EtcdClient
 
 __all__ = ["EtcdStore", "StoreTimeoutError"]
 
@@ -62,23 +62,31 @@ def _to_seconds(timeout: TimeoutType, what: str) -> float:
     if isinstance(timeout, datetime.timedelta):
         seconds = timeout.total_seconds()
     elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        seconds = float(timeout)
+        try:
+            seconds = float(timeout)
+        except OverflowError:
+            seconds = math.inf
     else:
         raise TypeError(
             f"The {what} must be a datetime.timedelta or a number of seconds, "
             f"got {timeout!r}."
         )
-    if not (seconds > 0 and math.isfinite(seconds)):
+    if not 0 < seconds <= MAX_SECONDS:
         raise ValueError(
-            f"The {what} must be a positive, finite duration, got {timeout!r}; "
-            "use a large value to wait for a long time."
+            f"The {what} must be a positive duration of at most {MAX_SECONDS:g} s "
+            f"(a year), got {timeout!r}."
         )
     return seconds
 
 
 def _to_bytes(value: ValueType, what: str) -> bytes:
     if isinstance(value, str):
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"The {what} {value!r} is not valid text (it has a lone surrogate)."
+            ) from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"The {what} must be str or bytes, got {type(value).__name__}: {value!r}.")

@@ -26,8 +26,14 @@ def _check_segment(name: str, what: str) -> str:
             f"The {what} {name!r} must not contain '/' or be '.' or '..'; "
             "it names one level of the run's keys in etcd."
         )
-    if len(name.encode("utf-8")) > 1024:
-        raise ValueError(f"The {what} is {len(name.encode())} bytes; at most 1024 are allowed.")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"The {what} {name!r} is not valid text (it has a lone surrogate)."
+        ) from None
+    if size > 1024:
+        raise ValueError(f"The {what} is {size} bytes; at most 1024 are allowed.")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise ValueError(f"The {what} {name!r} must not contain control characters.")
     return name
