@@ -56,10 +56,9 @@ def test_round_costs_are_constant_per_node(etcd_server, run_id, n):
     # Per node: join, confirm. Per round: state created or opened, frozen, final,
     # the world record, MASTER_ADDR/PORT.
     assert writes <= 2 * n + 8, (writes, delta)
-    # Per node: the state record (when the handler is created), the world record,
-    # MASTER_ADDR/PORT in one read. Per round: the freezer's read, and a join
-    # retried by a node whose cached record was a moment old.
-    assert reads <= 3 * n + 8, (reads, delta)
+    # Per node: the state record, when the handler is created (the world record
+    # comes back from the confirmation). Per round: the freezer's read of the members.
+    assert reads <= n + 8, (reads, delta)
     # Per node: the round opening, frozen and final on its state watch, and its
     # confirmation to the freezer.
     assert events <= 4 * n + 8, (events, delta)

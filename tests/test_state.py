@@ -97,7 +97,7 @@ def test_rounds_only_grow_through_any_path():
 
 
 def members(*descriptors):
-    return [(f"id{i}", core.encode_member(host, addr, pid))
+    return [(f"id{i}", core.encode_member(host, addr, pid, 1000 + i))
             for i, (host, addr, pid) in enumerate(descriptors)]
 
 
@@ -130,11 +130,16 @@ def test_survivor_whose_rank_no_longer_exists_is_renumbered():
 
 def test_world_and_member_codecs():
     ids = [f"{i:016x}" for i in range(1000)]
-    assert core.decode_world(core.encode_world(5, ids), b"k") == (5, ids)
-    for bad in (b"", b"rdzv1-world round=x ids=", b"junk", b"rdzv1-world round=1 ids=a,a"):
+    record = core.encode_world(5, ids, "::1", 29500)
+    assert core.decode_world(record, b"k") == (5, ids)
+    assert core.decode_world_master(record, b"k") == ("::1", 29500)
+    for bad in (b"", b"rdzv1-world round=x master=h,1 ids=", b"junk",
+                b"rdzv1-world round=1 master=h,1 ids=a,a", b"rdzv1-world round=1 master=h ids=a",
+                b"rdzv1-world round=1 ids=a"):
         with pytest.raises(RendezvousStateError, match="k"):
             core.decode_world(bad, b"k")
-    assert core.decode_member(core.encode_member("h", "10.0.0.1", 42)) == ("h", "10.0.0.1", 42)
+    assert core.decode_member(core.encode_member("h", "10.0.0.1", 42, 7)) == (
+        "h", "10.0.0.1", 42, 7)
     assert core.decode_member(b"rubbish") is None
     with pytest.raises(ValueError):
         core.encode_member("has space", "a", 1)

@@ -92,7 +92,7 @@ cdef class Node:
     cdef bint world_member_lost
     cdef list stale_keys
     cdef Backoff backoff
-    cdef list bootstrap
+    cdef readonly tuple master
 
     cdef bint _cas(self, client, int event, StateRecord s, dict changes=*, list extra=*) except -1
     cdef object _join_txn(self, client, long long round)

@@ -260,10 +260,42 @@ def decode_state(data, key=b"state"):
 
 
 # --------------------------------------------------------- world and members
-def encode_world(long long round, list node_ids):
-    """Serialize a rank assignment: node ids in rank order."""
-    return b"%s round=%d ids=%s" % (
-        _WORLD_MAGIC, round, ",".join(node_ids).encode("ascii"))
+def encode_world(long long round, list node_ids, str master_addr="", int master_port=0):
+    """Serialize a rank assignment: node ids in rank order, and where rank 0 serves.
+
+    Args:
+        round: the round it belongs to.
+        node_ids: the world, in rank order.
+        master_addr, master_port: rank 0's bootstrap address, from its descriptor.
+    """
+    return b"%s round=%d master=%s,%d ids=%s" % (
+        _WORLD_MAGIC, round, master_addr.encode(), master_port,
+        ",".join(node_ids).encode("ascii"))
+
+
+cdef tuple _decode_world(data, key):
+    name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+    parts = data.split(b" ") if isinstance(data, bytes) else []
+    if len(parts) != 4 or parts[0] != _WORLD_MAGIC or not parts[1].startswith(b"round=") \
+            or not parts[2].startswith(b"master=") or not parts[3].startswith(b"ids="):
+        raise RendezvousStateError(
+            f"world record at {name!r} cannot be decoded: {bytes(data)[:60]!r}")
+    round_number = _canonical_int(parts[1][6:])
+    if round_number is None or round_number < 0:
+        raise RendezvousStateError(f"world record at {name!r} has a bad round")
+    addr, _, port_text = parts[2][7:].rpartition(b",")
+    port = _canonical_int(port_text)
+    if port is None or not 0 <= port < 65536:
+        raise RendezvousStateError(f"world record at {name!r} has a bad master port")
+    ids_text = parts[3][4:]
+    try:
+        ids = ids_text.decode("ascii").split(",") if ids_text else []
+        master_addr = addr.decode()
+    except UnicodeDecodeError:
+        raise RendezvousStateError(f"world record at {name!r} is not valid text") from None
+    if len(set(ids)) != len(ids) or any(not i for i in ids):
+        raise RendezvousStateError(f"world record at {name!r} has empty or repeated ids")
+    return round_number, ids, master_addr, port
 
 
 def decode_world(data, key=b"world"):
@@ -272,43 +304,45 @@ def decode_world(data, key=b"world"):
     Raises:
         RendezvousStateError: the bytes are not a world record (names ``key``).
     """
-    name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
-    parts = data.split(b" ") if isinstance(data, bytes) else []
-    if len(parts) != 3 or parts[0] != _WORLD_MAGIC or not parts[1].startswith(b"round=") \
-            or not parts[2].startswith(b"ids="):
-        raise RendezvousStateError(
-            f"world record at {name!r} cannot be decoded: {bytes(data)[:60]!r}")
-    round_number = _canonical_int(parts[1][6:])
-    if round_number is None or round_number < 0:
-        raise RendezvousStateError(f"world record at {name!r} has a bad round")
-    ids_text = parts[2][4:]
-    try:
-        ids = ids_text.decode("ascii").split(",") if ids_text else []
-    except UnicodeDecodeError:
-        raise RendezvousStateError(f"world record at {name!r} has non-ASCII ids") from None
-    if len(set(ids)) != len(ids) or any(not i for i in ids):
-        raise RendezvousStateError(f"world record at {name!r} has empty or repeated ids")
-    return round_number, ids
+    return _decode_world(data, key)[:2]
 
 
-def encode_member(str host, str addr, int pid):
-    """Serialize a node descriptor (what a member key holds)."""
+def decode_world_master(data, key=b"world"):
+    """Return rank 0's ``(master_addr, master_port)`` from a world record.
+
+    Raises:
+        RendezvousStateError: the bytes are not a world record (names ``key``).
+    """
+    return _decode_world(data, key)[2:]
+
+
+def encode_member(str host, str addr, int pid, int port=0):
+    """Serialize a node descriptor (what a member key holds).
+
+    Args:
+        host: the node's host name (ranks of one host are adjacent).
+        addr: the address it advertises as ``MASTER_ADDR`` if it gets rank 0.
+        pid: its process id.
+        port: the free port it advertises as ``MASTER_PORT`` if it gets rank 0.
+    """
     for value, what in ((host, "host"), (addr, "address")):
-        if not value or any(c.isspace() for c in value):
-            raise ValueError(f"node {what} must be non-empty without spaces, got {value!r}")
-    return b"%s %s %s %d" % (_MEMBER_MAGIC, host.encode(), addr.encode(), pid)
+        if not value or any(c.isspace() or c == "," for c in value):
+            raise ValueError(
+                f"node {what} must be non-empty without spaces or commas, got {value!r}")
+    return b"%s %s %s %d %d" % (_MEMBER_MAGIC, host.encode(), addr.encode(), pid, port)
 
 
 def decode_member(data):
-    """Parse a node descriptor into ``(host, addr, pid)``; None if it is not one."""
+    """Parse a node descriptor into ``(host, addr, pid, port)``; None if it is not one."""
     parts = data.split(b" ")
-    if len(parts) != 4 or parts[0] != _MEMBER_MAGIC or not parts[1] or not parts[2]:
+    if len(parts) != 5 or parts[0] != _MEMBER_MAGIC or not parts[1] or not parts[2]:
         return None
     pid = _canonical_int(parts[3])
-    if pid is None or pid < 0:
+    port = _canonical_int(parts[4])
+    if pid is None or pid < 0 or port is None or not 0 <= port < 65536:
         return None
     try:
-        return parts[1].decode(), parts[2].decode(), pid
+        return parts[1].decode(), parts[2].decode(), pid, port
     except UnicodeDecodeError:
         return None
 
@@ -354,7 +388,7 @@ def assign_ranks(members, previous, int max_nodes):
 cdef tuple _sort_key(bytes descriptor):
     parsed = decode_member(descriptor)
     if parsed is None:
-        return ("", "", 0, descriptor)
+        return ("", "", 0, 0)
     return parsed
 
 
@@ -393,7 +427,7 @@ cdef class Node:
         min_nodes, max_nodes: bounds this node asks for (the state record's
             win once a round exists).
         lease: the lease every key this node writes is attached to.
-        descriptor: ``encode_member(host, addr, pid)`` of this node.
+        descriptor: ``encode_member(host, addr, pid, port)`` of this node.
         last_call_timeout: seconds between the min-th join and the freeze.
         liveness_interval: how long a confirmed member waits for ``final``
             before it checks the world's liveness itself.
@@ -422,7 +456,7 @@ cdef class Node:
         self.freeze_round = -1
         self.confirmed = set()
         self.world = []
-        self.bootstrap = []
+        self.master = ("", 0)
         self.begin()
 
     # ------------------------------------------------------------ observing
@@ -431,16 +465,16 @@ cdef class Node:
         """The earliest time at which ``advance`` has something to do unprompted."""
         return min(self.wake_at, self.open_at)
 
-    def begin(self, bootstrap=()):
+    def begin(self, descriptor=None):
         """Start a new ``next_rendezvous()`` call.
 
         Args:
-            bootstrap: ``[(store_key, value), ...]`` to write into the round's
-                store if this node gets rank 0 (``MASTER_ADDR``/``MASTER_PORT``).
-                They go in with rank 0's confirmation, so they exist before the
-                round is final and every member reads them with one request.
+            descriptor: this node's descriptor for the rounds of this call
+                (``encode_member``; it carries the port the node would serve as
+                rank 0, so a fresh one each call); None keeps the last one.
         """
-        self.bootstrap = list(bootstrap)
+        if descriptor is not None:
+            self.descriptor = descriptor
         self.phase = IDLE
         self.joined_round = -1
         self.join_revision = 0
@@ -730,7 +764,17 @@ cdef class Node:
         if len(results) > 1 and results[1] is not None:
             previous = decode_world(results[1][0], self.keys.world(s.last_final))[1]
         world = assign_ranks(listed, previous, s.max_nodes)
-        cdef list extra = [("put", self.keys.world(s.round), encode_world(s.round, world), 0)]
+        # Rank 0's bootstrap address comes from its own descriptor; it also goes
+        # into the round's store, where torch's code looks for it.
+        rank0 = decode_member(dict(listed)[world[0]])
+        master_addr, master_port = ("", 0) if rank0 is None else (rank0[1], rank0[3])
+        cdef bytes kv = self.keys.kv(s.round)
+        cdef list extra = [
+            ("put", self.keys.world(s.round),
+             encode_world(s.round, world, master_addr, master_port), 0),
+            ("put", kv + b"MASTER_ADDR", master_addr.encode(), 0),
+            ("put", kv + b"MASTER_PORT", str(master_port).encode(), 0),
+        ]
         if not self._cas(client, FREEZE, s,
                          {"cutoff": revision, "world_size": len(world)}, extra):
             return False
@@ -738,6 +782,7 @@ cdef class Node:
         self.freeze_round = s.round
         self.freeze_revision = self.state_mod
         self.world = world
+        self.master = (master_addr, master_port)
         self.confirmed = set()
         self.world_member_lost = False
         return True
@@ -756,36 +801,39 @@ cdef class Node:
         return None
 
     cdef int _confirm_or_leave(self, client, StateRecord s, double now) except -1:
-        """In a frozen round: confirm if in its world, else wait as surplus."""
+        """In a frozen round: read the world and confirm in one transaction.
+
+        The confirmation goes in before the node knows whether it is in the
+        world: surplus nodes are rare, and they withdraw it with their member
+        key when they register as waiting.
+        """
         cdef bytes world_key = self.keys.world(s.round)
-        if not self.freezer or self.freeze_round != s.round:
-            got = client.get(world_key)
-            if got is None:
-                raise RendezvousStateError(
-                    f"round {s.round} is frozen but {world_key.decode()!r} is missing")
-            round, ids = decode_world(got[0], world_key)
-            if round != s.round or len(ids) != s.world_size:
-                raise RendezvousStateError(
-                    f"world record at {world_key.decode()!r} does not match the "
-                    f"state record (round {round} vs {s.round}, size {len(ids)} vs "
-                    f"{s.world_size})")
-            self.world = ids
         cdef bytes me = self.node_id.encode()
+        cdef bytes confirm_key = self.keys.confirmed(s.round) + me
+        ok, revision, results = client.txn(
+            [], [("get", world_key), ("put", confirm_key, b"", self.lease)], [])
+        self.stale_keys.append(confirm_key)
+        got = results[0]
+        if got is None:
+            raise RendezvousStateError(
+                f"round {s.round} is frozen but {world_key.decode()!r} is missing")
+        round, ids, master_addr, master_port = _decode_world(got[0], world_key)
+        if round != s.round or len(ids) != s.world_size:
+            raise RendezvousStateError(
+                f"world record at {world_key.decode()!r} does not match the "
+                f"state record (round {round} vs {s.round}, size {len(ids)} vs "
+                f"{s.world_size})")
+        self.world = ids
+        self.master = (master_addr, master_port)
         try:
             self.rank = self.world.index(self.node_id)
         except ValueError:
             self.rank = -1
         if self.rank < 0:
-            # Surplus: joined after the cutoff or beyond max_nodes. Its member key
-            # is in stale_keys, so registering as waiting withdraws it.
+            # Surplus: joined after the cutoff or beyond max_nodes. Its keys are
+            # in stale_keys, so registering as waiting withdraws them.
             self.phase = IDLE
             return 0
-        confirm = [("put", self.keys.confirmed(s.round) + me, b"", self.lease)]
-        if self.rank == 0:
-            kv = self.keys.kv(s.round)
-            confirm.extend(("put", kv + key, value, 0) for key, value in self.bootstrap)
-        client.txn([], confirm, [])
-        self.stale_keys.append(self.keys.confirmed(s.round) + me)
         self.phase = CONFIRMED
         self.wake_at = now + self.liveness_interval
         return 0

@@ -668,7 +668,7 @@ def read_run_status(
         rows: dict[str, NodeStatus] = {}
         for node, value, lease in members:
             described = _state.decode_member(value)
-            host, addr, pid = described if described is not None else (None, None, None)
+            host, addr, pid, _port = described if described is not None else (None,) * 4
             rows[node] = NodeStatus(
                 node, host, addr, pid,
                 state="confirmed" if node in confirmed else "joined",

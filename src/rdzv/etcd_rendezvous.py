@@ -27,7 +27,7 @@ from rdzv.api import (
     RendezvousTimeoutError,
 )
 from rdzv.client import EtcdClient, EtcdConfig, seconds_option
-from rdzv.etcd_store import EtcdStore, StoreTimeoutError
+from rdzv.etcd_store import EtcdStore
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 from rdzv.session import Session
 from rdzv.watch import Inbox, Watch
@@ -148,19 +148,28 @@ class EtcdRendezvousHandler(RendezvousHandler):
 
     # ------------------------------------------------------------ the machine
     def _new_node(self) -> Any:
-        descriptor = _state.encode_member(
-            self._host.replace(" ", "_"), (self._local_addr or self._host), os.getpid()
-        )
         return _state.Node(
             self._session.node_id,
             self._keys,
             self._min_nodes,
             self._max_nodes,
             self._session.lease_id,
-            descriptor,
+            self._descriptor(),
             self._last_call_timeout,
             float(self._lease_ttl),
         )
+
+    def _descriptor(self) -> bytes:
+        """This node as a member key holds it, with a free port for ``MASTER_PORT``.
+
+        The port is chosen before each rendezvous, as torch's backends do: the
+        node that gets rank 0 advertises it, and its workers bind it.
+        """
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        host = self._host.replace(" ", "_").replace(",", "_")
+        return _state.encode_member(host, self._host, os.getpid(), port)
 
     def _renew_session_if_lost(self) -> None:
         if not self._session.lost:
@@ -300,7 +309,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             start = time.monotonic()
             deadline = start + self._timeout
             node = self._node
-            node.begin(self._bootstrap_entries())
+            node.begin(self._descriptor())
             try:
                 while True:
                     now = time.monotonic()
@@ -333,32 +342,14 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 "run %r round %d complete in %.3f s: rank %d of %d",
                 self._run_id, node.completed_round, time.monotonic() - start, rank, world_size,
             )
+            master_addr, master_port = node.master
         store = EtcdStore(
             self._client, self._keys.kv(node.completed_round), timeout=self._store_timeout
         )
-        # Rank 0 wrote these with its confirmation, before the round became final,
-        # so they are there unless someone deleted them.
-        try:
-            addr, port = store.multi_get(
-                [RendezvousStoreInfo.MASTER_ADDR_KEY, RendezvousStoreInfo.MASTER_PORT_KEY]
-            )
-        except StoreTimeoutError as err:
-            raise RendezvousTimeoutError(
-                f"run {self._run_id!r} round {node.completed_round}: rank 0's bootstrap "
-                f"address is missing from the round's store ({err})"
-            ) from err
-        store_info = RendezvousStoreInfo(addr.decode("utf-8"), int(port))
+        # Rank 0's address and port came with the world record; the freezer also
+        # put them in the round's store as MASTER_ADDR/MASTER_PORT.
+        store_info = RendezvousStoreInfo(master_addr, master_port)
         return RendezvousInfo(store, rank, world_size, store_info)
-
-    def _bootstrap_entries(self) -> list[tuple[bytes, bytes]]:
-        """What this node publishes as ``MASTER_ADDR``/``MASTER_PORT`` if it is rank 0."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return [
-            (RendezvousStoreInfo.MASTER_ADDR_KEY.encode(), self._host.encode("utf-8")),
-            (RendezvousStoreInfo.MASTER_PORT_KEY.encode(), str(port).encode()),
-        ]
 
     def _describe_wait(self) -> str:
         state = self._node.state
