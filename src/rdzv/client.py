@@ -45,6 +45,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 _PROTOCOLS = ("http", "https")
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ATTEMPT_TIMEOUT = 2.0
+_WATCH_CREATE_TIMEOUT = 30.0
 
 
 def parse_endpoints(endpoint: str) -> list[tuple[str, int]]:
@@ -650,9 +651,13 @@ class _WatchStream:
             self._requests(), metadata=etcd.metadata
         )
         threading.Thread(target=self._run, name="rdzv-watch", daemon=True).start()
-        if not self._created.wait(self._client.config.connect_timeout):
+        # An unreachable etcd fails the stream at once (and is retried within
+        # connect_timeout); a reachable but busy one may take a while to confirm
+        # the watch, which is no reason to give up on it.
+        wait = max(self._client.config.connect_timeout, _WATCH_CREATE_TIMEOUT)
+        if not self._created.wait(wait):
             self.cancel()
-            raise grpc.RpcError("watch was not created in time")
+            raise grpc.RpcError(f"etcd did not confirm the watch within {wait:g} s")
         if self._error is not None:
             raise self._error
         return self
