@@ -28,7 +28,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 _PROTOCOLS = ("http", "https")
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ATTEMPT_TIMEOUT = 2.0
+_SLOW_REQUEST_BUDGET = 30.0
 _WATCH_CREATE_TIMEOUT = 30.0
 
 
@@ -270,7 +271,7 @@ class EtcdClient:
                 raise ValueError("protocol=https needs 'cacert', the CA that signs etcd's cert.")
         try:
             self._etcd = self._retrying(
-                lambda: etcd3.client(
+                lambda _timeout: etcd3.client(
                     user=config.username, password=config.password, **kwargs
                 ),
                 "authenticate",
@@ -282,10 +283,6 @@ class EtcdClient:
         # channel without TLS, so auth over http would not work at all.
         self._etcd.call_credentials = None
         self._watch_stub = self._rpc.WatchStub(self._etcd.channel)
-        # Each attempt gets a short deadline so that a request stuck on a dead
-        # leader is retried (on another member) within connect_timeout, instead of
-        # spending the whole budget on one attempt.
-        self._timeout = min(config.connect_timeout, _ATTEMPT_TIMEOUT)
         self._closed = False
         self._lock = threading.Lock()
 
@@ -329,20 +326,34 @@ class EtcdClient:
             f"{kind} at {self.config.describe()} ({what}): {detail}"
         )
 
-    def _retrying(self, fn: Callable[[], Any], what: str) -> Any:
-        """Call ``fn``, retrying transient failures for ``connect_timeout`` seconds.
+    def _retrying(
+        self, fn: Callable[[float], Any], what: str, once: bool = False
+    ) -> Any:
+        """Call ``fn(attempt_timeout)``, retrying transient failures.
 
-        Refused credentials and bad requests fail at once: retrying them would
-        only hammer etcd. An expired auth token is renewed once and the call
-        retried.
+        The one retry policy of rdzv's etcd requests:
+
+        - etcd unreachable (connection refused, no route): retried with jittered
+          backoff for ``connect_timeout`` seconds;
+        - etcd reachable but not answering in time (a dead leader's followers
+          waiting for an election, an overloaded server or client): each attempt
+          gets a deadline that starts at 2 s and doubles, for at most
+          ``max(connect_timeout, 30 s)``;
+        - refused credentials, TLS failures and bad requests fail at once:
+          retrying them would only hammer etcd. An expired auth token is renewed
+          once and the call retried.
+
+        With ``once``, a single attempt is made (for best-effort clean-up).
         """
-        deadline = time.monotonic() + self.config.connect_timeout
+        start = time.monotonic()
+        unreachable_deadline = start + self.config.connect_timeout
+        slow_deadline = start + max(self.config.connect_timeout, _SLOW_REQUEST_BUDGET)
+        attempt_timeout = min(self.config.connect_timeout, _ATTEMPT_TIMEOUT)
         backoff = Backoff(0.005, 0.5)
-        delay = backoff.next_delay()
         renewed = False
         while True:
             try:
-                return fn()
+                return fn(attempt_timeout)
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
                 details = (err.details() if hasattr(err, "details") else "") or ""
@@ -355,24 +366,30 @@ class EtcdClient:
                     renewed = True
                     self._authenticate()
                     continue
-                if (
-                    code not in _TRANSIENT
-                    or time.monotonic() + delay > deadline
-                    or _is_tls_failure(details)
-                ):
+                if code not in _TRANSIENT or once or _is_tls_failure(details):
                     raise self._connection_error(what, err) from None
                 if self.config.protocol == "http" and self._serves_tls():
                     raise RendezvousConnectionError(
                         f"TLS failure talking to etcd at {self.config.describe()} ({what}): "
                         "etcd serves https there; use protocol=https with cacert"
                     ) from None
+                last_error: BaseException = err
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    deadline = slow_deadline
+                    attempt_timeout = min(attempt_timeout * 2, _SLOW_REQUEST_BUDGET)
+                else:
+                    deadline = unreachable_deadline
             except Exception as err:
-                if not isinstance(err, self._etcd3_exceptions.Etcd3Exception):
+                if not isinstance(err, self._etcd3_exceptions.Etcd3Exception) or once:
                     raise
-                if time.monotonic() + delay > deadline:
-                    raise self._connection_error(what, err) from None
-            time.sleep(delay)
+                last_error = err
+                deadline = unreachable_deadline
             delay = backoff.next_delay()
+            remaining = deadline - time.monotonic()
+            if remaining <= delay:
+                raise self._connection_error(what, last_error) from None
+            attempt_timeout = min(attempt_timeout, remaining - delay)
+            time.sleep(delay)
 
     def _serves_tls(self) -> bool:
         """Whether an endpoint answers a TLS handshake (a plain-http client then
@@ -399,19 +416,18 @@ class EtcdClient:
             self._rpc.AuthenticateRequest(
                 name=self.config.username, password=self.config.password
             ),
-            self._timeout,
+            min(self.config.connect_timeout, _ATTEMPT_TIMEOUT),
         )
         etcd.metadata = (("token", response.token),)
 
-    def _call(self, stub_method: Callable[..., Any], request: Any, what: str) -> Any:
+    def _call(
+        self, stub_method: Callable[..., Any], request: Any, what: str, once: bool = False
+    ) -> Any:
         etcd = self._etcd
         return self._retrying(
-            lambda: stub_method(
-                request,
-                self._timeout,
-                metadata=etcd.metadata,
-            ),
+            lambda timeout: stub_method(request, timeout, metadata=etcd.metadata),
             what,
+            once,
         )
 
     # ------------------------------------------------------------ key-value
@@ -508,18 +524,19 @@ class EtcdClient:
         compares: Sequence[Sequence[Any]],
         success: Sequence[Sequence[Any]],
         failure: Sequence[Sequence[Any]] = (),
+        once: bool = False,
     ) -> tuple[bool, int, list[Any]]:
         """Run one transaction; return ``(succeeded, revision, results)``.
 
         ``results`` has one entry per operation of the branch that ran, shaped as
-        the module docstring says.
+        the module docstring says. With ``once``, one attempt and no retries.
         """
         request = self._rpc.TxnRequest(
             compare=[self._compare(c) for c in compares],
             success=[self._op(o) for o in success],
             failure=[self._op(o) for o in failure],
         )
-        response = self._call(self._etcd.kvstub.Txn, request, "transaction")
+        response = self._call(self._etcd.kvstub.Txn, request, "transaction", once)
         ops = success if response.succeeded else failure
         results: list[Any] = []
         for op, item in zip(ops, response.responses):
@@ -550,17 +567,55 @@ class EtcdClient:
     def lease_keepalive(self, lease_id: int) -> int:
         """Refresh a lease once; return its new TTL (0 or less: it has expired)."""
 
-        def once() -> int:
+        def once(timeout: float) -> int:
             request = self._rpc.LeaseKeepAliveRequest(ID=lease_id)
             for response in self._etcd.leasestub.LeaseKeepAlive(
-                iter([request]),
-                self._timeout,
-                metadata=self._etcd.metadata,
+                iter([request]), timeout, metadata=self._etcd.metadata
             ):
                 return response.TTL
             return 0
 
         return self._retrying(once, "lease keep-alive")
+
+    def keep_alive(
+        self,
+        lease_id: int,
+        interval: float,
+        stop: threading.Event,
+        stall_timeout: float,
+    ) -> Iterator[int]:
+        """Keep a lease alive on one long-lived stream; yield each new TTL.
+
+        A keep-alive is sent at once and then every ``interval`` seconds until
+        ``stop`` is set, when the stream ends. One stream per lease, rather than
+        one per keep-alive, keeps a thousand nodes in one process cheap.
+
+        Raises:
+            RendezvousConnectionError: the stream broke (etcd unreachable), or
+                etcd answered nothing for ``stall_timeout`` seconds (hung); the
+                caller opens a new one.
+        """
+        request = self._rpc.LeaseKeepAliveRequest(ID=lease_id)
+        last_answer = [time.monotonic()]
+
+        def requests() -> Iterator[Any]:
+            yield request
+            while not stop.wait(interval):
+                if time.monotonic() - last_answer[0] > stall_timeout:
+                    call.cancel()
+                    return
+                yield request
+
+        call = self._etcd.leasestub.LeaseKeepAlive(requests(), metadata=self._etcd.metadata)
+        try:
+            for response in call:
+                last_answer[0] = time.monotonic()
+                yield response.TTL
+        except grpc.RpcError as err:
+            if not stop.is_set():
+                raise self._connection_error("lease keep-alive", err) from None
+        finally:
+            call.cancel()
 
     def lease_revoke(self, lease_id: int) -> None:
         """Revoke a lease, deleting every key attached to it."""
@@ -600,7 +655,7 @@ class EtcdClient:
         if no_put:
             create.filters.append(rpc.WatchCreateRequest.NOPUT)
         stream = _WatchStream(self, rpc.WatchRequest(create_request=create), callback)
-        return self._retrying(stream.start, "watch")
+        return self._retrying(lambda _timeout: stream.start(), "watch")
 
     def cancel_watch(self, handle: _WatchStream) -> None:
         """Stop a watch started by ``watch``; idempotent."""

@@ -138,7 +138,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._round_watch: tuple[int, Watch] | None = None
         self._waiting_watch: tuple[int, Watch] | None = None
         self._shutdown = False
-        self._session = Session(client, lease_ttl, self._keepalive_interval)
+        self._session_abandoned = False
+        self._session = self._open_session()
         try:
             self._node = self._new_node()
             self._watch_state()
@@ -171,16 +172,28 @@ class EtcdRendezvousHandler(RendezvousHandler):
         host = self._host.replace(" ", "_").replace(",", "_")
         return _state.encode_member(host, self._host, os.getpid(), port)
 
-    def _renew_session_if_lost(self) -> None:
-        if not self._session.lost:
-            return
-        logger.warning(
-            "node %s of run %r lost its lease (keep-alives stalled past %d s) and was "
-            "dropped from the rendezvous; joining again as a new node",
-            self._session.node_id, self._run_id, self._lease_ttl,
+    def _open_session(self) -> Session:
+        # A lost lease wakes a waiting next_rendezvous(), which then fails.
+        return Session(
+            self._client, self._lease_ttl, self._keepalive_interval,
+            on_lost=lambda: self._inbox.put(("lost",)),
         )
+
+    def _renew_session_if_lost(self) -> None:
+        if self._session_abandoned:
+            logger.info("node %s of run %r joins again as a new node",
+                        self._session.node_id, self._run_id)
+        elif self._session.lost:
+            logger.warning(
+                "node %s of run %r lost its lease (keep-alives stalled past %d s) and was "
+                "dropped from the rendezvous; joining again as a new node",
+                self._session.node_id, self._run_id, self._lease_ttl,
+            )
+        else:
+            return
         self._session.close(revoke=False)
-        self._session = Session(self._client, self._lease_ttl, self._keepalive_interval)
+        self._session = self._open_session()
+        self._session_abandoned = False
         self._node = self._new_node()
         self._cancel_state_watch()
 
@@ -205,7 +218,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 else:
                     self._cancel("_round_watch" if failed_tag == "round" else "_waiting_watch")
                 raise err
-            elif tag == "shutdown":
+            elif tag in ("shutdown", "lost"):
                 return
 
     def _sync_watches(self) -> None:
@@ -361,13 +374,25 @@ class EtcdRendezvousHandler(RendezvousHandler):
         )
 
     def _withdraw(self) -> None:
-        """Remove this node's keys from the round it is leaving."""
+        """Remove this node's keys from the round it is leaving.
+
+        One attempt, no retries: this runs on the way out of a failed call,
+        often because etcd is unreachable. If it fails, the lease is abandoned
+        instead (no more keep-alives), so the keys vanish within ``lease_ttl``,
+        and the next call joins as a new node.
+        """
         ops = self._node.cleanup_ops()
-        if ops:
+        if ops and not self._session.lost:
             try:
-                self._client.txn([], ops, [])
+                self._client.txn([], ops, [], once=True)
             except RendezvousConnectionError as err:
-                logger.warning("could not withdraw from run %r: %s", self._run_id, err)
+                logger.warning(
+                    "could not withdraw node %s from run %r (%s); its lease is abandoned "
+                    "and its keys expire within %d s",
+                    self._session.node_id, self._run_id, err, self._lease_ttl,
+                )
+                self._session.close(revoke=False)
+                self._session_abandoned = True
         self._node.left()
         self._cancel("_round_watch")
         self._cancel("_waiting_watch")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
+from rdzv._state import Backoff
 from rdzv.api import RendezvousConnectionError
 from rdzv.client import EtcdClient
 
@@ -29,10 +31,17 @@ class Session:
         RendezvousConnectionError: etcd cannot be reached to grant the lease.
     """
 
-    def __init__(self, client: EtcdClient, ttl: int, keepalive_interval: float) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        ttl: int,
+        keepalive_interval: float,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self._client = client
         self.ttl = ttl
         self.keepalive_interval = keepalive_interval
+        self._on_lost = on_lost
         self.lease_id = client.lease_grant(ttl)
         self._stop = threading.Event()
         self._lost = threading.Event()
@@ -48,32 +57,53 @@ class Session:
 
     @property
     def lost(self) -> bool:
-        """True once etcd has expired the lease (keep-alives stalled past the TTL)."""
+        """True once the lease is gone: etcd expired it, or it could not be kept
+        alive for a whole TTL (etcd unreachable or not answering)."""
         return self._lost.is_set()
 
     def _keepalive_loop(self) -> None:
         last_ok = time.monotonic()
-        while not self._stop.wait(self.keepalive_interval):
+        backoff = Backoff(0.05, self.keepalive_interval)
+        while not self._stop.is_set():
             try:
-                ttl = self._client.lease_keepalive(self.lease_id)
+                for ttl in self._client.keep_alive(
+                    self.lease_id, self.keepalive_interval, self._stop, stall_timeout=self.ttl
+                ):
+                    if ttl <= 0:
+                        self._mark_lost(
+                            f"lease {self.lease_id:x} expired (keep-alives stalled past its "
+                            f"{self.ttl} s TTL); this node's keys are gone"
+                        )
+                        return
+                    last_ok = time.monotonic()
+                    backoff.reset()
+                    if self._lost_for(last_ok):
+                        return
             except RendezvousConnectionError as err:
-                if time.monotonic() - last_ok > self.ttl:
-                    logger.warning("lease %x presumed expired: %s", self.lease_id, err)
-                    self._lost.set()
-                    return
-                continue
-            except Exception:  # the channel was closed under us by close()
+                logger.debug("lease %x keep-alive stream broke: %s", self.lease_id, err)
+            except ValueError:  # the channel was closed under us by close()
                 if self._stop.is_set():
                     return
                 raise
-            if ttl <= 0:
-                logger.warning(
-                    "lease %x expired (keep-alives stalled past its %d s TTL); this "
-                    "node's keys are gone", self.lease_id, self.ttl
-                )
-                self._lost.set()
+            if self._lost_for(last_ok):
                 return
-            last_ok = time.monotonic()
+            self._stop.wait(backoff.next_delay())
+
+    def _lost_for(self, last_ok: float) -> bool:
+        """Mark the lease lost if no keep-alive succeeded for a whole TTL."""
+        if time.monotonic() - last_ok <= self.ttl or self._stop.is_set():
+            return False
+        self._mark_lost(
+            f"lease {self.lease_id:x} presumed expired: no keep-alive succeeded for "
+            f"{self.ttl} s"
+        )
+        return True
+
+    def _mark_lost(self, why: str) -> None:
+        logger.warning("%s", why)
+        self._lost.set()
+        if self._on_lost is not None:
+            self._on_lost()
 
     def close(self, revoke: bool = True) -> None:
         """Stop the keep-alives and (by default) revoke the lease; idempotent."""
