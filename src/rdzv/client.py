@@ -539,7 +539,7 @@ class EtcdClient:
         response = self._call(self._etcd.kvstub.Txn, request, "transaction", once)
         ops = success if response.succeeded else failure
         results: list[Any] = []
-        for op, item in zip(ops, response.responses):
+        for op, item in zip(ops, response.responses, strict=True):
             kind = op[0]
             if kind == "get":
                 kvs = item.response_range.kvs

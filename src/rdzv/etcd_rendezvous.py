@@ -8,7 +8,6 @@ and the deadlines, and turns a completed round into a ``RendezvousInfo``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading

@@ -373,7 +373,7 @@ class EtcdMember:
         os.makedirs(self.directory, exist_ok=True)
         if fresh:
             shutil.rmtree(self.data_path, ignore_errors=True)
-        self._log = open(self.log_path, "wb" if fresh else "ab")  # noqa: SIM115
+        self._log = open(self.log_path, "wb" if fresh else "ab")  # closed in stop()
         self._log_start = self._log.tell()
         command = self._command()
         logger.debug("Starting etcd member %s: %s", self.name, command)

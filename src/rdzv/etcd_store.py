@@ -249,7 +249,7 @@ class EtcdStore:
                 f"multi_set got {len(full)} keys and {len(raw)} values; give one value per key."
             )
         # etcd rejects a transaction that puts one key twice.
-        latest = dict(zip(full, raw))
+        latest = dict(zip(full, raw, strict=True))
         if latest:
             self._client.txn([], [("put", k, v, self._lease) for k, v in latest.items()])
 
@@ -437,7 +437,7 @@ class EtcdStore:
             return []
         while True:
             _, revision, results = self._client.txn([], [("get", k) for k in keys])
-            missing = {k for k, found in zip(keys, results) if found is None}
+            missing = {k for k, found in zip(keys, results, strict=True) if found is None}
             if not missing:
                 return [found[0] for found in results]
             self._watch_until_put(missing, revision + 1, deadline, timeout)
@@ -479,7 +479,7 @@ class EtcdStore:
         else:
             # One range watch instead of one watch per key; every key starts with
             # the store's prefix, so the common prefix never reaches outside it.
-            common = os.path.commonprefix(sorted(missing))
+            common = os.path.commonprefix(sorted(missing))  # noqa: RUF071 (bytes, not paths)
             watch_id = self._client.watch(common, on_events, start_revision, prefix=True)
         try:
             if not woken.wait(max(deadline - time.monotonic(), 0.0)):

@@ -224,8 +224,8 @@ class TorchEtcdStore(_dist.Store):
         return self._synced().delete_key(key)
 
     # pybind's trampoline looks these two up by their C++ names.
-    getNumKeys = num_keys  # noqa: N815
-    deleteKey = delete_key  # noqa: N815
+    getNumKeys = num_keys
+    deleteKey = delete_key
 
     def clone(self) -> TorchEtcdStore:
         """Return a store on the same keys and connection, with its own timeout."""
