@@ -43,5 +43,12 @@ compat: install-test
 	    tests/test_rendezvous.py -k "compat or seed or full_round" || exit 1; \
 	done
 
+# Hundreds of rounds over 32 node processes under random faults (node kills, stalls,
+# closes, etcd leader kills), checked after every round; not part of `make test`.
+# Options: make soak SOAK_ARGS="--rounds 100 --nodes 16 --seed 7 --minutes 10"
+.PHONY: soak
+soak: install-test
+	$(PY) benchmarks/soak.py $(SOAK_ARGS)
+
 clean:
 	rm -rf build dist src/*.egg-info src/rdzv/_state.c src/rdzv/*.so
