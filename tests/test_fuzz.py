@@ -718,12 +718,6 @@ _ACCEPTED_PARAMETERS = [
                  id="lease_ttl-etcd-maximum"),
     pytest.param(
         Case(config={"lease_ttl": ETCD_MAX_LEASE_TTL}), id="lease_ttl-etcd-maximum-alone",
-        marks=pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="a lease_ttl over 4 years without keepalive_interval is refused: the "
-            "default keep-alive (lease_ttl / 4) is over a year, and the message blames "
-            "keepalive_interval, which the user did not set",
-        ),
     ),
     pytest.param(Case(local_addr="é"), id="local_addr-non-ascii"),
 ]
@@ -735,12 +729,6 @@ def test_parameters_accepted(case: Case, etcd_endpoint: str, observer: EtcdClien
     _check_parameters(case, etcd_endpoint, observer)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="local_addr='node,1' passes create_rdzv_handler's check, then the handler's "
-    "member descriptor refuses it with \"node address must be non-empty without spaces or "
-    "commas\", which does not name local_addr",
-)
 def test_local_addr_with_a_comma_works_or_is_refused_clearly(
     etcd_endpoint: str, observer: EtcdClient
 ) -> None:

@@ -28,6 +28,7 @@ _PACKAGE = "etcd3.etcdrpc"
 # Dependency order: rpc.proto imports kv.proto and auth.proto.
 _MODULES = ("kv_pb2", "auth_pb2", "rpc_pb2")
 _lock = threading.Lock()
+_loaded: list[types.ModuleType] = []
 
 
 def _serialized_file(path: str) -> bytes:
@@ -86,11 +87,16 @@ def load_etcd3() -> types.ModuleType:
     Raises:
         ImportError: ``etcd3`` or ``protobuf`` is not installed.
     """
-    if "etcd3" in sys.modules:
-        return sys.modules["etcd3"]
+    # sys.modules holds a module as soon as its import *starts*: only a finished
+    # import (ours, below) may be handed out without the lock.
+    if _loaded:
+        return _loaded[0]
     with _lock:
-        if "etcd3" in sys.modules:
-            return sys.modules["etcd3"]
+        if _loaded:
+            return _loaded[0]
+        if "etcd3" in sys.modules:  # imported by the user, on a protobuf that allows it
+            _loaded.append(sys.modules["etcd3"])
+            return _loaded[0]
         spec = importlib.util.find_spec("etcd3")
         if spec is None or spec.origin is None:
             raise ImportError(
@@ -104,4 +110,5 @@ def load_etcd3() -> types.ModuleType:
                 sys.modules[name] = _build_module(name, serialized)
         import etcd3
 
+        _loaded.append(etcd3)
         return etcd3

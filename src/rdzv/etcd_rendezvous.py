@@ -42,6 +42,7 @@ DEFAULT_STORE_TIMEOUT = 300.0
 #: etcd's own limit on a lease's time-to-live.
 MAX_LEASE_TTL = 9_000_000_000
 MIN_KEEPALIVE_INTERVAL = 0.05
+MAX_DEFAULT_KEEPALIVE = 60.0
 
 #: Options read from ``RendezvousParameters`` (``--rdzv-conf`` keys), with what they mean.
 RENDEZVOUS_OPTIONS: dict[str, str] = {
@@ -57,7 +58,8 @@ RENDEZVOUS_OPTIONS: dict[str, str] = {
     "username": "etcd user (or env RDZV_ETCD_USERNAME)",
     "password": "etcd password (or env RDZV_ETCD_PASSWORD); never logged",
     "lease_ttl": f"seconds after which a dead node's keys vanish (default {DEFAULT_LEASE_TTL})",
-    "keepalive_interval": "seconds between lease keep-alives (default lease_ttl / 4)",
+    "keepalive_interval": "seconds between lease keep-alives (default lease_ttl / 4, "
+    "at most 60)",
     "connect_timeout": "seconds a request retries an unreachable etcd before "
     "RendezvousConnectionError (default 5)",
     "store_timeout": f"default timeout of the round's store (default {DEFAULT_STORE_TIMEOUT:g})",
@@ -550,7 +552,9 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
             f"The rendezvous option 'lease_ttl' must be a whole number of seconds from 2 "
             f"to {MAX_LEASE_TTL}, got {lease_ttl_value!r}."
         )
-    keepalive = seconds_option(params, "keepalive_interval", lease_ttl / 4)
+    keepalive = seconds_option(
+        params, "keepalive_interval", min(lease_ttl / 4, MAX_DEFAULT_KEEPALIVE)
+    )
     if keepalive < MIN_KEEPALIVE_INTERVAL:
         raise ValueError(
             f"keepalive_interval must be at least {MIN_KEEPALIVE_INTERVAL} s, got {keepalive:g}."
@@ -567,7 +571,7 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
     if local_addr is not None and (
         not isinstance(local_addr, str)
         or not local_addr
-        or any(not c.isprintable() or c.isspace() for c in local_addr)
+        or any(not c.isprintable() or c.isspace() or c == "," for c in local_addr)
         or not _encodable(local_addr)
     ):
         raise ValueError(f"local_addr must be a host name or address, got {local_addr!r}.")
