@@ -276,13 +276,6 @@ def test_join_whose_answer_was_lost_still_counts(etcd_server, run_id, handlers):
 
 
 # ---------------------------------------- 2c. a surplus node's confirmation
-@pytest.mark.xfail(
-    strict=True,
-    reason="a node confirms before it knows it is surplus, and the liveness fallback "
-    "counts every key under confirmed/ (_state.pyx, Node._check_world): a surplus "
-    "node's confirmation stands in for a world member that never confirmed, and the "
-    "round becomes final without it",
-)
 def test_round_is_final_only_when_its_world_confirmed(etcd_server, run_id, handlers):
     """Guarantee 5: a round never becomes final with a world member that did not
     confirm, even while a surplus node's confirmation is still in etcd."""

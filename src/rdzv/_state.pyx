@@ -841,13 +841,19 @@ cdef class Node:
     cdef int _check_world(self, client, StateRecord s, double now) except -1:
         """Fallback liveness check of a frozen round's world, by any member."""
         self.check_liveness = False
+        cdef bytes confirmed = self.keys.confirmed(s.round)
         ok, revision, results = client.txn([], [
             ("count", self.keys.members(s.round), s.cutoff),
-            ("count", self.keys.confirmed(s.round)),
+            ("range", confirmed, 0),
         ], [])
+        # Surplus nodes confirm before they learn they are surplus: count only the
+        # world's confirmations.
+        world = set(self.world)
+        confirmed_world = sum(
+            1 for key, _value, _rev in results[1] if key[len(confirmed):].decode() in world)
         if results[0] < s.world_size:
             self._cas(client, RESTART, s)
-        elif results[1] >= s.world_size:
+        elif confirmed_world >= s.world_size:
             self._cas(client, FINALIZE, s)
         else:
             self.wake_at = now + self.liveness_interval
