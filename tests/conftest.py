@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from rdzv.api import RendezvousError
 from rdzv.etcd_server import EtcdCluster, EtcdServer
 
 
@@ -33,6 +35,18 @@ def etcd_endpoint(etcd_server: EtcdServer) -> str:
 def run_id() -> str:
     """A fresh run id (a uuid4 string) for each test."""
     return str(uuid.uuid4())
+
+
+@pytest.fixture
+def handlers() -> Iterator[list[Any]]:
+    """Rendezvous handlers a test creates; each is shut down when the test ends."""
+    created: list[Any] = []
+    yield created
+    for handler in created:
+        try:
+            handler.shutdown()
+        except RendezvousError:  # etcd is down in some tests; the lease expires anyway
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -180,7 +180,7 @@ def test_add_counts_from_zero_and_stores_decimal(store: EtcdStore) -> None:
     store.set("m", "40")
     assert store.add("m", 2) == 42
     store.set("text", b"not a number")
-    with pytest.raises(ValueError, match="'text'.*decimal integer"):
+    with pytest.raises(ValueError, match=r"'text'.*decimal integer"):
         store.add("text", 1)
     with pytest.raises(TypeError):
         store.add("n", 1.5)  # type: ignore[arg-type]

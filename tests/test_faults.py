@@ -64,17 +64,6 @@ def server() -> Iterator[EtcdServer]:
 
 
 @pytest.fixture
-def handlers() -> Iterator[list]:
-    created: list = []
-    yield created
-    for handler in created:
-        try:
-            handler.shutdown()
-        except RendezvousError:  # etcd is down in some tests; the lease expires anyway
-            pass
-
-
-@pytest.fixture
 def processes() -> Iterator[list[ProcessNode]]:
     created: list[ProcessNode] = []
     yield created

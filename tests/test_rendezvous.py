@@ -7,6 +7,14 @@ import time
 
 import pytest
 
+from helpers import (
+    ProcessNode,
+    ThreadNode,
+    assert_one_world,
+    make_handler,
+    run_round,
+    wait_for,
+)
 from rdzv.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
@@ -17,29 +25,12 @@ from rdzv.api import (
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
 from rdzv.keys import RunKeys
 
-from helpers import (
-    ProcessNode,
-    ThreadNode,
-    assert_one_world,
-    make_handler,
-    run_round,
-    wait_for,
-)
-
 
 @pytest.fixture
 def etcd(etcd_endpoint):
     client = EtcdClient(EtcdConfig(endpoints=tuple(parse_endpoints(etcd_endpoint))))
     yield client
     client.close()
-
-
-@pytest.fixture
-def handlers():
-    created = []
-    yield created
-    for handler in created:
-        handler.shutdown()
 
 
 def test_single_node_round_store_and_shutdown(etcd_endpoint, run_id):
@@ -95,7 +86,7 @@ def test_max_nodes_completes_without_last_call(etcd_endpoint, run_id, handlers):
 def test_timeout_with_too_few_nodes_and_withdrawal(etcd_endpoint, run_id, handlers, etcd):
     handlers.append(make_handler(etcd_endpoint, run_id, 2, 2, timeout=1.5))
     start = time.monotonic()
-    with pytest.raises(RendezvousTimeoutError, match="1.5 s"):
+    with pytest.raises(RendezvousTimeoutError, match=r"1\.5 s"):
         handlers[0].next_rendezvous()
     assert 1.5 <= time.monotonic() - start < 3.5
     # The timed-out node withdrew: two fresh nodes form a round without it.
@@ -114,7 +105,7 @@ def test_late_node_waits_and_is_admitted_next_round(etcd_endpoint, run_id, handl
     wait_for(lambda: first.num_nodes_waiting() == 1, what="late node counted as waiting")
     assert second.num_nodes_waiting() == 1
     assert not late_node.done
-    infos = run_round([ThreadNode(first), ThreadNode(second)]) + [late_node.join()]
+    infos = [*run_round([ThreadNode(first), ThreadNode(second)]), late_node.join()]
     assert_one_world(infos, 3)
 
 
@@ -176,7 +167,7 @@ def test_corrupt_state_raises_and_is_kept(etcd_endpoint, run_id, handlers, etcd,
 
 def test_unreachable_endpoint_fails_fast_naming_it():
     start = time.monotonic()
-    with pytest.raises(RendezvousConnectionError, match="127.0.0.1:1"):
+    with pytest.raises(RendezvousConnectionError, match=r"127\.0\.0\.1:1"):
         make_handler("127.0.0.1:1", "run", 1, 1, connect_timeout=2)
     assert time.monotonic() - start < 5
 
@@ -273,7 +264,7 @@ def test_node_killed_after_round_is_replaced(etcd_endpoint, run_id, handlers):
         wait_for(lambda: handlers[0].num_nodes_waiting() > 0, timeout=10,
                  what="survivors told about the next round")
         survivors = run_round([ThreadNode(h) for h in handlers[:2]])
-        assert_one_world(survivors + [late.join()], 3)
+        assert_one_world([*survivors, late.join()], 3)
     finally:
         doomed.close()
 

@@ -88,14 +88,6 @@ def _no_credentials_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RDZV_ETCD_PASSWORD", raising=False)
 
 
-@pytest.fixture
-def handlers() -> Iterator[list[Any]]:
-    created: list[Any] = []
-    yield created
-    for handler in created:
-        handler.shutdown()
-
-
 # ------------------------------------------------------------------- helpers
 def _enable_auth(server: EtcdServer) -> None:
     """Add root, and USER with readwrite on ``/rdzv/`` only; then turn auth on.

@@ -1,8 +1,8 @@
 """Sans-I/O tests of the compiled core: codecs, transition table, rank assignment."""
 
 import pytest
-
 import rdzv._state as core
+
 from rdzv.api import RendezvousStateError
 from rdzv.keys import RunKeys
 
