@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import gc
-import ipaddress
 import os
 import socket
 import stat
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import rdzv.etcd_server as etcd_server_module
+from certs import write_certificates
 from rdzv.api import RendezvousConnectionError
 from rdzv.client import EtcdClient, EtcdConfig
 from rdzv.etcd_server import (
@@ -231,91 +230,10 @@ def test_forgotten_server_is_stopped_at_interpreter_exit() -> None:
 
 
 # -------------------------------------------------------------------- TLS
-def _write_certificates(directory: Path) -> dict[str, str]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    files: dict[str, str] = {}
-
-    def name(common_name: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-    def save(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-        files[stem] = str(directory / f"{stem}.pem")
-        files[f"{stem}_key"] = str(directory / f"{stem}-key.pem")
-        Path(files[stem]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        Path(files[f"{stem}_key"]).write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-
-    def builder(
-        subject: str, issuer: str, key: ec.EllipticCurvePrivateKey
-    ) -> x509.CertificateBuilder:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name(issuer))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        builder("rdzv test CA", "rdzv test CA", ca_key)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    save("ca", ca, ca_key)
-    for stem, usage in (
-        ("server", ExtendedKeyUsageOID.SERVER_AUTH),
-        ("client", ExtendedKeyUsageOID.CLIENT_AUTH),
-    ):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            builder(stem, "rdzv test CA", key)
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        save(stem, cert, key)
-    return files
-
-
 @pytest.mark.parametrize("client_cert_auth", [False, True], ids=["server-tls", "mutual-tls"])
 def test_tls(tmp_path: Path, run_id: str, client_cert_auth: bool) -> None:
-    pem = _write_certificates(tmp_path)
-    tls = TLSFiles(
-        cert=pem["server"],
-        key=pem["server_key"],
-        ca=pem["ca"],
-        client_cert_auth=client_cert_auth,
-        client_cert=pem["client"] if client_cert_auth else None,
-        client_key=pem["client_key"] if client_cert_auth else None,
-    )
-    with EtcdServer(tls=tls) as server:
+    certs = write_certificates(tmp_path)
+    with EtcdServer(tls=certs.tls_files(client_cert_auth)) as server:
         assert server.get_protocol() == "https"
         assert server.get_endpoint() == f"127.0.0.1:{server.get_port()}"
         _round_trip(server, run_id.encode(), b"secret")
@@ -323,7 +241,7 @@ def test_tls(tmp_path: Path, run_id: str, client_cert_auth: bool) -> None:
             EtcdConfig(
                 endpoints=((server.get_host(), server.get_port()),),
                 protocol="https",
-                cacert=pem["ca"],
+                cacert=certs.ca,
                 connect_timeout=1.0,
             )
         )

@@ -85,7 +85,7 @@ class RendezvousStoreInfo:
         """
         if rank == 0:
             addr = local_addr or socket.getfqdn()
-            port = server_port if server_port is not None else _free_port()
+            port = server_port if server_port is not None else free_port()
             store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, addr.encode("utf-8"))
             store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(port).encode("utf-8"))
         addr = store.get(RendezvousStoreInfo.MASTER_ADDR_KEY).decode("utf-8")
@@ -93,7 +93,8 @@ class RendezvousStoreInfo:
         return RendezvousStoreInfo(master_addr=addr, master_port=port)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """Return a TCP port that is free on this host right now (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]

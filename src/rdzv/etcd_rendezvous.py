@@ -24,6 +24,7 @@ from rdzv.api import (
     RendezvousStateError,
     RendezvousStoreInfo,
     RendezvousTimeoutError,
+    free_port,
 )
 from rdzv.client import EtcdClient, EtcdConfig, seconds_option
 from rdzv.etcd_store import EtcdStore
@@ -167,9 +168,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         The port is chosen before each rendezvous, as torch's backends do: the
         node that gets rank 0 advertises it, and its workers bind it.
         """
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         host = self._host.replace(" ", "_").replace(",", "_")
         return _state.encode_member(host, self._host, os.getpid(), port)
 
