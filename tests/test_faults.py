@@ -221,13 +221,6 @@ class _AnswerLost(grpc.RpcError):
         return "injected: the transaction committed but its answer was lost"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a join committed by etcd whose answer was lost is retried by the client; the "
-    "retry fails because the round froze meanwhile, and Node._join_txn takes that as "
-    "'not joined': the node waits as surplus while the world holds it, and the round "
-    "never gets its confirmation (_state.pyx, Node._join_txn)",
-)
 def test_join_whose_answer_was_lost_still_counts(etcd_server, run_id, handlers):
     """Guarantee 8: a dropped answer during a join must not leave a round frozen with
     a member that does not know it is one. Seen in the soak after leader kills."""

@@ -665,20 +665,26 @@ cdef class Node:
         The transaction succeeds while ``round`` has no world record, that is
         until it is frozen; it does not depend on the state record, so joins
         never conflict with each other nor with the round being opened. On
-        failure the newer state record is observed and None returned.
+        failure the newer state record is observed and None returned, unless
+        this node's member key is there with this call's descriptor: then an
+        earlier attempt committed and only its answer was lost (the client
+        retries after a timeout), and the node is a member all the same. It
+        reports a count of 0, as the round is frozen and no longer its to freeze.
         """
         cdef bytes members = self.keys.members(round)
-        success = [
-            ("put", members + self.node_id.encode(), self.descriptor, self.lease),
-            ("count", members),
-        ]
+        cdef bytes own = members + self.node_id.encode()
+        success = [("put", own, self.descriptor, self.lease), ("count", members)]
         for key in self.stale_keys:
             success.append(("delete", key))
         ok, revision, results = client.txn(
-            [("create", self.keys.world(round), 0)], success, [("get", self.keys.state)])
+            [("create", self.keys.world(round), 0)], success,
+            [("get", self.keys.state), ("get", own)])
         if not ok:
             got = results[0]
             self.observe_state(None if got is None else got[0], 0 if got is None else got[1])
+            mine = results[1]
+            if mine is not None and mine[0] == self.descriptor:
+                return mine[1], 0
             return None
         return revision, results[1]
 
@@ -734,6 +740,8 @@ cdef class Node:
         self._joined(target, joined[0], joined[1],
                      self.min_nodes if s is None else s.min_nodes,
                      self.max_nodes if s is None else s.max_nodes, now)
+        if joined[1] == 0:
+            return True  # a lost answer: the round is frozen already
         if joined[1] == 1:
             self.open_at = INFINITY
             self._cas(client, OPEN, s)
