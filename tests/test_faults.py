@@ -384,13 +384,6 @@ def test_hung_etcd_fails_waiting_nodes_within_lease_ttl(server, run_id, handlers
         assert elapsed < LEASE_TTL + CONNECT_TIMEOUT + SLACK < timeout, (elapsed, result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request in flight when etcd hangs is retried as 'reachable but slow' for "
-    "max(connect_timeout, 30 s) (client.EtcdClient._retrying, _SLOW_REQUEST_BUDGET), "
-    "although the keep-alives know the lease lost after lease_ttl: nothing cuts the "
-    "retries short, so the call fails after about 30 s",
-)
 def test_request_in_flight_when_etcd_hangs_fails_within_lease_ttl(
         server, run_id, handlers):
     """The third node's join is in flight when etcd hangs; it must fail about
@@ -523,12 +516,6 @@ def test_stalled_node_is_dropped_and_rejoins_as_a_new_node(
         client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a node whose lease expired while it waited is told 'RendezvousConnectionError: "
-    "cannot reach etcd ... requested lease not found' (client.EtcdClient._retrying maps "
-    "gRPC NOT_FOUND to a connection error) instead of the handler's 'lost its lease' error",
-)
 def test_node_whose_lease_expired_is_told_so(etcd_server, run_id, handlers):
     """Its pending join reports the lost lease as such, not as etcd being down.
 

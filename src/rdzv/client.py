@@ -17,12 +17,16 @@ operations
 
 Every gRPC failure that means "etcd is not there" becomes a
 ``RendezvousConnectionError`` naming the endpoints; transient ones are retried
-with jittered exponential backoff for at most ``connect_timeout`` seconds.
+with jittered exponential backoff for at most ``connect_timeout`` seconds. A
+write under a lease that etcd no longer has, or a retry past the horizon of a
+``bounded`` client, raises ``LeaseLostError`` instead.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 import socket
 import ssl
@@ -36,7 +40,7 @@ import grpc
 
 from rdzv._etcd3_compat import load_etcd3
 from rdzv._state import Backoff
-from rdzv.api import RendezvousConnectionError, RendezvousParameters
+from rdzv.api import RendezvousConnectionError, RendezvousError, RendezvousParameters
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,13 @@ _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ATTEMPT_TIMEOUT = 2.0
 _SLOW_REQUEST_BUDGET = 30.0
 _WATCH_CREATE_TIMEOUT = 30.0
+
+
+class LeaseLostError(RendezvousError):
+    """The lease a request works for is gone: etcd answered "requested lease not
+    found" (it expired), or a ``bounded`` client's horizon passed while the
+    request was being retried. Retrying cannot help; the node must start over
+    with a new lease."""
 
 
 def parse_endpoints(endpoint: str) -> list[tuple[str, int]]:
@@ -250,6 +261,7 @@ class EtcdClient:
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
         self._tls_checked = False
+        self._horizon: Callable[[], float] | None = None
         etcd3 = load_etcd3()
         self._rpc = etcd3.etcdrpc
         self._etcd3_exceptions = etcd3.exceptions
@@ -285,6 +297,20 @@ class EtcdClient:
         self._watch_stub = self._rpc.WatchStub(self._etcd.channel)
         self._closed = False
         self._lock = threading.Lock()
+
+    def bounded(self, horizon: Callable[[], float]) -> EtcdClient:
+        """This client's connection, with retries that stop at ``horizon()``.
+
+        ``horizon`` returns a ``time.monotonic()`` time past which the caller's
+        requests are of no use, typically when its lease has surely expired
+        because no keep-alive was answered for a whole TTL. Attempts are cut to
+        end by then, and a request still failing at that time raises
+        ``LeaseLostError`` rather than being retried for the rest of its
+        budget. The view shares the connection: close this client, not it.
+        """
+        view = copy.copy(self)
+        view._horizon = horizon
+        return view
 
     def _target(self) -> tuple[str, int]:
         endpoints = self.config.endpoints
@@ -341,7 +367,9 @@ class EtcdClient:
           ``max(connect_timeout, 30 s)``;
         - refused credentials, TLS failures and bad requests fail at once:
           retrying them would only hammer etcd. An expired auth token is renewed
-          once and the call retried.
+          once and the call retried;
+        - a lease etcd no longer has fails at once with ``LeaseLostError``, as
+          does a failed attempt once the horizon of a ``bounded`` client passed.
 
         With ``once``, a single attempt is made (for best-effort clean-up).
         """
@@ -366,6 +394,11 @@ class EtcdClient:
                     renewed = True
                     self._authenticate()
                     continue
+                if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
+                    raise LeaseLostError(
+                        f"etcd at {self.config.describe()} no longer has the lease ({what}): "
+                        f"{details}"
+                    ) from None
                 if code not in _TRANSIENT or once or _is_tls_failure(details):
                     raise self._connection_error(what, err) from None
                 if self.config.protocol == "http" and self._serves_tls():
@@ -385,11 +418,23 @@ class EtcdClient:
                 last_error = err
                 deadline = unreachable_deadline
             delay = backoff.next_delay()
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            until_horizon = self._until_horizon(now)
+            if until_horizon <= delay:
+                raise LeaseLostError(
+                    f"gave up on the {what}: the lease it needs has presumably expired (no "
+                    f"keep-alive answered for its TTL) and "
+                    f"{self._connection_error(what, last_error)}"
+                ) from None
+            remaining = deadline - now
             if remaining <= delay:
                 raise self._connection_error(what, last_error) from None
-            attempt_timeout = min(attempt_timeout, remaining - delay)
+            attempt_timeout = min(attempt_timeout, remaining - delay, until_horizon - delay)
             time.sleep(delay)
+
+    def _until_horizon(self, now: float) -> float:
+        """Seconds left before a ``bounded`` client's horizon (inf if unbounded)."""
+        return math.inf if self._horizon is None else self._horizon() - now
 
     def _serves_tls(self) -> bool:
         """Whether an endpoint answers a TLS handshake (a plain-http client then
@@ -655,7 +700,15 @@ class EtcdClient:
         if no_put:
             create.filters.append(rpc.WatchCreateRequest.NOPUT)
         stream = _WatchStream(self, rpc.WatchRequest(create_request=create), callback)
-        return self._retrying(lambda _timeout: stream.start(), "watch")
+
+        def start(_timeout: float) -> _WatchStream:
+            # An unreachable etcd fails the stream at once (and is retried within
+            # connect_timeout); a reachable but busy one may take a while to
+            # confirm the watch, which is no reason to give up on it early.
+            wait = max(self.config.connect_timeout, _WATCH_CREATE_TIMEOUT)
+            return stream.start(min(wait, max(self._until_horizon(time.monotonic()), 0.1)))
+
+        return self._retrying(start, "watch")
 
     def cancel_watch(self, handle: _WatchStream) -> None:
         """Stop a watch started by ``watch``; idempotent."""
@@ -698,7 +751,8 @@ class _WatchStream:
         yield self._request
         self._cancelled.wait()
 
-    def start(self) -> _WatchStream:
+    def start(self, wait: float) -> _WatchStream:
+        """Open the stream; wait up to ``wait`` s for etcd to confirm the watch."""
         etcd = self._client._etcd
         self._created.clear()
         self._error = None
@@ -706,13 +760,9 @@ class _WatchStream:
             self._requests(), metadata=etcd.metadata
         )
         threading.Thread(target=self._run, name="rdzv-watch", daemon=True).start()
-        # An unreachable etcd fails the stream at once (and is retried within
-        # connect_timeout); a reachable but busy one may take a while to confirm
-        # the watch, which is no reason to give up on it.
-        wait = max(self._client.config.connect_timeout, _WATCH_CREATE_TIMEOUT)
         if not self._created.wait(wait):
             self.cancel()
-            raise grpc.RpcError(f"etcd did not confirm the watch within {wait:g} s")
+            raise _NotConfirmed(f"etcd did not confirm the watch within {wait:g} s")
         if self._error is not None:
             raise self._error
         return self
@@ -748,6 +798,16 @@ class _WatchStream:
         self._cancelled.set()
         if self._call is not None:
             self._call.cancel()
+
+
+class _NotConfirmed(grpc.RpcError):
+    """etcd took too long to confirm a watch (it is hung or overloaded)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return str(self)
 
 
 def _is_tls_failure(detail: str) -> bool:

@@ -26,7 +26,7 @@ from rdzv.api import (
     RendezvousTimeoutError,
     free_port,
 )
-from rdzv.client import EtcdClient, EtcdConfig, seconds_option
+from rdzv.client import EtcdClient, EtcdConfig, LeaseLostError, seconds_option
 from rdzv.etcd_store import EtcdStore
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 from rdzv.session import Session
@@ -121,6 +121,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
         store_timeout: float = DEFAULT_STORE_TIMEOUT,
     ) -> None:
         self._client = client
+        # The round's requests are retried only while this node's lease may be
+        # alive: past that, they could not count anyway.
+        self._round_client = client.bounded(lambda: self._session.expiry)
         self._run_id = run_id
         self._backend = backend
         self._keys = RunKeys(etcd_prefix, run_id)
@@ -232,7 +235,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._round_watch = (
                     node.freeze_round,
                     Watch(
-                        self._client,
+                        self._round_client,
                         self._keys.round(node.freeze_round),
                         node.freeze_revision + 1,
                         self._inbox,
@@ -248,7 +251,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._waiting_watch = (
                     node.waiting_round,
                     Watch(
-                        self._client,
+                        self._round_client,
                         self._keys.members(node.waiting_round),
                         node.watch_revision + 1,
                         self._inbox,
@@ -315,6 +318,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
             RendezvousTimeoutError: no round completed within ``timeout`` s.
             RendezvousConnectionError: etcd could not be reached.
             RendezvousStateError: a record in etcd cannot be decoded.
+            RendezvousError: this node's lease expired during the call (its
+                keep-alives went unanswered for ``lease_ttl`` seconds); the next
+                call joins as a new node.
         """
         with self._lock:
             self._check_not_shut_down()
@@ -326,7 +332,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             try:
                 while True:
                     now = time.monotonic()
-                    step = node.advance(self._client, now)
+                    step = node.advance(self._round_client, now)
                     if step == _state.Step.STEP_DONE:
                         break
                     self._sync_watches()
@@ -339,10 +345,14 @@ class EtcdRendezvousHandler(RendezvousHandler):
                     self._drain(min(deadline, node.next_wake) - now)
                     self._check_not_shut_down()
                     if self._session.lost:
-                        raise RendezvousError(
-                            f"node {node.node_id} lost its lease during the rendezvous of "
-                            f"run {self._run_id!r}; call next_rendezvous() again to rejoin"
-                        )
+                        raise LeaseLostError("its keep-alives went unanswered")
+            except LeaseLostError as err:
+                self._session.mark_lost(f"node {node.node_id} of run {self._run_id!r}: {err}")
+                self._withdraw()
+                raise RendezvousError(
+                    f"node {node.node_id} lost its lease during the rendezvous of run "
+                    f"{self._run_id!r} ({err}); call next_rendezvous() again to rejoin"
+                ) from None
             except BaseException:
                 # Timeouts, closes, lost connections, and anything unexpected
                 # (even KeyboardInterrupt): leave no key behind in the round.

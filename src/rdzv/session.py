@@ -8,6 +8,7 @@ the node's keys by itself, which is how the others learn of the death.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ class Session:
         self.keepalive_interval = keepalive_interval
         self._on_lost = on_lost
         self.lease_id = client.lease_grant(ttl)
+        self._last_ok = time.monotonic()
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(
@@ -61,8 +63,29 @@ class Session:
         alive for a whole TTL (etcd unreachable or not answering)."""
         return self._lost.is_set()
 
+    @property
+    def expiry(self) -> float:
+        """The ``time.monotonic()`` time by which the lease has surely expired
+        unless a keep-alive is answered meanwhile (-inf once it is lost)."""
+        if self._lost.is_set():
+            return -math.inf
+        return self._last_ok + self.ttl
+
+    def mark_lost(self, why: str) -> None:
+        """Record that the lease is gone (``why`` is logged); idempotent.
+
+        The keep-alive thread calls it when etcd reports the lease expired or
+        when no keep-alive succeeded for a whole TTL; the handler calls it when
+        a request learns the same.
+        """
+        if self._lost.is_set():
+            return
+        logger.warning("%s", why)
+        self._lost.set()
+        if self._on_lost is not None:
+            self._on_lost()
+
     def _keepalive_loop(self) -> None:
-        last_ok = time.monotonic()
         backoff = Backoff(0.05, self.keepalive_interval)
         while not self._stop.is_set():
             try:
@@ -70,40 +93,32 @@ class Session:
                     self.lease_id, self.keepalive_interval, self._stop, stall_timeout=self.ttl
                 ):
                     if ttl <= 0:
-                        self._mark_lost(
+                        self.mark_lost(
                             f"lease {self.lease_id:x} expired (keep-alives stalled past its "
                             f"{self.ttl} s TTL); this node's keys are gone"
                         )
                         return
-                    last_ok = time.monotonic()
+                    self._last_ok = time.monotonic()
                     backoff.reset()
-                    if self._lost_for(last_ok):
-                        return
             except RendezvousConnectionError as err:
                 logger.debug("lease %x keep-alive stream broke: %s", self.lease_id, err)
             except ValueError:  # the channel was closed under us by close()
                 if self._stop.is_set():
                     return
                 raise
-            if self._lost_for(last_ok):
+            if self._lost_for():
                 return
             self._stop.wait(backoff.next_delay())
 
-    def _lost_for(self, last_ok: float) -> bool:
+    def _lost_for(self) -> bool:
         """Mark the lease lost if no keep-alive succeeded for a whole TTL."""
-        if time.monotonic() - last_ok <= self.ttl or self._stop.is_set():
+        if time.monotonic() <= self.expiry or self._stop.is_set():
             return False
-        self._mark_lost(
+        self.mark_lost(
             f"lease {self.lease_id:x} presumed expired: no keep-alive succeeded for "
             f"{self.ttl} s"
         )
         return True
-
-    def _mark_lost(self, why: str) -> None:
-        logger.warning("%s", why)
-        self._lost.set()
-        if self._on_lost is not None:
-            self._on_lost()
 
     def close(self, revoke: bool = True) -> None:
         """Stop the keep-alives and (by default) revoke the lease; idempotent."""
