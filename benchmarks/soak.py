@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import faulthandler
 import importlib.metadata
 import json
 import os
@@ -111,6 +112,9 @@ def worker_main(endpoint: str, min_nodes: int, max_nodes: int, lease_ttl: int) -
     ``close``: ``set_closed()``; ``exit``: shut down.
     """
     handler = None
+    # The driver asks a node stuck in a round for its threads' stacks (to stderr,
+    # the worker log) with SIGUSR1.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def answer(payload: dict[str, Any]) -> None:
         print(json.dumps(payload), flush=True)
@@ -461,6 +465,12 @@ class Soak:
                     self.check_complete_rounds()
                     return
             if time.monotonic() > deadline:
+                if self.worker_log is not subprocess.DEVNULL:
+                    for worker in self.pending():
+                        print(f"--- node {worker.index} ({worker.node_id}), stuck at step "
+                              f"{self.step}:", file=self.worker_log, flush=True)
+                        worker.signal(signal.SIGUSR1)
+                        time.sleep(0.2)  # one dump at a time in the shared log
                 by_id = {w.node_id: w for w in self.alive()}
                 missing = {
                     r: [f"{n} (node {by_id[n].index}, pending={by_id[n].pending}, "

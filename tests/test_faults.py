@@ -137,6 +137,7 @@ def intercept_txn(handler: Any, match: Any, action: Any) -> None:
         def send() -> Any:
             return real_txn(request, *args, **kwargs)
 
+        send.request = request  # type: ignore[attr-defined]
         return action(send) if match(request) else send()
 
     kvstub.Txn = txn
@@ -252,6 +253,45 @@ def test_join_whose_answer_was_lost_still_counts(etcd_server, run_id, handlers):
         infos = [node.join(30) for node in (first, victim, last)]
         assert lost
         assert victim.handler.node_id in _state.decode_world(client.get(keys.world(0))[0])[1]
+        assert_one_world(infos, 3)
+    finally:
+        client.close()
+
+
+# ------------------------------------------- 2b'. two freezers, one decision
+def test_second_freezer_with_the_same_decision_still_confirms(etcd_server, run_id, handlers):
+    """Two last-call timers fire on the same read: both nodes compute the same
+    frozen record, one commits it with its confirmation, the other's CAS finds
+    exactly the bytes it meant to write. The round's state is as it wanted, but
+    its confirmation is not in etcd: it must confirm like any member."""
+    endpoint = etcd_server.get_endpoint()
+    handlers.extend(make_handler(endpoint, run_id, 2, 4, timeout=15, last_call_timeout=1)
+                    for _ in range(3))
+    first, second, third = (ThreadNode(h) for h in handlers)
+    keys = RunKeys("/rdzv", run_id)
+    client = _client(etcd_server)
+    sent: list[bytes] = []
+    committed: list[bytes] = []
+
+    def freeze_after_the_third(send: Any) -> Any:
+        # The third node's timer fires next, on the same read (nothing was
+        # written since): let it freeze first, then send the same decision.
+        wait_for(lambda: client.get(keys.world(0)), what="the third node froze round 0")
+        committed.append(client.get(keys.state)[0])
+        sent.extend(op.request_put.value for op in send.request.success
+                    if op.request_put.key == keys.state)
+        return send()
+
+    intercept_txn(second.handler, puts_key(keys.world(0)), freeze_after_the_third)
+    try:
+        first.start()
+        wait_for(lambda: client.count(keys.members(0)) == 1, what="the first node joined")
+        second.start()
+        wait_for(lambda: client.count(keys.members(0)) == 2, what="the second node joined")
+        third.start()
+        infos = [node.join(30) for node in (first, second, third)]
+        assert sent == committed and sent[0].startswith(b"rdzv1 round=0 status=frozen"), (
+            sent, committed)
         assert_one_world(infos, 3)
     finally:
         client.close()

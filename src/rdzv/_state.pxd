@@ -94,7 +94,7 @@ cdef class Node:
     cdef Backoff backoff
     cdef readonly tuple master
 
-    cdef bint _cas(self, client, int event, StateRecord s, dict changes=*, list extra=*) except -1
+    cdef int _cas(self, client, int event, StateRecord s, dict changes=*, list extra=*) except -1
     cdef object _join_txn(self, client, long long round)
     cdef bint _join(self, client, StateRecord s, double now) except -1
     cdef int _joined(self, long long round, long long revision, long long count,

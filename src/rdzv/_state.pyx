@@ -522,6 +522,20 @@ cdef class Node:
                 if key[len(members_prefix):].decode() in world:
                     self.world_member_lost = True
 
+    def observe_round_snapshot(self, long long round, confirmed_ids, member_ids):
+        """Feed the freezer what its round holds, read after its watch started.
+
+        ``confirmed_ids`` and ``member_ids`` are the node ids under the round's
+        ``confirmed/`` and ``members/`` prefixes. The watch then carries every
+        later change; this read covers those between the freeze and the watch.
+        """
+        if not self.freezer or round != self.freeze_round:
+            return
+        world = set(self.world)
+        self.confirmed.update(world.intersection(confirmed_ids))
+        if not world.issubset(member_ids):
+            self.world_member_lost = True
+
     def observe_member_deleted(self):
         """A member key of the round this late node waits on was deleted."""
         self.check_liveness = True
@@ -615,13 +629,20 @@ cdef class Node:
             raise RendezvousStateError(f"unexpected status {s.status}")
 
     # ----------------------------------------------------------- operations
-    cdef bint _cas(self, client, int event, StateRecord s, dict changes=None,
-                   list extra=None) except -1:
-        """Apply one run transition with a CAS; True if this node won it.
+    cdef int _cas(self, client, int event, StateRecord s, dict changes=None,
+                  list extra=None) except -1:
+        """Apply one run transition with a CAS.
+
+        Returns 0 if it was lost, 1 if this node's transaction committed, 2 if
+        the record already holds exactly what this node meant to write: that is
+        its own earlier attempt whose answer was lost, or another node's same
+        transition from the same read. Either way the run is where this node
+        wanted it, but with 2 the ``extra`` writes may not be this node's.
 
         On a lost CAS the newer record (returned by the same transaction) is
         observed, so the caller's next decision is made on fresh state.
         """
+        cdef int won = 1
         if changes is None:
             changes = {}
         if s is None or event == OPEN:
@@ -638,10 +659,11 @@ cdef class Node:
         )
         got = None if ok else results[0]
         if got is not None and got[0] == success[0][2]:
-            # Our own write, committed by an earlier attempt whose answer was lost
-            # (the client retries after a timeout). Identical bytes can only come
-            # from the same transition on the same read, so it is ours to keep.
+            # Identical bytes come from the same transition on the same read: our
+            # own earlier attempt (the client retries after a timeout) or a node
+            # that raced us to the same decision. The state is what we wanted.
             ok = True
+            won = 2
             revision = got[1]
         if ok:
             self.state = new
@@ -649,7 +671,7 @@ cdef class Node:
             self.backoff.reset()
             if self.freezer and (new.status != FROZEN or new.round != self.freeze_round):
                 self._stop_freezing()
-            return True
+            return won
         same = got is not None and s is not None and got[0] == s.encode()
         if got is None:
             self.observe_state(None, 0)
@@ -657,7 +679,7 @@ cdef class Node:
             self.observe_state(got[0], got[1])
         if same:
             time.sleep(self.backoff.next_delay())
-        return False
+        return 0
 
     cdef object _join_txn(self, client, long long round):
         """Put this node's member key of ``round`` and count the members.
@@ -750,7 +772,13 @@ cdef class Node:
         return False
 
     cdef bint _freeze(self, client, StateRecord s, double now) except -1:
-        """Fix round ``s.round``'s world and publish it; True if this node did."""
+        """Fix round ``s.round``'s world and publish it; True if this node did.
+
+        A freezer in the world confirms in the same transaction: it knows the
+        world already, and its round watch then starts at the current revision
+        (etcd delivers a watch that starts in the past only on its next sync,
+        up to 100 ms later). A world of one is final right away.
+        """
         cdef bytes members = self.keys.members(s.round)
         reads = [("range", members, s.max_nodes)]
         if s.last_final >= 0:
@@ -777,14 +805,19 @@ cdef class Node:
         rank0 = decode_member(dict(listed)[world[0]])
         master_addr, master_port = ("", 0) if rank0 is None else (rank0[1], rank0[3])
         cdef bytes kv = self.keys.kv(s.round)
+        cdef bytes confirm_key = self.keys.confirmed(s.round) + self.node_id.encode()
         cdef list extra = [
             ("put", self.keys.world(s.round),
              encode_world(s.round, world, master_addr, master_port), 0),
             ("put", kv + b"MASTER_ADDR", master_addr.encode(), 0),
             ("put", kv + b"MASTER_PORT", str(master_port).encode(), 0),
         ]
-        if not self._cas(client, FREEZE, s,
-                         {"cutoff": revision, "world_size": len(world)}, extra):
+        cdef bint in_world = self.node_id in world
+        if in_world:
+            extra.append(("put", confirm_key, b"", self.lease))
+        cdef int won = self._cas(client, FREEZE, s,
+                                 {"cutoff": revision, "world_size": len(world)}, extra)
+        if not won:
             return False
         self.freezer = True
         self.freeze_round = s.round
@@ -793,6 +826,14 @@ cdef class Node:
         self.master = (master_addr, master_port)
         self.confirmed = set()
         self.world_member_lost = False
+        if in_world and won == 1:
+            # (With won == 2 the confirmation may be another freezer's; this node
+            # confirms the usual way.)
+            self.stale_keys.append(confirm_key)
+            self.confirmed.add(self.node_id)
+            self.rank = world.index(self.node_id)
+            self.phase = CONFIRMED
+            self.wake_at = now + self.liveness_interval
         return True
 
     cdef object _freezer_duties(self, client, StateRecord s):

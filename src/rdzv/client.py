@@ -11,8 +11,9 @@ operations
     ``("get", key)`` -> ``(value, mod_revision, create_revision)`` or ``None``;
     ``("count", prefix[, max_create_revision])`` -> number of keys under
     ``prefix`` (created at or before ``max_create_revision`` if given);
-    ``("range", prefix, limit)`` -> ``[(key, value, create_revision), ...]`` in
-    creation order; ``("put", key, value, lease)`` -> ``None``;
+    ``("range", prefix, limit[, keys_only])`` -> ``[(key, value,
+    create_revision), ...]`` in creation order (values empty with
+    ``keys_only``); ``("put", key, value, lease)`` -> ``None``;
     ``("delete", key)`` -> number of keys deleted.
 
 Every gRPC failure that means "etcd is not there" becomes a
@@ -532,7 +533,8 @@ class EtcdClient:
                 request.max_create_revision = op[2]
             return rpc.RequestOp(request_range=request)
         if kind == "range":
-            return rpc.RequestOp(request_range=self._range_request(op[1], op[2]))
+            keys_only = len(op) > 3 and bool(op[3])
+            return rpc.RequestOp(request_range=self._range_request(op[1], op[2], keys_only))
         if kind == "put":
             return rpc.RequestOp(
                 request_put=rpc.PutRequest(key=op[1], value=op[2], lease=op[3])
@@ -682,6 +684,11 @@ class EtcdClient:
     ) -> _WatchStream:
         """Call ``callback(events)`` for changes of ``key`` from ``start_revision``.
 
+        ``start_revision`` 0 starts after the current revision, which the
+        handle's ``created_revision`` then gives. A watch that starts in the
+        past is served by etcd only at its next sync of lagging watchers, up to
+        100 ms later; one that starts now gets every change at once.
+
         ``events`` is a list of ``(is_put, key, value, mod_revision)``, or the
         exception that ended the watch (it is then gone; watch again from the
         revision after the last event seen). Each watch is its own gRPC stream
@@ -746,6 +753,7 @@ class _WatchStream:
         self._created = threading.Event()
         self._error: BaseException | None = None
         self._call: Any = None
+        self.created_revision = 0
 
     def _requests(self) -> Any:
         yield self._request
@@ -771,6 +779,7 @@ class _WatchStream:
         try:
             for response in self._call:
                 if response.created:
+                    self.created_revision = response.header.revision
                     self._created.set()
                 if response.compact_revision:
                     raise RuntimeError(

@@ -209,6 +209,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
                     node.observe_state(value if is_put else None, revision)
             elif tag == "round":
                 node.observe_round_events(item[1])
+            elif tag == "round-snapshot":
+                node.observe_round_snapshot(*item[1:])
             elif tag == "waiting":
                 node.observe_member_deleted()
             elif tag == "error":
@@ -232,17 +234,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         if node.freezer:
             if self._round_watch is None or self._round_watch[0] != node.freeze_round:
                 self._cancel("_round_watch")
-                self._round_watch = (
-                    node.freeze_round,
-                    Watch(
-                        self._round_client,
-                        self._keys.round(node.freeze_round),
-                        node.freeze_revision + 1,
-                        self._inbox,
-                        "round",
-                        prefix=True,
-                    ),
-                )
+                self._watch_frozen_round(node.freeze_round)
         else:
             self._cancel("_round_watch")
         if node.phase == _state.Phase.WAITING:
@@ -262,6 +254,28 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 )
         else:
             self._cancel("_waiting_watch")
+
+    def _watch_frozen_round(self, r: int) -> None:
+        """The freezer's watch of round ``r``: confirmations and deaths.
+
+        It starts now rather than at the freeze: etcd serves a watch that starts
+        in the past only at its next sync of lagging watchers, up to 100 ms
+        later, and by now the others are confirming. What they did since the
+        freeze is read once, after the watch started, and queued with its
+        events (in either order they add up to the same).
+        """
+        self._round_watch = (
+            r, Watch(self._round_client, self._keys.round(r), 0, self._inbox, "round", prefix=True)
+        )
+        confirmed, members = self._keys.confirmed(r), self._keys.members(r)
+        _, _, (confirmed_keys, member_keys) = self._round_client.txn(
+            [], [("range", confirmed, 0, True), ("range", members, 0, True)], []
+        )
+        self._inbox.put((
+            "round-snapshot", r,
+            [key[len(confirmed):].decode() for key, _, _ in confirmed_keys],
+            [key[len(members):].decode() for key, _, _ in member_keys],
+        ))
 
     def _watch_state(self) -> None:
         """Read the state record and watch it from that read on.

@@ -45,7 +45,7 @@ class Watch:
     Args:
         client: the etcd connection.
         key: the key, or the prefix if ``prefix``.
-        start_revision: first revision to deliver.
+        start_revision: first revision to deliver (0: the next one).
         inbox: where ``(tag, events)`` items go.
         tag: first element of every item, so the driver knows the source.
         prefix: watch every key under ``key``.
@@ -83,6 +83,8 @@ class Watch:
             no_put=self._no_put,
         )
         with self._lock:
+            # Started "now": a resume must go on from there, not from "now" again.
+            self._next_revision = max(self._next_revision, watch_id.created_revision + 1)
             if self._cancelled:
                 self._client.cancel_watch(watch_id)
             else:
@@ -98,7 +100,8 @@ class Watch:
             threading.Thread(target=self._resume, daemon=True).start()
             return
         if events:
-            self._next_revision = events[-1][3] + 1
+            with self._lock:
+                self._next_revision = max(self._next_revision, events[-1][3] + 1)
             self._inbox.put((self._tag, events))
 
     def _resume(self) -> None:
