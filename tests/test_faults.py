@@ -38,6 +38,7 @@ from rdzv.api import (
 from rdzv.client import DEFAULT_CONNECT_TIMEOUT, EtcdClient
 from rdzv.etcd_server import EtcdCluster, EtcdServer
 from rdzv.keys import RunKeys
+from rdzv.watch import Inbox
 
 # Short enough that a dead node is gone in seconds, long enough for 2 busy cores.
 LEASE_TTL = 2
@@ -579,5 +580,30 @@ def test_node_whose_lease_expired_is_told_so(etcd_server, run_id, handlers):
         assert isinstance(told, RendezvousError), told
         assert not isinstance(told, RendezvousConnectionError), told
         assert "lost its lease" in str(told) and victim.handler.node_id in str(told), told
+    finally:
+        client.close()
+
+
+# ------------------------------------------------ 6. a state watch gone quiet
+def test_state_watch_that_stalls_costs_at_most_lease_ttl(etcd_server, run_id, handlers):
+    """A state watch that stops delivering without breaking (seen once in the soak:
+    27 nodes slept through their round's freeze until their timeout) is caught by
+    the re-read of the state record every lease_ttl, which watches it again."""
+    endpoint = etcd_server.get_endpoint()
+    handlers.extend(make_handler(endpoint, run_id, 2, 2, **{**FAST, "timeout": 15})
+                    for _ in range(2))
+    deaf, other = (ThreadNode(h) for h in handlers)
+    # Its state watch stays open, but what it delivers goes nowhere.
+    deaf.handler._state_watch._inbox = Inbox()
+    client = _client(etcd_server)
+    try:
+        started = time.monotonic()
+        deaf.start()  # opens round 0 itself, so it needs the watch only from here
+        wait_for(lambda: client.count(RunKeys("/rdzv", run_id).members(0)) == 1,
+                 what="the deaf node joined")
+        other.start()
+        infos = [deaf.join(30), other.join(30)]
+        assert_one_world(infos, 2)
+        assert deaf.finished_at - started < LEASE_TTL + SLACK, deaf.finished_at - started
     finally:
         client.close()

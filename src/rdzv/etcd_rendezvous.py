@@ -297,6 +297,28 @@ class EtcdRendezvousHandler(RendezvousHandler):
             self._client, self._keys.state, revision + 1, self._inbox, "state"
         )
 
+    def _check_state_watch(self) -> None:
+        """Re-read the state record; if its watch missed a change, watch again.
+
+        Done every ``lease_ttl`` seconds while a call waits, so that a watch
+        stream that stalled without breaking (as seen once in the soak) costs a
+        round at most that long, not the call's whole ``timeout``.
+        """
+        _, _, (got,) = self._client.txn([], [("get", self._keys.state)], [])
+        seen = self._node.state_mod
+        if seen < 0 or (got[1] if got is not None else 0) <= seen:
+            return
+        # A change may also be on its way through the inbox: drain it first.
+        self._drain(0)
+        if got[1] <= self._node.state_mod:
+            return
+        logger.warning(
+            "run %r: the state record changed at revision %d but its watch delivered "
+            "nothing after revision %d; watching it again", self._run_id, got[1], seen,
+        )
+        self._cancel_state_watch()
+        self._watch_state()
+
     def _cancel_state_watch(self) -> None:
         if self._state_watch is not None:
             self._state_watch.cancel()
@@ -343,9 +365,13 @@ class EtcdRendezvousHandler(RendezvousHandler):
             deadline = start + self._timeout
             node = self._node
             node.begin(self._descriptor())
+            next_check = start + self._lease_ttl
             try:
                 while True:
                     now = time.monotonic()
+                    if now >= next_check:
+                        next_check = now + self._lease_ttl
+                        self._check_state_watch()
                     step = node.advance(self._round_client, now)
                     if step == _state.Step.STEP_DONE:
                         break
@@ -356,7 +382,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                             f"run {self._run_id!r}: no round completed within "
                             f"{self._timeout:g} s ({self._describe_wait()})"
                         )
-                    self._drain(min(deadline, node.next_wake) - now)
+                    self._drain(min(deadline, node.next_wake, next_check) - now)
                     self._check_not_shut_down()
                     if self._session.lost:
                         raise LeaseLostError("its keep-alives went unanswered")
