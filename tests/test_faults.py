@@ -131,7 +131,7 @@ def intercept_txn(handler: Any, match: Any, action: Any) -> None:
     """Fault injection below the client's retries: a transaction of ``handler``
     whose request ``match(request)`` runs ``action(send)`` instead, where
     ``send()`` sends it to etcd. Every other request goes through as it is."""
-    kvstub = handler._client.etcd3.kvstub
+    kvstub = handler._client._kv  # this client's own stub (the channel is shared)
     real_txn = kvstub.Txn
 
     def txn(request: Any, *args: Any, **kwargs: Any) -> Any:

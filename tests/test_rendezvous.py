@@ -3,6 +3,7 @@ closing, corrupt state, and nodes killed for real."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -297,3 +298,15 @@ def test_close_and_shutdown_from_another_thread_wake_the_waiter(
     wait_for(lambda: _member_count(etcd, run_id + "-2", 0) == 1, what="node joined")
     assert other.shutdown() is True
     assert isinstance(waiter.join(10), RendezvousError)
+
+
+def test_many_nodes_in_one_process_share_their_streams(etcd_endpoint, run_id, handlers):
+    """Nodes of one process share one connection: its watch and keep-alive streams
+    carry every node's watches and lease, so the process's threads do not grow
+    with the number of nodes (a thousand simulated nodes stay cheap)."""
+    baseline = threading.active_count()
+    handlers.extend(make_handler(etcd_endpoint, run_id, 64, 64) for _ in range(64))
+    infos = run_round([ThreadNode(h) for h in handlers])
+    assert_one_world(infos, 64)
+    # The round's own threads are gone; what is left is the connection's.
+    assert threading.active_count() - baseline <= 8, [t.name for t in threading.enumerate()]

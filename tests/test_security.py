@@ -389,7 +389,7 @@ def test_key_outside_the_users_permissions_says_permission_denied(auth_server, c
 
 
 def _lease_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("rdzv-lease-")}
+    return {t for t in threading.enumerate() if t.name.startswith("rdzv-keepalive")}
 
 
 def test_refused_handler_leaves_no_keepalive_behind(auth_server, certs, run_id):

@@ -33,13 +33,14 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from rdzv._etcd3_compat import load_etcd3
+from rdzv._mux import KeepAliveHub, WatchHandle, WatchMux, WatchRefused
 from rdzv._state import Backoff
 from rdzv.api import RendezvousConnectionError, RendezvousError, RendezvousParameters
 
@@ -252,14 +253,41 @@ def _prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+class _Connection:
+    """One gRPC channel to etcd with its watch and keep-alive streams, shared by
+    the process's clients that have the same configuration."""
+
+    def __init__(self, etcd: Any, rpc: Any) -> None:
+        self.etcd = etcd
+        self.users = 0
+        self.watches = WatchMux(rpc.WatchStub(etcd.channel), rpc)
+        self.keepalives = KeepAliveHub(rpc.LeaseStub(etcd.channel), rpc, lambda: etcd.metadata)
+
+    def close(self) -> None:
+        self.watches.close()
+        self.keepalives.close()
+        self.etcd.close()
+
+
+_connections: dict[tuple[Any, ...], _Connection] = {}
+_connections_lock = threading.Lock()
+
+
 class EtcdClient:
     """A connection to etcd with the few raw v3 calls rdzv needs.
 
+    Clients of one process with the same configuration share one gRPC channel,
+    one watch stream and one keep-alive stream (each client has its own stubs
+    and retry policy): a thousand nodes in one process cost a few threads, not
+    a few thousand.
+
     Args:
         config: where and how to connect.
+        shared: share the connection with the process's other clients of the
+            same configuration (False: a channel of its own).
     """
 
-    def __init__(self, config: EtcdConfig) -> None:
+    def __init__(self, config: EtcdConfig, shared: bool = True) -> None:
         self.config = config
         self._tls_checked = False
         self._horizon: Callable[[], float] | None = None
@@ -282,20 +310,35 @@ class EtcdClient:
             kwargs.update(ca_cert=config.cacert, cert_cert=config.cert, cert_key=config.key)
             if config.cacert is None:
                 raise ValueError("protocol=https needs 'cacert', the CA that signs etcd's cert.")
-        try:
-            self._etcd = self._retrying(
-                lambda _timeout: etcd3.client(
-                    user=config.username, password=config.password, **kwargs
-                ),
-                "authenticate",
-            )
-        except FileNotFoundError as e:
-            raise ValueError(f"Cannot read TLS file {e.filename!r}: {e.strerror}.") from None
-        # The auth token travels as plain metadata on every call. etcd3 would also
-        # attach it as gRPC call credentials, which gRPC refuses to send over a
-        # channel without TLS, so auth over http would not work at all.
-        self._etcd.call_credentials = None
-        self._watch_stub = self._rpc.WatchStub(self._etcd.channel)
+        self._key = (config.endpoints, config.protocol, config.cacert, config.cert,
+                     config.key, config.username, config.password)
+        with _connections_lock:
+            connection = _connections.get(self._key) if shared else None
+            if connection is None:
+                try:
+                    etcd = self._retrying(
+                        lambda _timeout: etcd3.client(
+                            user=config.username, password=config.password, **kwargs
+                        ),
+                        "authenticate",
+                    )
+                except FileNotFoundError as e:
+                    raise ValueError(
+                        f"Cannot read TLS file {e.filename!r}: {e.strerror}."
+                    ) from None
+                # The auth token travels as plain metadata on every call. etcd3
+                # would also attach it as gRPC call credentials, which gRPC refuses
+                # to send over a channel without TLS: auth over http would fail.
+                etcd.call_credentials = None
+                connection = _Connection(etcd, self._rpc)
+                if shared:
+                    _connections[self._key] = connection
+            connection.users += 1
+        self._connection = connection
+        self._etcd = connection.etcd
+        # Stubs of this client's own (on the shared channel).
+        self._kv = self._rpc.KVStub(self._etcd.channel)
+        self._leases = self._rpc.LeaseStub(self._etcd.channel)
         self._closed = False
         self._lock = threading.Lock()
 
@@ -479,7 +522,7 @@ class EtcdClient:
     # ------------------------------------------------------------ key-value
     def get(self, key: bytes) -> tuple[bytes, int, int] | None:
         """Return ``(value, mod_revision, create_revision)`` of ``key``, or None."""
-        response = self._call(self._etcd.kvstub.Range, self._rpc.RangeRequest(key=key), "get")
+        response = self._call(self._kv.Range, self._rpc.RangeRequest(key=key), "get")
         if not response.kvs:
             return None
         kv = response.kvs[0]
@@ -488,7 +531,7 @@ class EtcdClient:
     def range(self, prefix: bytes, limit: int = 0, keys_only: bool = False) -> list[tuple]:
         """Return ``[(key, value, create_revision), ...]`` under ``prefix``, oldest first."""
         response = self._call(
-            self._etcd.kvstub.Range, self._range_request(prefix, limit, keys_only), "range"
+            self._kv.Range, self._range_request(prefix, limit, keys_only), "range"
         )
         return [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
 
@@ -497,19 +540,19 @@ class EtcdClient:
         request = self._rpc.RangeRequest(
             key=prefix, range_end=_prefix_end(prefix), count_only=True
         )
-        return self._call(self._etcd.kvstub.Range, request, "count").count
+        return self._call(self._kv.Range, request, "count").count
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         """Store ``value`` at ``key``; return the new revision."""
         request = self._rpc.PutRequest(key=key, value=value, lease=lease)
-        return self._call(self._etcd.kvstub.Put, request, "put").header.revision
+        return self._call(self._kv.Put, request, "put").header.revision
 
     def delete(self, key: bytes, prefix: bool = False) -> int:
         """Delete ``key`` (or every key under it); return how many were deleted."""
         request = self._rpc.DeleteRangeRequest(key=key)
         if prefix:
             request.range_end = _prefix_end(key)
-        return self._call(self._etcd.kvstub.DeleteRange, request, "delete").deleted
+        return self._call(self._kv.DeleteRange, request, "delete").deleted
 
     def _range_request(self, prefix: bytes, limit: int, keys_only: bool = False) -> Any:
         rpc = self._rpc
@@ -583,7 +626,7 @@ class EtcdClient:
             success=[self._op(o) for o in success],
             failure=[self._op(o) for o in failure],
         )
-        response = self._call(self._etcd.kvstub.Txn, request, "transaction", once)
+        response = self._call(self._kv.Txn, request, "transaction", once)
         ops = success if response.succeeded else failure
         results: list[Any] = []
         for op, item in zip(ops, response.responses, strict=True):
@@ -609,14 +652,14 @@ class EtcdClient:
     def lease_grant(self, ttl: int) -> int:
         """Grant a lease of ``ttl`` seconds; return its id."""
         request = self._rpc.LeaseGrantRequest(TTL=ttl)
-        return self._call(self._etcd.leasestub.LeaseGrant, request, "lease grant").ID
+        return self._call(self._leases.LeaseGrant, request, "lease grant").ID
 
     def lease_keepalive(self, lease_id: int) -> int:
         """Refresh a lease once; return its new TTL (0 or less: it has expired)."""
 
         def once(timeout: float) -> int:
             request = self._rpc.LeaseKeepAliveRequest(ID=lease_id)
-            for response in self._etcd.leasestub.LeaseKeepAlive(
+            for response in self._leases.LeaseKeepAlive(
                 iter([request]), timeout, metadata=self._etcd.metadata
             ):
                 return response.TTL
@@ -627,48 +670,32 @@ class EtcdClient:
     def keep_alive(
         self,
         lease_id: int,
+        ttl: float,
         interval: float,
         stop: threading.Event,
-        stall_timeout: float,
-    ) -> Iterator[int]:
-        """Keep a lease alive on one long-lived stream; yield each new TTL.
+        answered: Callable[[int], None],
+        silent: Callable[[], None],
+    ) -> None:
+        """Keep a lease alive in the background until ``stop`` is set.
 
-        A keep-alive is sent at once and then every ``interval`` seconds until
-        ``stop`` is set, when the stream ends. One stream per lease, rather than
-        one per keep-alive, keeps a thousand nodes in one process cheap.
-
-        Raises:
-            RendezvousConnectionError: the stream broke (etcd unreachable), or
-                etcd answered nothing for ``stall_timeout`` seconds (hung); the
-                caller opens a new one.
+        A keep-alive goes at once and then every ``interval`` seconds, on the
+        connection's one keep-alive stream (replaced when it breaks or hangs).
+        ``answered(ttl)`` gets each answer (0 or less: etcd no longer has the
+        lease); ``silent()`` is called once if no answer came for ``ttl``
+        seconds, and the lease is then no longer kept alive. Both run on the
+        stream's threads: they must not block.
         """
-        request = self._rpc.LeaseKeepAliveRequest(ID=lease_id)
-        last_answer = [time.monotonic()]
+        self._connection.keepalives.add(lease_id, ttl, interval, stop, answered, silent)
 
-        def requests() -> Iterator[Any]:
-            yield request
-            while not stop.wait(interval):
-                if time.monotonic() - last_answer[0] > stall_timeout:
-                    call.cancel()
-                    return
-                yield request
-
-        call = self._etcd.leasestub.LeaseKeepAlive(requests(), metadata=self._etcd.metadata)
-        try:
-            for response in call:
-                last_answer[0] = time.monotonic()
-                yield response.TTL
-        except grpc.RpcError as err:
-            if not stop.is_set():
-                raise self._connection_error("lease keep-alive", err) from None
-        finally:
-            call.cancel()
+    def stop_keep_alive(self, lease_id: int) -> None:
+        """Stop keeping ``lease_id`` alive (as its ``stop`` event does)."""
+        self._connection.keepalives.remove(lease_id)
 
     def lease_revoke(self, lease_id: int) -> None:
         """Revoke a lease, deleting every key attached to it."""
         request = self._rpc.LeaseRevokeRequest(ID=lease_id)
         try:
-            self._call(self._etcd.leasestub.LeaseRevoke, request, "lease revoke")
+            self._call(self._leases.LeaseRevoke, request, "lease revoke")
         except RendezvousConnectionError as err:
             if "not found" not in str(err):
                 raise
@@ -681,7 +708,7 @@ class EtcdClient:
         start_revision: int,
         prefix: bool = False,
         no_put: bool = False,
-    ) -> _WatchStream:
+    ) -> WatchHandle:
         """Call ``callback(events)`` for changes of ``key`` from ``start_revision``.
 
         ``start_revision`` 0 starts after the current revision, which the
@@ -691,8 +718,8 @@ class EtcdClient:
 
         ``events`` is a list of ``(is_put, key, value, mod_revision)``, or the
         exception that ended the watch (it is then gone; watch again from the
-        revision after the last event seen). Each watch is its own gRPC stream
-        with its own thread, so a slow callback never delays another watch.
+        revision after the last event seen). The watches of a connection share
+        one stream and one thread: callbacks must not block.
 
         Returns:
             A handle for ``cancel_watch``.
@@ -706,18 +733,35 @@ class EtcdClient:
             create.range_end = _prefix_end(key)
         if no_put:
             create.filters.append(rpc.WatchCreateRequest.NOPUT)
-        stream = _WatchStream(self, rpc.WatchRequest(create_request=create), callback)
 
-        def start(_timeout: float) -> _WatchStream:
+        renewed = False
+
+        def start(_timeout: float) -> WatchHandle:
+            nonlocal renewed
             # An unreachable etcd fails the stream at once (and is retried within
             # connect_timeout); a reachable but busy one may take a while to
             # confirm the watch, which is no reason to give up on it early.
             wait = max(self.config.connect_timeout, _WATCH_CREATE_TIMEOUT)
-            return stream.start(min(wait, max(self._until_horizon(time.monotonic()), 0.1)))
+            wait = min(wait, max(self._until_horizon(time.monotonic()), 0.1))
+            try:
+                return self._connection.watches.watch(create, callback, wait, self._etcd.metadata)
+            except TimeoutError as err:
+                raise _NotConfirmed(str(err)) from None
+            except WatchRefused as err:
+                if "permission denied" not in str(err):
+                    raise
+                if self.config.username is not None and not renewed:
+                    # An expired token reads as "permission denied" on a watch.
+                    renewed = True
+                    self._authenticate()
+                    return start(_timeout)
+                raise self._connection_error("watch", err) from None
+            except RuntimeError as err:  # the shared stream ended: a new one next time
+                raise _StreamEnded(str(err)) from None
 
         return self._retrying(start, "watch")
 
-    def cancel_watch(self, handle: _WatchStream) -> None:
+    def cancel_watch(self, handle: WatchHandle) -> None:
         """Stop a watch started by ``watch``; idempotent."""
         handle.cancel()
 
@@ -730,83 +774,25 @@ class EtcdClient:
 
     @property
     def etcd3(self) -> Any:
-        """The underlying ``etcd3`` client, for callers that need its full API."""
+        """The underlying ``etcd3`` client, for callers that need its full API.
+
+        It belongs to the connection, which other clients may share: use it,
+        but close this client rather than it."""
         return self._etcd
 
     def close(self) -> None:
-        """Close the connection; idempotent."""
+        """Let go of the connection (closed with its last client); idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._etcd.close()
-
-
-class _WatchStream:
-    """One etcd watch on its own gRPC stream, read by a daemon thread."""
-
-    def __init__(self, client: EtcdClient, request: Any, callback: Callable[[Any], None]):
-        self._client = client
-        self._request = request
-        self._callback = callback
-        self._cancelled = threading.Event()
-        self._created = threading.Event()
-        self._error: BaseException | None = None
-        self._call: Any = None
-        self.created_revision = 0
-
-    def _requests(self) -> Any:
-        yield self._request
-        self._cancelled.wait()
-
-    def start(self, wait: float) -> _WatchStream:
-        """Open the stream; wait up to ``wait`` s for etcd to confirm the watch."""
-        etcd = self._client._etcd
-        self._created.clear()
-        self._error = None
-        self._call = self._client._watch_stub.Watch(
-            self._requests(), metadata=etcd.metadata
-        )
-        threading.Thread(target=self._run, name="rdzv-watch", daemon=True).start()
-        if not self._created.wait(wait):
-            self.cancel()
-            raise _NotConfirmed(f"etcd did not confirm the watch within {wait:g} s")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def _run(self) -> None:
-        try:
-            for response in self._call:
-                if response.created:
-                    self.created_revision = response.header.revision
-                    self._created.set()
-                if response.compact_revision:
-                    raise RuntimeError(
-                        f"watch start revision was compacted (now {response.compact_revision})"
-                    )
-                if response.canceled:
-                    raise RuntimeError(f"watch canceled by etcd: {response.cancel_reason}")
-                if response.events:
-                    self._callback(
-                        [
-                            (e.type == 0, e.kv.key, e.kv.value, e.kv.mod_revision)
-                            for e in response.events
-                        ]
-                    )
-        except Exception as err:
-            if self._cancelled.is_set():
+        with _connections_lock:
+            self._connection.users -= 1
+            if self._connection.users > 0:
                 return
-            if not self._created.is_set():
-                self._error = err
-                self._created.set()
-                return
-            self._callback(err)
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-        if self._call is not None:
-            self._call.cancel()
+            if _connections.get(self._key) is self._connection:
+                del _connections[self._key]
+        self._connection.close()
 
 
 class _NotConfirmed(grpc.RpcError):
@@ -814,6 +800,16 @@ class _NotConfirmed(grpc.RpcError):
 
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return str(self)
+
+
+class _StreamEnded(grpc.RpcError):
+    """The shared watch stream ended while a watch was being created."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
 
     def details(self) -> str:
         return str(self)

@@ -304,7 +304,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         stream that stalled without breaking (as seen once in the soak) costs a
         round at most that long, not the call's whole ``timeout``.
         """
-        _, _, (got,) = self._client.txn([], [("get", self._keys.state)], [])
+        _, _, (got,) = self._round_client.txn([], [("get", self._keys.state)], [])
         seen = self._node.state_mod
         if seen < 0 or (got[1] if got is not None else 0) <= seen:
             return

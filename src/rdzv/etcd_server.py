@@ -776,7 +776,12 @@ class _EtcdGroup:
         Raises:
             RuntimeError: etcd is not running.
         """
-        return self.get_rdzv_client().etcd3
+        if not self._running:
+            raise RuntimeError("etcd is not running; call start() first.")
+        endpoints = [(m.get_host(), m.get_port()) for m in self._members]
+        config = _client_config(endpoints, self._options.tls, DEFAULT_CONNECT_TIMEOUT)
+        # A channel of its own: the caller closes it.
+        return EtcdClient(config, shared=False).etcd3
 
     def __enter__(self) -> Self:
         self.start()

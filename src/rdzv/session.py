@@ -1,8 +1,9 @@
 """A lease-backed session: one node's liveness in etcd.
 
-Every key a node writes is attached to its lease. A background thread keeps the
-lease alive; if the node dies, the lease expires after its TTL and etcd deletes
-the node's keys by itself, which is how the others learn of the death.
+Every key a node writes is attached to its lease. The connection's keep-alive
+stream keeps the lease alive; if the node dies, the lease expires after its TTL
+and etcd deletes the node's keys by itself, which is how the others learn of
+the death.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from rdzv._state import Backoff
 from rdzv.api import RendezvousConnectionError
 from rdzv.client import EtcdClient
 
@@ -27,6 +27,7 @@ class Session:
         client: the etcd connection.
         ttl: lease time-to-live in seconds (a dead node is gone after this).
         keepalive_interval: seconds between keep-alives (well under ``ttl``).
+        on_lost: called once when the lease is lost (from a background thread).
 
     Raises:
         RendezvousConnectionError: etcd cannot be reached to grant the lease.
@@ -47,10 +48,10 @@ class Session:
         self._last_ok = time.monotonic()
         self._stop = threading.Event()
         self._lost = threading.Event()
-        self._thread = threading.Thread(
-            target=self._keepalive_loop, name=f"rdzv-lease-{self.lease_id:x}", daemon=True
+        self._lost_lock = threading.Lock()
+        client.keep_alive(
+            self.lease_id, ttl, keepalive_interval, self._stop, self._answered, self._silent
         )
-        self._thread.start()
 
     @property
     def node_id(self) -> str:
@@ -74,58 +75,39 @@ class Session:
     def mark_lost(self, why: str) -> None:
         """Record that the lease is gone (``why`` is logged); idempotent.
 
-        The keep-alive thread calls it when etcd reports the lease expired or
-        when no keep-alive succeeded for a whole TTL; the handler calls it when
-        a request learns the same.
+        The keep-alives call it when etcd reports the lease expired or when no
+        keep-alive succeeded for a whole TTL; the handler calls it when a
+        request learns the same.
         """
-        if self._lost.is_set():
-            return
+        with self._lost_lock:
+            if self._lost.is_set():
+                return
+            self._lost.set()
         logger.warning("%s", why)
-        self._lost.set()
         if self._on_lost is not None:
             self._on_lost()
 
-    def _keepalive_loop(self) -> None:
-        backoff = Backoff(0.05, self.keepalive_interval)
-        while not self._stop.is_set():
-            try:
-                for ttl in self._client.keep_alive(
-                    self.lease_id, self.keepalive_interval, self._stop, stall_timeout=self.ttl
-                ):
-                    if ttl <= 0:
-                        self.mark_lost(
-                            f"lease {self.lease_id:x} expired (keep-alives stalled past its "
-                            f"{self.ttl} s TTL); this node's keys are gone"
-                        )
-                        return
-                    self._last_ok = time.monotonic()
-                    backoff.reset()
-            except RendezvousConnectionError as err:
-                logger.debug("lease %x keep-alive stream broke: %s", self.lease_id, err)
-            except ValueError:  # the channel was closed under us by close()
-                if self._stop.is_set():
-                    return
-                raise
-            if self._lost_for():
-                return
-            self._stop.wait(backoff.next_delay())
+    def _answered(self, ttl: int) -> None:
+        if ttl > 0:
+            self._last_ok = time.monotonic()
+        else:
+            self.mark_lost(
+                f"lease {self.lease_id:x} expired (keep-alives stalled past its "
+                f"{self.ttl} s TTL); this node's keys are gone"
+            )
 
-    def _lost_for(self) -> bool:
-        """Mark the lease lost if no keep-alive succeeded for a whole TTL."""
-        if time.monotonic() <= self.expiry or self._stop.is_set():
-            return False
+    def _silent(self) -> None:
         self.mark_lost(
             f"lease {self.lease_id:x} presumed expired: no keep-alive succeeded for "
             f"{self.ttl} s"
         )
-        return True
 
     def close(self, revoke: bool = True) -> None:
         """Stop the keep-alives and (by default) revoke the lease; idempotent."""
         if self._stop.is_set():
             return
         self._stop.set()
-        self._thread.join(timeout=self.keepalive_interval + 1)
+        self._client.stop_keep_alive(self.lease_id)
         if revoke and not self.lost:
             try:
                 self._client.lease_revoke(self.lease_id)

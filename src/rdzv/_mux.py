@@ -1,0 +1,378 @@
+"""One watch stream and one keep-alive stream per connection, shared by every
+watch and every lease of the process that uses it.
+
+gRPC's synchronous API reads a stream with a thread that wakes ten times a
+second while it waits. One stream per watch and per lease meant a few such
+threads per node: a thousand nodes in one process (a benchmark, a simulator)
+spent most of a core on them and let their leases lapse. etcd multiplexes
+watches on one stream (by watch id) and keep-alives on one stream (by lease
+id), so a connection needs only one of each, whatever the number of nodes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: What a watch's callback gets: a list of ``(is_put, key, value, mod_revision)``
+#: or the exception that ended the watch.
+WatchCallback = Callable[[Any], None]
+
+
+def _drain_queue(requests: queue.Queue) -> Iterator[Any]:
+    """A stream's request iterator: what is queued, until a None."""
+    while True:
+        item = requests.get()
+        if item is None:
+            return
+        yield item
+
+
+# ====================================================================== watches
+class WatchRefused(RuntimeError):
+    """etcd refused to create a watch (its start revision was compacted)."""
+
+
+class WatchHandle:
+    """One watch on a shared stream; ``cancel()`` ends it."""
+
+    def __init__(self, stream: _WatchStream, callback: WatchCallback) -> None:
+        self._stream = stream
+        self.callback = callback
+        self.watch_id: int | None = None
+        #: etcd's revision when it created the watch (a watch from revision 0
+        #: starts right after it).
+        self.created_revision = 0
+        self.created = threading.Event()
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop the watch; idempotent. No callback comes after it returns."""
+        self._stream.cancel(self)
+
+
+class _WatchStream:
+    """One etcd Watch stream carrying many watches, read by one thread."""
+
+    def __init__(self, stub: Any, rpc: Any, metadata: Any) -> None:
+        self._rpc = rpc
+        self._lock = threading.Lock()
+        self._requests: queue.Queue = queue.Queue()
+        self._pending: deque[WatchHandle] = deque()  # creates not yet answered, in order
+        self._active: dict[int, WatchHandle] = {}
+        self.broken = False
+        self.metadata = metadata
+        self._retiring = False
+        #: What ended the stream.
+        self.error: BaseException | None = None
+        self._call = stub.Watch(_drain_queue(self._requests), metadata=metadata)
+        threading.Thread(target=self._read, name="rdzv-watches", daemon=True).start()
+
+    def create(self, request: Any, callback: WatchCallback) -> WatchHandle:
+        """Send a create request; its handle's ``created`` is set on the answer.
+
+        Raises:
+            Exception: what ended the stream (RuntimeError if it ended cleanly).
+        """
+        handle = WatchHandle(self, callback)
+        with self._lock:
+            if self.broken:  # its reader is gone: nobody would answer
+                raise self.error or RuntimeError("the watch stream ended")
+            # etcd answers the creates of a stream in the order it got them.
+            self._pending.append(handle)
+            self._requests.put(self._rpc.WatchRequest(create_request=request))
+        return handle
+
+    def cancel(self, handle: WatchHandle) -> None:
+        with self._lock:
+            if handle.cancelled:
+                return
+            handle.cancelled = True
+            if handle.watch_id is not None and self._active.pop(handle.watch_id, None):
+                self._send_cancel(handle.watch_id)
+            # A create still pending is cancelled when its answer comes.
+            idle = self._retiring and not self._active and not self._pending
+        if idle:
+            self.close()
+
+    def retire(self) -> None:
+        """Take no new watches; close once the last one is cancelled."""
+        with self._lock:
+            self._retiring = True
+            idle = not self._active and not self._pending
+        if idle:
+            self.close()
+
+    def _send_cancel(self, watch_id: int) -> None:
+        if not self.broken:
+            request = self._rpc.WatchCancelRequest(watch_id=watch_id)
+            self._requests.put(self._rpc.WatchRequest(cancel_request=request))
+
+    def close(self) -> None:
+        with self._lock:
+            self.broken = True
+        self._requests.put(None)
+        self._call.cancel()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._dispatch(response)
+            error: BaseException = RuntimeError("etcd ended the watch stream")
+        except Exception as err:  # grpc.RpcError, or a closed channel
+            error = err
+        with self._lock:
+            self.broken = True
+            self.error = error
+            pending, self._pending = list(self._pending), deque()
+            active, self._active = list(self._active.values()), {}
+        self._requests.put(None)
+        for handle in pending:
+            handle.error = error
+            handle.created.set()
+        for handle in active:
+            if not handle.cancelled:
+                handle.callback(error)
+
+    def _dispatch(self, response: Any) -> None:
+        if response.created:
+            with self._lock:
+                handle = self._pending.popleft() if self._pending else None
+                if handle is None:
+                    return
+                if response.canceled or response.compact_revision:
+                    handle.error = WatchRefused(
+                        f"etcd refused the watch: {response.cancel_reason or 'canceled'}"
+                        + (f" (compacted at revision {response.compact_revision})"
+                           if response.compact_revision else "")
+                    )
+                else:
+                    handle.watch_id = response.watch_id
+                    handle.created_revision = response.header.revision
+                    if handle.cancelled:
+                        self._send_cancel(response.watch_id)
+                    else:
+                        self._active[response.watch_id] = handle
+            handle.created.set()
+            return
+        if response.canceled:
+            with self._lock:
+                handle = self._active.pop(response.watch_id, None)
+            if handle is not None:
+                handle.callback(RuntimeError(
+                    f"watch canceled by etcd: {response.cancel_reason or 'no reason given'}"
+                    + (f" (start revision compacted, now {response.compact_revision})"
+                       if response.compact_revision else "")
+                ))
+            return
+        if response.events:
+            with self._lock:
+                handle = self._active.get(response.watch_id)
+            if handle is not None and not handle.cancelled:
+                handle.callback([
+                    (e.type == 0, e.kv.key, e.kv.value, e.kv.mod_revision)
+                    for e in response.events
+                ])
+
+
+class WatchMux:
+    """The watches of one connection, on one stream (a new one after a break)."""
+
+    def __init__(self, stub: Any, rpc: Any) -> None:
+        self._stub = stub
+        self._rpc = rpc
+        self._lock = threading.Lock()
+        self._stream: _WatchStream | None = None
+
+    def watch(self, request: Any, callback: WatchCallback, wait: float,
+              metadata: Any) -> WatchHandle:
+        """Create a watch; wait up to ``wait`` s for etcd to confirm it.
+
+        Raises:
+            TimeoutError: etcd did not confirm it in time (the watch is dropped).
+            WatchRefused: etcd refused it.
+            Exception: what broke the stream (grpc.RpcError).
+        """
+        with self._lock:
+            old = self._stream
+            if old is None or old.broken or old.metadata != metadata:
+                # etcd checks a watch's auth token when it is created, with the
+                # one its stream was opened with: a renewed token needs a new
+                # stream. The old one serves its watches until they end.
+                self._stream = _WatchStream(self._stub, self._rpc, metadata)
+                if old is not None and not old.broken:
+                    old.retire()
+            stream = self._stream
+            handle = stream.create(request, callback)
+        if not handle.created.wait(wait):
+            handle.cancel()
+            raise TimeoutError(f"etcd did not confirm the watch within {wait:g} s")
+        if handle.error is not None:
+            raise handle.error
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+
+# =================================================================== keep-alives
+class _Lease:
+    """One lease kept alive by the hub."""
+
+    def __init__(self, lease_id: int, ttl: float, interval: float, stop: threading.Event,
+                 answered: Callable[[int], None], silent: Callable[[], None]) -> None:
+        self.lease_id = lease_id
+        self.ttl = ttl
+        self.interval = interval
+        self.stop = stop
+        self.answered = answered
+        self.silent = silent
+        self.last_answer = time.monotonic()
+
+
+class KeepAliveHub:
+    """Keep-alives of every lease of one connection, on one LeaseKeepAlive stream.
+
+    A scheduler thread sends each lease's keep-alive every ``interval``
+    seconds; a reader thread hands each answer to its lease. A lease with no
+    answer for its whole TTL is reported silent (and dropped); a stream that
+    breaks, or that answers nothing for the shortest TTL while keep-alives are
+    due, is replaced.
+    """
+
+    def __init__(self, stub: Any, rpc: Any, metadata: Callable[[], Any]) -> None:
+        self._stub = stub
+        self._rpc = rpc
+        self._metadata = metadata
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Lease]] = []
+        self._leases: dict[int, _Lease] = {}
+        self._order = itertools.count()
+        self._closed = False
+        self._call: Any = None
+        self._requests: queue.Queue | None = None
+        self._stream_answered = 0.0
+        self._stream_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease_id: int, ttl: float, interval: float, stop: threading.Event,
+            answered: Callable[[int], None], silent: Callable[[], None]) -> None:
+        """Keep ``lease_id`` alive until ``stop`` is set; the first keep-alive
+        goes at once. ``answered(ttl)`` gets every answer (0 or less: etcd no
+        longer has the lease); ``silent()`` is called once if none came for
+        ``ttl`` seconds, and the lease is dropped."""
+        lease = _Lease(lease_id, ttl, interval, stop, answered, silent)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("connection closed")
+            self._leases[lease_id] = lease
+            heapq.heappush(self._heap, (0.0, next(self._order), lease))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._schedule, name="rdzv-keepalives", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def remove(self, lease_id: int) -> None:
+        """Stop keeping ``lease_id`` alive (its ``stop`` event does the same)."""
+        with self._cond:
+            self._leases.pop(lease_id, None)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._close_stream()
+
+    # ---------------------------------------------------------------- threads
+    def _schedule(self) -> None:
+        while True:
+            due: list[_Lease] = []
+            silent: list[_Lease] = []
+            with self._cond:
+                while not self._closed:
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                if self._closed:
+                    return
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _, _, lease = heapq.heappop(self._heap)
+                    if lease.stop.is_set() or self._leases.get(lease.lease_id) is not lease:
+                        continue
+                    if now - lease.last_answer > lease.ttl:
+                        del self._leases[lease.lease_id]
+                        silent.append(lease)
+                        continue
+                    due.append(lease)
+                    heapq.heappush(self._heap, (now + lease.interval, next(self._order), lease))
+                stalled = (self._call is not None and due
+                           and now - self._stream_answered > min(x.ttl for x in due))
+            for lease in silent:
+                lease.silent()
+            if stalled:
+                logger.debug("keep-alive stream answered nothing for a TTL; opening another")
+                self._close_stream()
+            if due:
+                self._send([lease.lease_id for lease in due])
+
+    def _send(self, lease_ids: list[int]) -> None:
+        with self._stream_lock:
+            if self._call is None:
+                requests: queue.Queue = queue.Queue()
+                self._stream_answered = time.monotonic()
+                try:
+                    call = self._stub.LeaseKeepAlive(_drain_queue(requests),
+                                                     metadata=self._metadata())
+                except ValueError:  # the channel is closed
+                    return
+                self._requests, self._call = requests, call
+                threading.Thread(target=self._read, args=(call,),
+                                 name="rdzv-keepalive-answers", daemon=True).start()
+            assert self._requests is not None
+            for lease_id in lease_ids:
+                self._requests.put(self._rpc.LeaseKeepAliveRequest(ID=lease_id))
+
+    def _read(self, call: Any) -> None:
+        try:
+            for response in call:
+                self._stream_answered = time.monotonic()
+                lease = self._leases.get(response.ID)
+                if lease is None or lease.stop.is_set():
+                    continue
+                if response.TTL > 0:
+                    lease.last_answer = time.monotonic()
+                else:
+                    self.remove(response.ID)
+                lease.answered(response.TTL)
+        except Exception as err:  # the stream broke (etcd gone, channel closed)
+            logger.debug("keep-alive stream broke: %s", err)
+        self._close_stream(call)
+
+    def _close_stream(self, only: Any = None) -> None:
+        """Close the stream (only if it is still ``only``, when given)."""
+        with self._stream_lock:
+            if only is not None and self._call is not only:
+                return
+            call, requests = self._call, self._requests
+            self._call = self._requests = None
+        if requests is not None:
+            requests.put(None)
+        if call is not None:
+            call.cancel()
