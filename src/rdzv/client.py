@@ -654,19 +654,6 @@ class EtcdClient:
         request = self._rpc.LeaseGrantRequest(TTL=ttl)
         return self._call(self._leases.LeaseGrant, request, "lease grant").ID
 
-    def lease_keepalive(self, lease_id: int) -> int:
-        """Refresh a lease once; return its new TTL (0 or less: it has expired)."""
-
-        def once(timeout: float) -> int:
-            request = self._rpc.LeaseKeepAliveRequest(ID=lease_id)
-            for response in self._leases.LeaseKeepAlive(
-                iter([request]), timeout, metadata=self._etcd.metadata
-            ):
-                return response.TTL
-            return 0
-
-        return self._retrying(once, "lease keep-alive")
-
     def keep_alive(
         self,
         lease_id: int,
