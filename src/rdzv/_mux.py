@@ -57,7 +57,7 @@ class WatchHandle:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Stop the watch; idempotent. No callback comes after it returns."""
+        """Stop the watch; idempotent. A callback already under way may finish."""
         self._stream.cancel(self)
 
 

@@ -40,10 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-import grpc
-
 from rdzv import _state
-from rdzv._etcd3_compat import load_etcd3
 from rdzv.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
@@ -657,52 +654,44 @@ def read_run_status(
         world_got = client.get(keys.world(s.round))
         if world_got is not None:
             world = _state.decode_world(world_got[0], keys.world(s.round))[1]
-    # Lease ids and times to live are beyond EtcdClient's few calls: etcd3's own.
-    etcd = client.etcd3
-    failures = (grpc.RpcError, load_etcd3().exceptions.Etcd3Exception)
     leases: dict[int, int] = {}
-    try:
-        members = _leased_keys(etcd, keys.members(s.round))
-        confirmed = {node for node, _, _ in _leased_keys(etcd, keys.confirmed(s.round))}
-        waiting = _leased_keys(etcd, keys.waiting(s.round))
-        rows: dict[str, NodeStatus] = {}
-        for node, value, lease in members:
-            described = _state.decode_member(value)
-            host, addr, pid, _port = described if described is not None else (None,) * 4
-            rows[node] = NodeStatus(
-                node, host, addr, pid,
-                state="confirmed" if node in confirmed else "joined",
-                lease_ttl=_lease_ttl(etcd, lease, leases),
-            )
-        for rank, node in enumerate(world):
-            rows.setdefault(node, NodeStatus(node, state="left")).rank = rank
-        waiting_rows = [
-            NodeStatus(node, state="waiting", lease_ttl=_lease_ttl(etcd, lease, leases))
-            for node, _, lease in waiting
-        ]
-    except failures as err:
-        raise RendezvousConnectionError(
-            f"cannot read run {keys.run_id!r} at {client.config.describe()}: {err}"
-        ) from None
+    members = _leased_keys(client, keys.members(s.round))
+    confirmed = {node for node, _, _ in _leased_keys(client, keys.confirmed(s.round))}
+    waiting = _leased_keys(client, keys.waiting(s.round))
+    rows: dict[str, NodeStatus] = {}
+    for node, value, lease in members:
+        described = _state.decode_member(value)
+        host, addr, pid, _port = described if described is not None else (None,) * 4
+        rows[node] = NodeStatus(
+            node, host, addr, pid,
+            state="confirmed" if node in confirmed else "joined",
+            lease_ttl=_lease_ttl(client, lease, leases),
+        )
+    for rank, node in enumerate(world):
+        rows.setdefault(node, NodeStatus(node, state="left")).rank = rank
+    waiting_rows = [
+        NodeStatus(node, state="waiting", lease_ttl=_lease_ttl(client, lease, leases))
+        for node, _, lease in waiting
+    ]
     ordered = sorted(rows.values(), key=lambda row: (row.rank is None, row.rank or 0))
     result["members"] = [vars(row) for row in ordered]
     result["waiting"] = [vars(row) for row in waiting_rows]
     return result
 
 
-def _leased_keys(etcd: Any, prefix: bytes) -> list[tuple[str, bytes, int]]:
+def _leased_keys(client: EtcdClient, prefix: bytes) -> list[tuple[str, bytes, int]]:
     """``[(name below prefix, value, lease id), ...]`` in creation order."""
     return [
-        (meta.key[len(prefix):].decode("utf-8", "replace"), value, meta.lease_id)
-        for value, meta in etcd.get_prefix(prefix, sort_order="ascend", sort_target="create")
+        (key[len(prefix):].decode("utf-8", "replace"), value, lease)
+        for key, value, lease in client.range_leases(prefix)
     ]
 
 
-def _lease_ttl(etcd: Any, lease: int, cache: dict[int, int]) -> int | None:
+def _lease_ttl(client: EtcdClient, lease: int, cache: dict[int, int]) -> int | None:
     if not lease:
         return None
     if lease not in cache:
-        cache[lease] = etcd.get_lease_info(lease).TTL
+        cache[lease] = client.lease_time_to_live(lease)
     return cache[lease]
 
 

@@ -535,6 +535,17 @@ class EtcdClient:
         )
         return [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
 
+    def range_leases(self, prefix: bytes) -> list[tuple[bytes, bytes, int]]:
+        """Return ``[(key, value, lease_id), ...]`` under ``prefix``, oldest first
+        (lease id 0: the key has no lease)."""
+        response = self._call(self._kv.Range, self._range_request(prefix, 0), "range")
+        return [(kv.key, kv.value, kv.lease) for kv in response.kvs]
+
+    def lease_time_to_live(self, lease_id: int) -> int:
+        """Seconds left on a lease (-1: etcd no longer has it)."""
+        request = self._rpc.LeaseTimeToLiveRequest(ID=lease_id)
+        return self._call(self._leases.LeaseTimeToLive, request, "lease time-to-live").TTL
+
     def count(self, prefix: bytes) -> int:
         """Return how many keys start with ``prefix``."""
         request = self._rpc.RangeRequest(
