@@ -266,6 +266,7 @@ class KeepAliveHub:
         self._requests: queue.Queue | None = None
         self._stream_answered = 0.0
         self._stream_lock = threading.Lock()
+        self._stream_metadata: Any = None
         self._thread: threading.Thread | None = None
 
     def add(self, lease_id: int, ttl: float, interval: float, stop: threading.Event,
@@ -333,16 +334,20 @@ class KeepAliveHub:
                 self._send([lease.lease_id for lease in due])
 
     def _send(self, lease_ids: list[int]) -> None:
+        metadata = self._metadata()
+        if self._call is not None and metadata != self._stream_metadata:
+            # A renewed auth token: etcd checks the one the stream was opened with.
+            self._close_stream(self._call)
         with self._stream_lock:
             if self._call is None:
                 requests: queue.Queue = queue.Queue()
                 self._stream_answered = time.monotonic()
                 try:
-                    call = self._stub.LeaseKeepAlive(_drain_queue(requests),
-                                                     metadata=self._metadata())
+                    call = self._stub.LeaseKeepAlive(_drain_queue(requests), metadata=metadata)
                 except ValueError:  # the channel is closed
                     return
                 self._requests, self._call = requests, call
+                self._stream_metadata = metadata
                 threading.Thread(target=self._read, args=(call,),
                                  name="rdzv-keepalive-answers", daemon=True).start()
             assert self._requests is not None
