@@ -733,9 +733,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     prefix = _params_prefix(params)
     client = _connect(params)
     clear_screen = args.watch and not args.json and sys.stdout.isatty()
+    # A live view ends on Ctrl-C between refreshes, not inside a request to etcd
+    # (an interrupt inside gRPC's blocking call can leave the channel hanging).
+    stop = threading.Event()
+    restore = None
+    if args.watch and threading.current_thread() is threading.main_thread():
+        restore = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
     try:
         first = True
-        while True:
+        while not stop.is_set():
             try:
                 status = read_run_status(client, params.run_id, prefix)
             except RendezvousConnectionError as err:
@@ -758,10 +764,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
             first = False
             if not args.watch:
                 return ExitCode.OK
-            time.sleep(args.interval)  # the refresh period of a live view
+            stop.wait(args.interval)  # the refresh period of a live view
+        return ExitCode.OK
     except KeyboardInterrupt:
         return ExitCode.OK
     finally:
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)
         client.close()
 
 
