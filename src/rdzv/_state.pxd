@@ -88,7 +88,6 @@ cdef class Node:
     cdef readonly bint check_liveness
     cdef readonly long long watch_revision
     cdef readonly long long freeze_round
-    cdef readonly long long freeze_revision
     cdef bint world_member_lost
     cdef list stale_keys
     cdef Backoff backoff

@@ -821,7 +821,6 @@ cdef class Node:
             return False
         self.freezer = True
         self.freeze_round = s.round
-        self.freeze_revision = self.state_mod
         self.world = world
         self.master = (master_addr, master_port)
         self.confirmed = set()
