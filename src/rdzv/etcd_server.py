@@ -765,10 +765,7 @@ class _EtcdGroup:
         Raises:
             RuntimeError: etcd is not running.
         """
-        if not self._running:
-            raise RuntimeError("etcd is not running; call start() first.")
-        endpoints = [(m.get_host(), m.get_port()) for m in self._members]
-        return EtcdClient(_client_config(endpoints, self._options.tls, connect_timeout))
+        return self._new_client(connect_timeout, shared=True)
 
     def get_client(self) -> Any:
         """Return a new ``etcd3`` client connected to etcd; the caller should ``close()`` it.
@@ -776,12 +773,15 @@ class _EtcdGroup:
         Raises:
             RuntimeError: etcd is not running.
         """
+        # A channel of its own: the caller closes it.
+        return self._new_client(DEFAULT_CONNECT_TIMEOUT, shared=False).etcd3
+
+    def _new_client(self, connect_timeout: float, shared: bool) -> EtcdClient:
         if not self._running:
             raise RuntimeError("etcd is not running; call start() first.")
         endpoints = [(m.get_host(), m.get_port()) for m in self._members]
-        config = _client_config(endpoints, self._options.tls, DEFAULT_CONNECT_TIMEOUT)
-        # A channel of its own: the caller closes it.
-        return EtcdClient(config, shared=False).etcd3
+        config = _client_config(endpoints, self._options.tls, connect_timeout)
+        return EtcdClient(config, shared=shared)
 
     def __enter__(self) -> Self:
         self.start()
