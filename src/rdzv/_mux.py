@@ -229,8 +229,9 @@ class WatchMux:
 
 
 # =================================================================== keep-alives
-class _Lease:
-    """One lease kept alive by the hub."""
+class KeptLease:
+    """One lease kept alive by the hub; ``last_answer`` is the ``time.monotonic()``
+    time of its last answer with a positive TTL (or of its registration)."""
 
     def __init__(self, lease_id: int, ttl: float, interval: float, stop: threading.Event,
                  answered: Callable[[int], None], silent: Callable[[], None]) -> None:
@@ -258,8 +259,8 @@ class KeepAliveHub:
         self._rpc = rpc
         self._metadata = metadata
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Lease]] = []
-        self._leases: dict[int, _Lease] = {}
+        self._heap: list[tuple[float, int, KeptLease]] = []
+        self._leases: dict[int, KeptLease] = {}
         self._order = itertools.count()
         self._closed = False
         self._call: Any = None
@@ -270,12 +271,12 @@ class KeepAliveHub:
         self._thread: threading.Thread | None = None
 
     def add(self, lease_id: int, ttl: float, interval: float, stop: threading.Event,
-            answered: Callable[[int], None], silent: Callable[[], None]) -> None:
+            answered: Callable[[int], None], silent: Callable[[], None]) -> KeptLease:
         """Keep ``lease_id`` alive until ``stop`` is set; the first keep-alive
         goes at once. ``answered(ttl)`` gets every answer (0 or less: etcd no
         longer has the lease); ``silent()`` is called once if none came for
         ``ttl`` seconds, and the lease is dropped."""
-        lease = _Lease(lease_id, ttl, interval, stop, answered, silent)
+        lease = KeptLease(lease_id, ttl, interval, stop, answered, silent)
         with self._cond:
             if self._closed:
                 raise RuntimeError("connection closed")
@@ -286,6 +287,7 @@ class KeepAliveHub:
                     target=self._schedule, name="rdzv-keepalives", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
+        return lease
 
     def remove(self, lease_id: int) -> None:
         """Stop keeping ``lease_id`` alive (its ``stop`` event does the same)."""
@@ -302,8 +304,8 @@ class KeepAliveHub:
     # ---------------------------------------------------------------- threads
     def _schedule(self) -> None:
         while True:
-            due: list[_Lease] = []
-            silent: list[_Lease] = []
+            due: list[KeptLease] = []
+            silent: list[KeptLease] = []
             with self._cond:
                 while not self._closed:
                     now = time.monotonic()

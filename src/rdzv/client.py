@@ -40,7 +40,7 @@ from typing import Any
 import grpc
 
 from rdzv._etcd3_compat import load_etcd3
-from rdzv._mux import KeepAliveHub, WatchHandle, WatchMux, WatchRefused
+from rdzv._mux import KeepAliveHub, KeptLease, WatchHandle, WatchMux, WatchRefused
 from rdzv._state import Backoff
 from rdzv.api import RendezvousConnectionError, RendezvousError, RendezvousParameters
 
@@ -673,7 +673,7 @@ class EtcdClient:
         stop: threading.Event,
         answered: Callable[[int], None],
         silent: Callable[[], None],
-    ) -> None:
+    ) -> KeptLease:
         """Keep a lease alive in the background until ``stop`` is set.
 
         A keep-alive goes at once and then every ``interval`` seconds, on the
@@ -681,9 +681,10 @@ class EtcdClient:
         ``answered(ttl)`` gets each answer (0 or less: etcd no longer has the
         lease); ``silent()`` is called once if no answer came for ``ttl``
         seconds, and the lease is then no longer kept alive. Both run on the
-        stream's threads: they must not block.
+        stream's threads: they must not block. The returned record's
+        ``last_answer`` tells when etcd last renewed the lease.
         """
-        self._connection.keepalives.add(lease_id, ttl, interval, stop, answered, silent)
+        return self._connection.keepalives.add(lease_id, ttl, interval, stop, answered, silent)
 
     def stop_keep_alive(self, lease_id: int) -> None:
         """Stop keeping ``lease_id`` alive (as its ``stop`` event does)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 
 from rdzv.api import RendezvousConnectionError
@@ -45,11 +44,10 @@ class Session:
         self.keepalive_interval = keepalive_interval
         self._on_lost = on_lost
         self.lease_id = client.lease_grant(ttl)
-        self._last_ok = time.monotonic()
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._lost_lock = threading.Lock()
-        client.keep_alive(
+        self._kept = client.keep_alive(
             self.lease_id, ttl, keepalive_interval, self._stop, self._answered, self._silent
         )
 
@@ -70,7 +68,7 @@ class Session:
         unless a keep-alive is answered meanwhile (-inf once it is lost)."""
         if self._lost.is_set():
             return -math.inf
-        return self._last_ok + self.ttl
+        return self._kept.last_answer + self.ttl
 
     def mark_lost(self, why: str) -> None:
         """Record that the lease is gone (``why`` is logged); idempotent.
@@ -88,9 +86,8 @@ class Session:
             self._on_lost()
 
     def _answered(self, ttl: int) -> None:
-        if ttl > 0:
-            self._last_ok = time.monotonic()
-        else:
+        # A renewal is recorded by the hub (``last_answer``); only a refusal matters.
+        if ttl <= 0:
             self.mark_lost(
                 f"lease {self.lease_id:x} expired (keep-alives stalled past its "
                 f"{self.ttl} s TTL); this node's keys are gone"
