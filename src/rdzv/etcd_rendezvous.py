@@ -277,13 +277,18 @@ class EtcdRendezvousHandler(RendezvousHandler):
             [key[len(members):].decode() for key, _, _ in member_keys],
         ))
 
-    def _watch_state(self) -> None:
-        """Read the state record and watch it from that read on.
+    def _read_state(self, client: EtcdClient) -> tuple[int, Any]:
+        """``(revision of the read, (value, mod_revision, ...) or None)``."""
+        _, revision, (got,) = client.txn([], [("get", self._keys.state)], [])
+        return revision, got
+
+    def _watch_state(self, read: tuple[int, Any] | None = None) -> None:
+        """Read the state record (unless ``read`` is one) and watch it from there.
 
         Done when the handler is created, so that a round's clock does not pay
         for setting up the watch.
         """
-        _, revision, (got,) = self._client.txn([], [("get", self._keys.state)], [])
+        revision, got = read if read is not None else self._read_state(self._client)
         if got is not None:
             try:
                 self._node.observe_state(got[0], got[1])
@@ -304,7 +309,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
         stream that stalled without breaking (as seen once in the soak) costs a
         round at most that long, not the call's whole ``timeout``.
         """
-        _, _, (got,) = self._round_client.txn([], [("get", self._keys.state)], [])
+        # Within a call: bounded by the lease, as the round's own requests are.
+        read = self._read_state(self._round_client)
+        got = read[1]
         seen = self._node.state_mod
         if seen < 0 or (got[1] if got is not None else 0) <= seen:
             return
@@ -317,7 +324,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             "nothing after revision %d; watching it again", self._run_id, got[1], seen,
         )
         self._cancel_state_watch()
-        self._watch_state()
+        self._watch_state(read)
 
     def _cancel_state_watch(self) -> None:
         if self._state_watch is not None:
