@@ -745,7 +745,7 @@ class EtcdClient:
             try:
                 return self._connection.watches.watch(create, callback, wait, self._etcd.metadata)
             except TimeoutError as err:
-                raise _NotConfirmed(str(err)) from None
+                raise _WatchNotStarted(grpc.StatusCode.DEADLINE_EXCEEDED, str(err)) from None
             except WatchRefused as err:
                 if "permission denied" not in str(err):
                     raise
@@ -756,7 +756,7 @@ class EtcdClient:
                     return start(_timeout)
                 raise self._connection_error("watch", err) from None
             except RuntimeError as err:  # the shared stream ended: a new one next time
-                raise _StreamEnded(str(err)) from None
+                raise _WatchNotStarted(grpc.StatusCode.UNAVAILABLE, str(err)) from None
 
         return self._retrying(start, "watch")
 
@@ -794,21 +794,17 @@ class EtcdClient:
         self._connection.close()
 
 
-class _NotConfirmed(grpc.RpcError):
-    """etcd took too long to confirm a watch (it is hung or overloaded)."""
+class _WatchNotStarted(grpc.RpcError):
+    """A watch that could not be created, as the gRPC error the retry policy
+    judges: DEADLINE_EXCEEDED when etcd took too long to confirm it (hung or
+    overloaded), UNAVAILABLE when the shared watch stream ended meanwhile."""
+
+    def __init__(self, status: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
+        self._status = status
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return str(self)
-
-
-class _StreamEnded(grpc.RpcError):
-    """The shared watch stream ended while a watch was being created."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
+        return self._status
 
     def details(self) -> str:
         return str(self)
