@@ -23,6 +23,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a closing hub waits for its threads, which end within one gRPC poll.
+_THREAD_EXIT_TIMEOUT = 2.0
+
 #: What a watch's callback gets: a list of ``(is_put, key, value, mod_revision)``
 #: or the exception that ended the watch.
 WatchCallback = Callable[[Any], None]
@@ -269,6 +272,7 @@ class KeepAliveHub:
         self._stream_lock = threading.Lock()
         self._stream_metadata: Any = None
         self._thread: threading.Thread | None = None
+        self._reader: threading.Thread | None = None
 
     def add(self, lease_id: int, ttl: float, interval: float, stop: threading.Event,
             answered: Callable[[int], None], silent: Callable[[], None]) -> KeptLease:
@@ -296,10 +300,15 @@ class KeepAliveHub:
             self._cond.notify_all()
 
     def close(self) -> None:
+        """Stop keeping every lease alive; the hub's threads have ended on return
+        (unless one of them is the caller)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._close_stream()
+        for thread in (self._thread, self._reader):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(_THREAD_EXIT_TIMEOUT)
 
     # ---------------------------------------------------------------- threads
     def _schedule(self) -> None:
@@ -350,8 +359,9 @@ class KeepAliveHub:
                     return
                 self._requests, self._call = requests, call
                 self._stream_metadata = metadata
-                threading.Thread(target=self._read, args=(call,),
-                                 name="rdzv-keepalive-answers", daemon=True).start()
+                self._reader = threading.Thread(target=self._read, args=(call,),
+                                                name="rdzv-keepalive-answers", daemon=True)
+                self._reader.start()
             assert self._requests is not None
             for lease_id in lease_ids:
                 self._requests.put(self._rpc.LeaseKeepAliveRequest(ID=lease_id))
