@@ -631,7 +631,17 @@ class EtcdClient:
 
         ``results`` has one entry per operation of the branch that ran, shaped as
         the module docstring says. With ``once``, one attempt and no retries.
+
+        A transaction that only reads is not sent as one: etcd 3.5.0 to 3.5.4
+        panic when a read-only transaction's request is cancelled while it runs
+        (the client's deadline passed or its process died; etcd issue 14110,
+        fixed in 3.5.5), and the etcd that rdzv ships is 3.5.1. It runs as plain
+        range requests instead, all at the revision of the first, which is the
+        snapshot the transaction would have read; a cancelled range is only an
+        error. ``revision`` is that snapshot's.
         """
+        if all(op[0] in _READ_OPS for op in (*success, *failure)):
+            return self._read_only_txn(compares, success, failure, once)
         request = self._rpc.TxnRequest(
             compare=[self._compare(c) for c in compares],
             success=[self._op(o) for o in success],
@@ -642,22 +652,58 @@ class EtcdClient:
         results: list[Any] = []
         for op, item in zip(ops, response.responses, strict=True):
             kind = op[0]
-            if kind == "get":
-                kvs = item.response_range.kvs
-                results.append(
-                    (kvs[0].value, kvs[0].mod_revision, kvs[0].create_revision) if kvs else None
-                )
-            elif kind == "count":
-                results.append(item.response_range.count)
-            elif kind == "range":
-                results.append(
-                    [(kv.key, kv.value, kv.create_revision) for kv in item.response_range.kvs]
-                )
-            elif kind == "delete":
+            if kind == "delete":
                 results.append(item.response_delete_range.deleted)
-            else:
+            elif kind == "put":
                 results.append(None)
+            else:
+                results.append(_range_result(kind, item.response_range))
         return response.succeeded, response.header.revision, results
+
+    def _read_only_txn(
+        self,
+        compares: Sequence[Sequence[Any]],
+        success: Sequence[Sequence[Any]],
+        failure: Sequence[Sequence[Any]],
+        once: bool,
+    ) -> tuple[bool, int, list[Any]]:
+        """A transaction without writes, as range requests at one revision.
+
+        The compared keys are read first (the first read fixes the revision),
+        the compares decided here as etcd would, then the branch's reads run at
+        that revision. Should etcd compact past it in between, the whole
+        transaction is read again from a newer revision.
+        """
+        attempts = 0
+        while True:
+            revision = 0
+
+            def read(request: Any) -> Any:
+                nonlocal revision
+                request.revision = revision
+                response = self._call(_PinnedRange(self._kv.Range), request, "range", once)
+                revision = revision or response.header.revision
+                return response
+
+            try:
+                succeeded = True
+                for kind, key, expected in compares:
+                    kvs = read(self._rpc.RangeRequest(key=key)).kvs
+                    succeeded = succeeded and _compare_holds(kind, kvs, expected)
+                ops = success if succeeded else failure
+                results = [
+                    _range_result(op[0], read(self._op(op).request_range)) for op in ops
+                ]
+                if revision == 0:  # nothing to read at all: the current revision
+                    read(self._rpc.RangeRequest(key=b"\0", count_only=True))
+                return succeeded, revision, results
+            except _Compacted as err:
+                attempts += 1
+                if attempts == _COMPACTED_RETRIES:
+                    raise RendezvousConnectionError(
+                        f"etcd at {self.config.describe()} compacted every revision a "
+                        f"read started at, {attempts} times in a row: {err}"
+                    ) from None
 
     # ---------------------------------------------------------------- leases
     def lease_grant(self, ttl: int) -> int:
@@ -808,6 +854,54 @@ class _WatchNotStarted(grpc.RpcError):
 
     def details(self) -> str:
         return str(self)
+
+
+_READ_OPS = ("get", "count", "range")
+_COMPACTED_RETRIES = 3
+
+
+class _Compacted(Exception):
+    """A range at a fixed revision that etcd has compacted away meanwhile."""
+
+
+class _PinnedRange:
+    """A Range stub call that reports a compacted revision as ``_Compacted``
+    (any other failure goes to the retry policy as it is)."""
+
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self._method = method
+
+    def __call__(self, request: Any, timeout: float, metadata: Any = None) -> Any:
+        try:
+            return self._method(request, timeout, metadata=metadata)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            details = (err.details() if hasattr(err, "details") else "") or ""
+            if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
+                raise _Compacted(details) from None
+            raise
+
+
+def _range_result(kind: str, response: Any) -> Any:
+    """A read's result, shaped as the module docstring says for ``kind``."""
+    if kind == "get":
+        kvs = response.kvs
+        return (kvs[0].value, kvs[0].mod_revision, kvs[0].create_revision) if kvs else None
+    if kind == "count":
+        return response.count
+    return [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
+
+
+def _compare_holds(kind: str, kvs: Sequence[Any], expected: Any) -> bool:
+    """Whether a transaction compare holds for the key's read ``kvs``, as etcd
+    decides it: an absent key has revisions 0 and fails every value compare."""
+    if kind == "value":
+        return bool(kvs) and kvs[0].value == expected
+    if kind == "mod":
+        return (kvs[0].mod_revision if kvs else 0) == expected
+    if kind == "create":
+        return (kvs[0].create_revision if kvs else 0) == expected
+    raise ValueError(f"unknown transaction compare {kind!r}")
 
 
 def _is_tls_failure(detail: str) -> bool:
