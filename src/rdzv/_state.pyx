@@ -21,6 +21,13 @@ alive with one put; when all have, the freezer marks the round final. A world
 member whose key vanishes (lease expiry) before that makes it restart the
 round. Everyone else only watches the state record: O(1) events per node.
 
+Old rounds are deleted by the transitions that make them old, inside the CAS
+that the transition is anyway (``_retired_rounds``): opening round r+1 after
+round r completed deletes every round below r (round r stays: its world gives
+survivors their ranks, its store is still in use, late nodes wait in it), and
+restarting round r deletes the restarted rounds between the last completed
+one and r. So a run holds at most three rounds' keys, however long it lives.
+
 Two rules, after h11: everything that decides what happens to the rendezvous is
 in this file, and nothing in this file does I/O by itself. ``Node`` receives a
 client object with ``txn(compares, success, failure)`` and ``get(key)`` (see
@@ -347,6 +354,28 @@ def decode_member(data):
         return None
 
 
+# -------------------------------------------------------------- clean-up
+cdef list _retired_rounds(keys, int event, StateRecord s):
+    """Range deletes of the rounds that ``event`` on ``s`` leaves no one needing.
+
+    Opening round r+1 after round r completed: every round below r. Restarting
+    frozen round r: the rounds after the last completed one and before r (all
+    restarted; their members rejoined and took their own keys with them). The
+    last completed round stays, as do r and r+1.
+    """
+    if s is None:
+        return []
+    cdef long long first = -1
+    if event == OPEN and s.status == FINAL:
+        first = 0
+    elif event == RESTART:
+        first = s.last_final + 1
+    if first < 0 or first >= s.round:
+        return []
+    start, end = keys.rounds_between(first, s.round)
+    return [("delete", start, end)]
+
+
 # ------------------------------------------------------------ rank assignment
 def assign_ranks(members, previous, int max_nodes):
     """Choose the world and give each member a rank.
@@ -650,6 +679,7 @@ cdef class Node:
             changes.setdefault("max_nodes", self.max_nodes)
         cdef StateRecord new = _apply(s, event, changes)
         success = [("put", self.keys.state, new.encode(), 0)]
+        success.extend(_retired_rounds(self.keys, event, s))
         if extra:
             success.extend(extra)
         ok, revision, results = client.txn(
@@ -863,6 +893,12 @@ cdef class Node:
         self.stale_keys.append(confirm_key)
         got = results[0]
         if got is None:
+            # The round was retired (deleted) because the run moved on while this
+            # node's view lagged behind; only a record that did not move is bad.
+            current = client.get(self.keys.state)
+            if current is not None and current[1] > self.state_mod:
+                self.observe_state(current[0], current[1])
+                return 0
             raise RendezvousStateError(
                 f"round {s.round} is frozen but {world_key.decode()!r} is missing")
         round, ids, master_addr, master_port = _decode_world(got[0], world_key)

@@ -14,7 +14,8 @@ operations
     ``("range", prefix, limit[, keys_only])`` -> ``[(key, value,
     create_revision), ...]`` in creation order (values empty with
     ``keys_only``); ``("put", key, value, lease)`` -> ``None``;
-    ``("delete", key)`` -> number of keys deleted.
+    ``("delete", key[, range_end])`` -> number of keys deleted (with
+    ``range_end``: every key in ``[key, range_end)``).
 
 Every gRPC failure that means "etcd is not there" becomes a
 ``RendezvousConnectionError`` naming the endpoints; transient ones are retried
@@ -594,7 +595,10 @@ class EtcdClient:
                 request_put=rpc.PutRequest(key=op[1], value=op[2], lease=op[3])
             )
         if kind == "delete":
-            return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op[1]))
+            request = rpc.DeleteRangeRequest(key=op[1])
+            if len(op) > 2:
+                request.range_end = op[2]
+            return rpc.RequestOp(request_delete_range=request)
         raise ValueError(f"unknown transaction operation {kind!r}")
 
     def _compare(self, compare: Sequence[Any]) -> Any:

@@ -9,7 +9,8 @@ Everything of run ``R`` under prefix ``P`` lives below ``P/R/``::
     P/R/rounds/<r>/world               node ids in rank order, written at freeze
     P/R/rounds/<r>/kv/<key>            the round's store (``EtcdStore``)
 
-Round numbers are zero-padded so that lexical order is numeric order.
+Round numbers are zero-padded so that lexical order is numeric order, which
+is what lets one range delete drop every round below a given one.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class RunKeys:
     def round(self, r: int) -> bytes:
         """Prefix of every key of round ``r``."""
         return self.run + b"rounds/%0*d/" % (_ROUND_DIGITS, r)
+
+    def rounds_between(self, first: int, end: int) -> tuple[bytes, bytes]:
+        """Key range ``[start, end)`` that holds every key of the rounds
+        ``first <= r < end`` (for one range delete)."""
+        return self.round(first), self.round(end)
 
     def members(self, r: int) -> bytes:
         """Prefix of the member keys of round ``r``."""
