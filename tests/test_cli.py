@@ -267,6 +267,10 @@ def test_server_prints_its_endpoint_and_stops_on_sigterm(run_id):
         first = server.stdout.readline()
         assert first.startswith("endpoint: 127.0.0.1:"), first
         endpoint = first.split()[1]
+        # Which etcd runs: its version and binary, as `etcd --version` tells.
+        label, version, binary = server.stdout.readline().split()
+        said = subprocess.run([binary.strip("()"), "--version"], capture_output=True, text=True)
+        assert label == "etcd:" and f"etcd Version: {version}\n" in said.stdout
         assert status_json(endpoint, run_id)["status"] == "none"
         server.send_signal(signal.SIGTERM)
         assert server.wait(15) == 0

