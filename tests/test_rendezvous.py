@@ -20,10 +20,12 @@ from rdzv.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousError,
+    RendezvousParameters,
     RendezvousStateError,
     RendezvousTimeoutError,
 )
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
+from rdzv.etcd_rendezvous import create_rdzv_handler
 from rdzv.keys import RunKeys
 
 
@@ -94,6 +96,44 @@ def test_timeout_with_too_few_nodes_and_withdrawal(etcd_endpoint, run_id, handle
     assert etcd.count(RunKeys("/rdzv", run_id).members(0)) == 0
     handlers.extend(make_handler(etcd_endpoint, run_id, 2, 2) for _ in range(2))
     assert_one_world(run_round([ThreadNode(h) for h in handlers[1:]]), 2)
+
+
+def test_timeout_says_how_many_joined_and_since_when(etcd_endpoint, run_id, handlers, etcd):
+    patient = make_handler(etcd_endpoint, run_id, 3, 3, timeout=60)
+    handlers.append(patient)
+    waiting = ThreadNode(patient).start()
+    members = RunKeys("/rdzv", run_id).members(0)
+    wait_for(lambda: etcd.count(members) == 1, what="the first node's join")
+    handlers.append(make_handler(etcd_endpoint, run_id, 3, 3, timeout=1.5))
+    before = time.strftime("%H:%M:%S", time.gmtime())
+    with pytest.raises(RendezvousTimeoutError) as raised:
+        handlers[-1].next_rendezvous()
+    after = time.strftime("%H:%M:%S", time.gmtime())
+    message = str(raised.value)
+    assert "2 of the min_nodes=3 nodes needed joined round 0 (max_nodes=3)" in message, message
+    since = message.split("waiting since ")[1].split()[0]
+    assert before <= since <= after, message
+    patient.set_closed()
+    assert isinstance(waiting.join(), RendezvousClosedError)
+
+
+@pytest.mark.parametrize("backend", ["etcd3", "etcd-v3", "etcd"])
+def test_backend_names_rdzv_answers_to(etcd_endpoint, run_id, handlers, backend):
+    handlers.append(create_rdzv_handler(
+        RendezvousParameters(backend, etcd_endpoint, run_id, 1, 1, timeout=30)
+    ))
+    assert handlers[0].get_backend() == backend
+    assert handlers[0].next_rendezvous().world_size == 1
+
+
+@pytest.mark.parametrize("backend", ["etcd-v2", "c10d", "static", "ETCD3", " etcd3"])
+def test_other_backend_names_are_refused_before_etcd_is_touched(etcd_endpoint, run_id, etcd,
+                                                                backend):
+    with pytest.raises(ValueError) as raised:
+        create_rdzv_handler(RendezvousParameters(backend, etcd_endpoint, run_id, 1, 1))
+    message = str(raised.value)
+    assert repr(backend) in message and "'etcd3', 'etcd-v3', 'etcd'" in message, message
+    assert etcd.count(RunKeys("/rdzv", run_id).run) == 0
 
 
 def test_late_node_waits_and_is_admitted_next_round(etcd_endpoint, run_id, handlers):

@@ -156,7 +156,7 @@ class EtcdConfig:
         if not 0 < self.connect_timeout <= MAX_SECONDS:
             raise ValueError(
                 f"'connect_timeout' must be a positive number of seconds, at most "
-                f"{MAX_SECONDS:g}, got {self.connect_timeout!r}."
+                f"{MAX_SECONDS:.0f} (a year), got {self.connect_timeout!r}."
             )
         for name in ("cacert", "cert", "key"):
             _check_readable_file(name, getattr(self, name))
@@ -212,7 +212,7 @@ def seconds_option(params: RendezvousParameters, name: str, default: float) -> f
     if number is None or not 0 < number <= MAX_SECONDS:
         raise ValueError(
             f"The rendezvous option '{name}' must be a positive number of seconds, at most "
-            f"{MAX_SECONDS:g} (a year), got {value!r}."
+            f"{MAX_SECONDS:.0f} (a year), got {value!r}."
         )
     return number
 
@@ -547,12 +547,12 @@ class EtcdClient:
         request = self._rpc.LeaseTimeToLiveRequest(ID=lease_id)
         return self._call(self._leases.LeaseTimeToLive, request, "lease time-to-live").TTL
 
-    def count(self, prefix: bytes) -> int:
-        """Return how many keys start with ``prefix``."""
+    def count(self, prefix: bytes, once: bool = False) -> int:
+        """Return how many keys start with ``prefix``; ``once``: a single attempt."""
         request = self._rpc.RangeRequest(
             key=prefix, range_end=_prefix_end(prefix), count_only=True
         )
-        return self._call(self._kv.Range, request, "count").count
+        return self._call(self._kv.Range, request, "count", once).count
 
     def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         """Store ``value`` at ``key``; return the new revision."""

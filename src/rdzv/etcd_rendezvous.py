@@ -32,7 +32,7 @@ from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 from rdzv.session import Session
 from rdzv.watch import Inbox, Watch
 
-__all__ = ["RENDEZVOUS_OPTIONS", "EtcdRendezvousHandler", "create_rdzv_handler"]
+__all__ = ["BACKEND_NAMES", "RENDEZVOUS_OPTIONS", "EtcdRendezvousHandler", "create_rdzv_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,11 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_LAST_CALL_TIMEOUT = 30.0
 DEFAULT_LEASE_TTL = 10
 DEFAULT_STORE_TIMEOUT = 300.0
-#: etcd's own limit on a lease's time-to-live.
+#: etcd's own limit on a lease's time-to-live (about 285 years).
 MAX_LEASE_TTL = 9_000_000_000
+#: The backend names rdzv answers to: ``etcd3`` is torchrun's ``--rdzv-backend``;
+#: ``etcd`` lets code written for torch's etcd handler port unchanged.
+BACKEND_NAMES = ("etcd3", "etcd-v3", "etcd")
 MIN_KEEPALIVE_INTERVAL = 0.05
 MAX_DEFAULT_KEEPALIVE = 60.0
 
@@ -387,7 +390,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                     if now >= deadline:
                         raise RendezvousTimeoutError(
                             f"run {self._run_id!r}: no round completed within "
-                            f"{self._timeout:g} s ({self._describe_wait()})"
+                            f"{self._timeout:g} s: {self._describe_wait(now - start)}"
                         )
                     self._drain(min(deadline, node.next_wake, next_check) - now)
                     self._check_not_shut_down()
@@ -421,14 +424,37 @@ class EtcdRendezvousHandler(RendezvousHandler):
         store_info = RendezvousStoreInfo(master_addr, master_port)
         return RendezvousInfo(store, rank, world_size, store_info)
 
-    def _describe_wait(self) -> str:
+    def _describe_wait(self, waited: float) -> str:
+        """What this node waited for, for a timeout: the round, who joined it, since when."""
+        since = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() - waited))
         state = self._node.state
         if state is None:
-            return "no state record"
-        return (
-            f"round {state.round} is {_state.status_name(state.status)}, "
-            f"min_nodes={state.min_nodes}, max_nodes={state.max_nodes}"
-        )
+            return f"no node has opened the run (no state record); waiting since {since}"
+        r = state.round
+        try:
+            # One read, on the way out: the count as it is now, not at this node's join.
+            joined = self._client.count(self._keys.members(r), once=True)
+        except RendezvousConnectionError:
+            joined = None
+        status = state.status
+        if status == _state.Status.FROZEN:
+            what = f"round {r} froze with {state.world_size} members and waits for them to confirm"
+        elif status == _state.Status.FINAL:
+            what = (
+                f"round {r} completed with {state.world_size} members; round {r + 1} opens "
+                "when one of them calls next_rendezvous() again"
+            )
+        elif joined is None:
+            what = (
+                f"round {r} is {_state.status_name(status)} and needs min_nodes="
+                f"{state.min_nodes} (how many joined is unknown: etcd did not answer)"
+            )
+        else:
+            what = (
+                f"{joined} of the min_nodes={state.min_nodes} nodes needed joined round {r} "
+                f"(max_nodes={state.max_nodes})"
+            )
+        return f"{what}; waiting since {since}"
 
     def _withdraw(self) -> None:
         """Remove this node's keys from the round it is leaving.
@@ -566,11 +592,18 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
     unreachable endpoint raises ``RendezvousConnectionError`` from this call.
 
     Raises:
-        ValueError: an option is unknown or malformed (the message says which).
+        ValueError: the backend is not one of ``BACKEND_NAMES``, or an option is
+            unknown or malformed (the message says which).
         RendezvousConnectionError: etcd cannot be reached within connect_timeout.
     """
     if not isinstance(params, RendezvousParameters):
         raise TypeError(f"expected RendezvousParameters, got {type(params).__name__}")
+    if params.backend not in BACKEND_NAMES:
+        raise ValueError(
+            f"The rendezvous backend {params.backend!r} is not rdzv's; rdzv answers to "
+            f"{', '.join(repr(name) for name in BACKEND_NAMES)} (torchrun: "
+            "--rdzv-backend=etcd3)."
+        )
     unknown = set(params.config) - set(RENDEZVOUS_OPTIONS) - _FOREIGN_OPTIONS
     if unknown:
         raise ValueError(
@@ -605,15 +638,15 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
             lease_ttl = int(text)
     if lease_ttl is None or not 2 <= lease_ttl <= MAX_LEASE_TTL:
         raise ValueError(
-            f"The rendezvous option 'lease_ttl' must be a whole number of seconds from 2 "
-            f"to {MAX_LEASE_TTL}, got {lease_ttl_value!r}."
+            "The rendezvous option 'lease_ttl' must be a whole number of seconds from 2 "
+            f"to {MAX_LEASE_TTL} (about 285 years, etcd's limit), got {lease_ttl_value!r}."
         )
     keepalive = seconds_option(
         params, "keepalive_interval", min(lease_ttl / 4, MAX_DEFAULT_KEEPALIVE)
     )
     if keepalive < MIN_KEEPALIVE_INTERVAL:
         raise ValueError(
-            f"keepalive_interval must be at least {MIN_KEEPALIVE_INTERVAL} s, got {keepalive:g}."
+            f"keepalive_interval must be at least {MIN_KEEPALIVE_INTERVAL} s, got {keepalive:g} s."
         )
     if keepalive >= lease_ttl:
         raise ValueError(

@@ -73,7 +73,7 @@ def _to_seconds(timeout: TimeoutType, what: str) -> float:
         )
     if not 0 < seconds <= MAX_SECONDS:
         raise ValueError(
-            f"The {what} must be a positive duration of at most {MAX_SECONDS:g} s "
+            f"The {what} must be a positive duration of at most {MAX_SECONDS:.0f} s "
             f"(a year), got {timeout!r}."
         )
     return seconds
