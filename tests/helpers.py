@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from rdzv import _state
 from rdzv.api import RendezvousParameters
+from rdzv.client import EtcdClient
 from rdzv.etcd_rendezvous import EtcdRendezvousHandler, create_rdzv_handler
+from rdzv.keys import RunKeys
 
 NODE_SCRIPT = os.path.join(os.path.dirname(__file__), "rdzv_node.py")
 
@@ -87,28 +91,78 @@ def assert_one_world(infos: list[Any], size: int) -> None:
     assert sorted(i.rank for i in infos) == list(range(size))
 
 
+def check_worlds(client: EtcdClient, run_id: str, results: list[tuple[str, int, int, int]],
+                 min_nodes: int, max_nodes: int, dead: frozenset[str] = frozenset()) -> None:
+    """Guarantees 1-3 (and 5) for ``[(node_id, round, rank, world_size), ...]``.
+
+    Every result must agree with the world record etcd holds for its round: one
+    world per round, whatever each node saw. The world is within bounds, and no
+    node in ``dead`` (killed before the round) is in it.
+    """
+    keys = RunKeys("/rdzv", run_id)
+    for node_id, round_number, rank, world_size in results:
+        got = client.get(keys.world(round_number))
+        assert got is not None, f"round {round_number} returned but has no world record"
+        world_round, world = _state.decode_world(got[0], keys.world(round_number))
+        assert world_round == round_number
+        assert len(world) == world_size, (round_number, world, world_size)
+        assert min_nodes <= world_size <= max_nodes, (round_number, world_size)
+        assert world.index(node_id) == rank, (node_id, rank, world)
+        assert not set(world) & dead, (round_number, world, dead)
+    by_round: dict[int, list[int]] = {}
+    for _node_id, round_number, rank, _size in results:
+        by_round.setdefault(round_number, []).append(rank)
+    for ranks in by_round.values():
+        assert len(ranks) == len(set(ranks)), f"two nodes share a rank: {results}"
+
+
 class ProcessNode:
-    """A node in its own process (see rdzv_node.py), for real kills."""
+    """A node in its own process (see rdzv_node.py), for real kills.
+
+    Args:
+        endpoint, run_id, min_nodes, max_nodes: the rendezvous parameters.
+        launcher: a command prefix the process runs under (a test host's, say).
+        config: more rendezvous options, as ``key=value`` strings.
+    """
 
     def __init__(
-        self, endpoint: str, run_id: str, min_nodes: int, max_nodes: int, **config: Any
+        self,
+        endpoint: str,
+        run_id: str,
+        min_nodes: int,
+        max_nodes: int,
+        launcher: Sequence[str] = (),
+        **config: Any,
     ) -> None:
         config.setdefault("timeout", 60)
         config.setdefault("last_call_timeout", 30)
         args = [f"{k}={v}" for k, v in config.items()]
         self.proc = subprocess.Popen(
-            [sys.executable, NODE_SCRIPT, endpoint, run_id, str(min_nodes), str(max_nodes), *args],
+            [*launcher, sys.executable, NODE_SCRIPT, endpoint, run_id, str(min_nodes),
+             str(max_nodes), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,
         )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
         self.node_id = self._read()["node_id"]
 
-    def _read(self) -> dict[str, Any]:
+    def _pump(self) -> None:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, f"node process exited with {self.proc.poll()}"
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put("")
+
+    def _read(self, timeout: float | None = None) -> dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"node process gave no answer within {timeout} s") from None
+        if not line:
+            self._lines.put("")  # the end stays visible to later reads
+            raise AssertionError(f"node process exited with {self.proc.wait()}")
         return json.loads(line)
 
     def send(self, command: str) -> None:
@@ -116,8 +170,14 @@ class ProcessNode:
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
 
-    def result(self) -> dict[str, Any]:
-        return self._read()
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next answer; AssertionError if none comes within ``timeout`` seconds."""
+        return self._read(timeout)
+
+    def ask(self, command: str, timeout: float | None = 60.0) -> dict[str, Any]:
+        """Send ``command`` and return its answer."""
+        self.send(command)
+        return self._read(timeout)
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)

@@ -118,6 +118,31 @@ def test_two_servers_side_by_side(etcd_server: EtcdServer, run_id: str) -> None:
             client.close()
 
 
+def test_server_on_a_given_address_under_a_launcher(run_id: str) -> None:
+    # 127.0.0.2 is loopback too, but a different address: etcd must bind it alone.
+    with EtcdServer(host="127.0.0.2", launcher=["env", "RDZV_UNDER_LAUNCHER=1"]) as server:
+        assert server.get_host() == "127.0.0.2"
+        assert server.get_endpoint() == f"127.0.0.2:{server.get_port()}"
+        _round_trip(server, run_id.encode(), b"value")
+        with open(f"/proc/{server.pid}/environ", "rb") as f:
+            assert b"RDZV_UNDER_LAUNCHER=1" in f.read().split(b"\0")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.get_port()), timeout=2).close()
+
+
+def test_launcher_that_cannot_run_fails_clearly(tmp_path: Path) -> None:
+    server = EtcdServer(data_dir=str(tmp_path), launcher=[str(tmp_path / "no-such-launcher")])
+    with pytest.raises(EtcdStartError, match="Cannot run etcd's launcher"):
+        server.start(timeout=10)
+
+
+def test_cluster_needs_one_host_and_launcher_per_member() -> None:
+    with pytest.raises(ValueError, match="'hosts' needs one entry per member"):
+        EtcdCluster(size=3, hosts=["127.0.0.1"])
+    with pytest.raises(ValueError, match="'launchers' needs one entry per member"):
+        EtcdCluster(size=2, launchers=[[]])
+
+
 def test_kill_and_restart_keep_data_and_ports(run_id: str) -> None:
     key = run_id.encode()
     with EtcdServer() as server:

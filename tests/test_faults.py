@@ -25,6 +25,7 @@ from helpers import (
     ProcessNode,
     ThreadNode,
     assert_one_world,
+    check_worlds,
     make_handler,
     run_round,
     wait_for,
@@ -79,31 +80,6 @@ def _client(group: EtcdServer | EtcdCluster) -> EtcdClient:
 
 
 # ------------------------------------------------------------------- checks
-def check_worlds(client: EtcdClient, run_id: str, results: list[tuple[str, int, int, int]],
-                 min_nodes: int, max_nodes: int, dead: frozenset[str] = frozenset()) -> None:
-    """Guarantees 1-3 (and 5) for ``[(node_id, round, rank, world_size), ...]``.
-
-    Every result must agree with the world record etcd holds for its round: one
-    world per round, whatever each node saw. The world is within bounds, and no
-    node in ``dead`` (killed before the round) is in it.
-    """
-    keys = RunKeys("/rdzv", run_id)
-    for node_id, round_number, rank, world_size in results:
-        got = client.get(keys.world(round_number))
-        assert got is not None, f"round {round_number} returned but has no world record"
-        world_round, world = _state.decode_world(got[0], keys.world(round_number))
-        assert world_round == round_number
-        assert len(world) == world_size, (round_number, world, world_size)
-        assert min_nodes <= world_size <= max_nodes, (round_number, world_size)
-        assert world.index(node_id) == rank, (node_id, rank, world)
-        assert not set(world) & dead, (round_number, world, dead)
-    by_round: dict[int, list[int]] = {}
-    for _node_id, round_number, rank, _size in results:
-        by_round.setdefault(round_number, []).append(rank)
-    for ranks in by_round.values():
-        assert len(ranks) == len(set(ranks)), f"two nodes share a rank: {results}"
-
-
 def thread_results(nodes: list[ThreadNode]) -> list[tuple[str, int, int, int]]:
     """``(node_id, round, rank, world_size)`` of nodes whose round completed."""
     return [

@@ -387,15 +387,28 @@ class EtcdMember:
         name: the member's name in the cluster (``--name``).
         directory: where its log (``etcd.log``) and etcd data (``data/``) live.
         options: binary and flags shared by the group.
+        host: the address etcd binds and advertises, for clients and peers.
+        launcher: a command prefix etcd runs under (e.g. ``ip netns exec NAME`` to
+            run it in a network namespace); it must exec etcd, keeping the pid.
 
     Attributes:
         name: the member's name in the cluster.
         directory: where its log and etcd data live.
+        host: the address etcd binds and advertises.
     """
 
-    def __init__(self, name: str, directory: str, options: _LaunchOptions) -> None:
+    def __init__(
+        self,
+        name: str,
+        directory: str,
+        options: _LaunchOptions,
+        host: str = _HOST,
+        launcher: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.directory = directory
+        self.host = host
+        self._launcher = tuple(launcher)
         self._options = options
         self._ports: _Ports | None = None
         self._initial_cluster = ""
@@ -415,8 +428,8 @@ class EtcdMember:
         return self._ports
 
     def get_host(self) -> str:
-        """Return the address etcd listens on (loopback)."""
-        return _HOST
+        """Return the address etcd listens on (loopback unless the group was given hosts)."""
+        return self.host
 
     def get_port(self) -> int:
         """Return the client port.
@@ -432,7 +445,7 @@ class EtcdMember:
         Raises:
             RuntimeError: the member was never started.
         """
-        return f"{_HOST}:{self.get_port()}"
+        return f"{self.host}:{self.get_port()}"
 
     def get_protocol(self) -> str:
         """Return ``"https"`` when the group was given ``tls``, else ``"http"``."""
@@ -444,10 +457,10 @@ class EtcdMember:
         Raises:
             RuntimeError: the member was never started.
         """
-        return f"http://{_HOST}:{self._require_ports().metrics}"
+        return f"http://{self.host}:{self._require_ports().metrics}"
 
     def _peer_url(self) -> str:
-        return f"http://{_HOST}:{self._require_ports().peer}"
+        return f"http://{self.host}:{self._require_ports().peer}"
 
     @property
     def log_path(self) -> str:
@@ -471,9 +484,10 @@ class EtcdMember:
     # ------------------------------------------------------------ lifecycle
     def _command(self) -> list[str]:
         ports = self._require_ports()
-        client_url = f"{self.get_protocol()}://{_HOST}:{ports.client}"
+        client_url = f"{self.get_protocol()}://{self.host}:{ports.client}"
         options = self._options
         command = [
+            *self._launcher,
             options.binary,
             "--name", self.name,
             "--data-dir", self.data_path,
@@ -525,12 +539,14 @@ class EtcdMember:
                 self._stderr_copy = _StderrCopy(self._process.stderr, _stderr_target(self._stderr))
         except OSError as err:
             self._close_handles()
+            program = command[0]
+            what = "the etcd binary" if program == self._options.binary else "etcd's launcher"
             raise EtcdStartError(
-                f"Cannot run the etcd binary {command[0]!r}: {err.strerror or err}. "
-                "Check that it is an etcd executable for this machine."
+                f"Cannot run {what} {program!r}: {err.strerror or err}. "
+                "Check that it is an executable for this machine."
             ) from err
         self._probe = EtcdClient(
-            _client_config([(_HOST, self.get_port())], self._options.tls, _PROBE_TIMEOUT_S)
+            _client_config([(self.host, self.get_port())], self._options.tls, _PROBE_TIMEOUT_S)
         )
 
     def _status(self) -> Any | None:
@@ -546,7 +562,7 @@ class EtcdMember:
         """Whether etcd answers HTTP on its peer port (it does before it has a leader)."""
         # http.client, not urllib: a proxy from the environment must not be asked.
         connection = http.client.HTTPConnection(
-            _HOST, self._require_ports().peer, timeout=_PROBE_TIMEOUT_S
+            self.host, self._require_ports().peer, timeout=_PROBE_TIMEOUT_S
         )
         try:
             connection.request("GET", "/version")
@@ -756,6 +772,8 @@ class _EtcdGroup:
         tls: TLSFiles | None,
         extra_args: Sequence[str],
         client_ports: Sequence[int] | None = None,
+        hosts: Sequence[str] | None = None,
+        launchers: Sequence[Sequence[str]] | None = None,
     ) -> None:
         if isinstance(extra_args, str):
             raise TypeError("'extra_args' must be a list of strings, not one string.")
@@ -763,6 +781,8 @@ class _EtcdGroup:
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 raise ValueError(f"A client port must be a number from 1 to 65535, got {port!r}.")
         self._client_ports = tuple(client_ports) if client_ports else None
+        self._hosts = tuple(hosts) if hosts else None
+        self._launchers = tuple(tuple(launcher) for launcher in launchers) if launchers else None
         self._given_data_dir = data_dir
         self._data_dir: str | None = None
         binary = find_etcd_binary(etcd_binary_path)
@@ -829,7 +849,14 @@ class _EtcdGroup:
             data_dir = os.path.abspath(self._given_data_dir)
             os.makedirs(data_dir, exist_ok=True)
         members = [
-            EtcdMember(name, path, self._options) for name, path in self._member_dirs(data_dir)
+            EtcdMember(
+                name,
+                path,
+                self._options,
+                self._hosts[i] if self._hosts else _HOST,
+                self._launchers[i] if self._launchers else (),
+            )
+            for i, (name, path) in enumerate(self._member_dirs(data_dir))
         ]
         # Holds the members and the directory, never self: an unreferenced group
         # is stopped when collected, a forgotten one at interpreter exit.
@@ -972,7 +999,12 @@ class EtcdServer(_EtcdGroup):
             torch's v2 rendezvous backend on the same server.
         tls: serve clients over https with these files.
         extra_args: more etcd flags, appended last (they override ours).
-        client_port: serve clients on this loopback port instead of a free one.
+        client_port: serve clients on this port instead of a free one.
+        host: the address etcd binds and advertises (loopback by default); one
+            this process can reach, e.g. a network namespace's address.
+        launcher: a command prefix etcd runs under, e.g. ``["ip", "netns",
+            "exec", NAME]`` to run it inside the network namespace that has
+            ``host``; it must exec etcd (the process id stays etcd's).
 
     Raises:
         EtcdNotFoundError: no etcd binary was found.
@@ -989,10 +1021,12 @@ class EtcdServer(_EtcdGroup):
         tls: TLSFiles | None = None,
         extra_args: Sequence[str] = (),
         client_port: int | None = None,
+        host: str = _HOST,
+        launcher: Sequence[str] = (),
     ) -> None:
         super().__init__(
             data_dir, etcd_binary_path, enable_v2, tls, extra_args,
-            None if client_port is None else [client_port],
+            None if client_port is None else [client_port], [host], [launcher],
         )
 
     def _member_dirs(self, data_dir: str) -> list[tuple[str, str]]:
@@ -1004,8 +1038,12 @@ class EtcdServer(_EtcdGroup):
         return self._members[0]
 
     def get_host(self) -> str:
-        """Return the host etcd listens on (``127.0.0.1``)."""
-        return _HOST
+        """Return the address etcd listens on (``127.0.0.1`` unless given ``host``).
+
+        Raises:
+            RuntimeError: it was never started.
+        """
+        return self._member().get_host()
 
     def get_port(self) -> int:
         """Return the client port.
@@ -1066,8 +1104,12 @@ class EtcdCluster(_EtcdGroup):
         etcd_binary_path: the etcd binary; see ``find_etcd_binary``.
         enable_v2: also serve the v2 API.
         tls: serve clients over https with these files.
-        client_ports: one loopback client port per member instead of free ones.
+        client_ports: one client port per member instead of free ones.
         extra_args: more etcd flags for every member, appended last.
+        hosts: one address per member that it binds and advertises (loopback for
+            all if None); see ``EtcdServer``'s ``host``.
+        launchers: one command prefix per member that it runs under; see
+            ``EtcdServer``'s ``launcher``.
 
     Raises:
         EtcdNotFoundError: no etcd binary was found.
@@ -1085,15 +1127,22 @@ class EtcdCluster(_EtcdGroup):
         tls: TLSFiles | None = None,
         extra_args: Sequence[str] = (),
         client_ports: Sequence[int] | None = None,
+        hosts: Sequence[str] | None = None,
+        launchers: Sequence[Sequence[str]] | None = None,
     ) -> None:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"'size' must be a positive number of members, got {size!r}.")
-        if client_ports is not None and len(client_ports) != size:
-            raise ValueError(
-                f"'client_ports' needs one port per member ({size}), got {len(client_ports)}."
-            )
+        for name, given in (("client_ports", client_ports), ("hosts", hosts),
+                            ("launchers", launchers)):
+            if given is not None and len(given) != size:
+                raise ValueError(
+                    f"{name!r} needs one entry per member ({size}), got {len(given)}."
+                )
         self._size = size
-        super().__init__(data_dir, etcd_binary_path, enable_v2, tls, extra_args, client_ports)
+        super().__init__(
+            data_dir, etcd_binary_path, enable_v2, tls, extra_args, client_ports, hosts,
+            launchers,
+        )
 
     def _member_dirs(self, data_dir: str) -> list[tuple[str, str]]:
         return [(f"etcd-{i}", os.path.join(data_dir, f"etcd-{i}")) for i in range(self._size)]
