@@ -103,12 +103,14 @@ def signal_node(node: ProcessNode, sig: int) -> None:
     os.killpg(node.proc.pid, sig)
 
 
-def intercept_txn(handler: Any, match: Any, action: Any) -> None:
+def intercept_txn(handler: Any, match: Any, action: Any, method: str = "Txn") -> None:
     """Fault injection below the client's retries: a transaction of ``handler``
-    whose request ``match(request)`` runs ``action(send)`` instead, where
-    ``send()`` sends it to etcd. Every other request goes through as it is."""
+    (or a request of another KV ``method``, like the ``Range`` requests that
+    read-only transactions are sent as) whose request ``match(request)`` runs
+    ``action(send)`` instead, where ``send()`` sends it to etcd. Every other
+    request goes through as it is."""
     kvstub = handler._client._kv  # this client's own stub (the channel is shared)
-    real_txn = kvstub.Txn
+    real_txn = getattr(kvstub, method)
 
     def txn(request: Any, *args: Any, **kwargs: Any) -> Any:
         def send() -> Any:
@@ -117,7 +119,7 @@ def intercept_txn(handler: Any, match: Any, action: Any) -> None:
         send.request = request  # type: ignore[attr-defined]
         return action(send) if match(request) else send()
 
-    kvstub.Txn = txn
+    setattr(kvstub, method, txn)
 
 
 def puts_key(key: bytes) -> Any:
@@ -316,9 +318,8 @@ def test_round_is_final_only_when_its_world_confirmed(etcd_server, run_id, handl
     intercept_txn(slow.handler, puts_key(keys.confirmed(0) + slow_id), confirm_late)
     intercept_txn(surplus.handler, puts_key(keys.waiting(0) + surplus.handler.node_id.encode()),
                   wait_to_withdraw)
-    intercept_txn(member.handler, lambda request: not any(
-        op.request_put.key for op in request.success) and any(
-        op.request_range.key == keys.confirmed(0) for op in request.success), liveness_check)
+    intercept_txn(member.handler, lambda request: request.key == keys.confirmed(0),
+                  liveness_check, method="Range")
     try:
         member.start()
         wait_for(lambda: client.get(keys.state) and client.count(keys.members(0)) == 1,
