@@ -340,6 +340,18 @@ def test_bad_arguments_exit_2_with_one_line(args):
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize("value", ["-1:2", "-1", "0", "3:2", "two", "1:", ":2", "1:2:3", "-"])
+def test_every_bad_nnodes_gets_the_same_one_line_message(value, capsys):
+    join = ["join", "--endpoint", "127.0.0.1:2379", "--run-id", "r"]
+    for args in ([*join, "--nnodes", value], [*join, f"--nnodes={value}"]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            "rdzv join: error: argument --nnodes: expected N or MIN:MAX, whole numbers with "
+            f"1 <= MIN <= MAX, got {value!r} (see: rdzv join --help)\n"
+        )
+
+
 # The same checks in this process: main() returns what the command exits with.
 @pytest.mark.parametrize("args", BAD_ARGUMENTS)
 def test_bad_arguments_are_refused_before_any_io(args, capsys):

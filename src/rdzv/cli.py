@@ -108,6 +108,23 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # argparse takes a value like "-1:2" for an option, and --nnodes would fail
+        # with "expected one argument"; as "--nnodes=-1:2" it gets _nnodes' message.
+        given = list(sys.argv[1:] if args is None else args)
+        joined: list[str] = []
+        while given:
+            arg = given.pop(0)
+            if arg == "--":
+                joined += [arg, *given]
+                break
+            if arg == "--nnodes" and given and given[0].startswith("-"):
+                arg = f"--nnodes={given.pop(0)}"
+            joined.append(arg)
+        return super().parse_known_args(joined, namespace)
+
 
 def _nnodes(text: str) -> tuple[int, int]:
     """``N`` or ``MIN:MAX`` -> ``(min, max)``."""
@@ -116,11 +133,11 @@ def _nnodes(text: str) -> tuple[int, int]:
         low = int(low_text)
         high = int(high_text) if sep else low
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected N or MIN:MAX (whole numbers), got {text!r}"
-        ) from None
+        low = high = 0
     if not 1 <= low <= high:
-        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected N or MIN:MAX, whole numbers with 1 <= MIN <= MAX, got {text!r}"
+        )
     return low, high
 
 
