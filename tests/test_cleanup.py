@@ -1,16 +1,21 @@
 """A shared etcd stays healthy: runs clean up after themselves.
 
 Old rounds are deleted inside the transitions that retire them, so a run's
-footprint stays bounded however many rounds it goes through.
+footprint stays bounded however many rounds it goes through; a closed run goes
+``closed_run_grace`` after its last node, an abandoned one ``run_idle_timeout``
+after, and a run with live nodes stays, however idle.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from helpers import ThreadNode, assert_one_world, make_handler, run_round
+from helpers import ProcessNode, ThreadNode, assert_one_world, make_handler, run_round, wait_for
+from rdzv import _state
 from rdzv.client import EtcdClient
 from rdzv.etcd_server import EtcdServer
 from rdzv.keys import DEFAULT_PREFIX, RunKeys
@@ -49,3 +54,65 @@ def test_a_run_keeps_a_bounded_footprint_over_100_rounds(client, etcd_endpoint, 
     assert sizes[-1][0] <= sizes[5][0] + 2, sizes
     rounds = {k[len(keys.run):].split(b"/")[1] for k, _, _ in client.range(keys.run + b"rounds/")}
     assert len(rounds) <= 3, rounds
+
+
+# Short lifetimes, so that a run nobody is left in goes within seconds.
+GRACE, IDLE = 2, 4
+SHORT = {"closed_run_grace": GRACE, "run_idle_timeout": IDLE, "lease_ttl": 2}
+
+
+def test_closed_and_abandoned_runs_go_and_a_live_idle_run_stays(
+        client, etcd_endpoint, handlers):
+    live, abandoned, closed = (RunKeys(DEFAULT_PREFIX, str(uuid.uuid4())) for _ in range(3))
+    # A live run: its nodes stay, and do nothing after their round.
+    live_handlers = [make_handler(etcd_endpoint, live.run_id, 2, 2, **SHORT) for _ in range(2)]
+    handlers.extend(live_handlers)
+    assert_one_world(run_round([ThreadNode(h) for h in live_handlers]), 2)
+    live_keys = {k for k, _, _ in client.range(live.run)}
+    live_since = time.monotonic()
+    # An abandoned run: its node processes are killed after their round.
+    processes = [ProcessNode(etcd_endpoint, abandoned.run_id, 2, 2, **SHORT) for _ in range(2)]
+    try:
+        for p in processes:
+            p.send("join")
+        assert [p.result()["world_size"] for p in processes] == [2, 2]
+    finally:
+        for p in processes:
+            p.kill()
+    killed_at = time.monotonic()
+    # A closed run: closed and shut down, as torch's launcher does when a job ends.
+    closing = [make_handler(etcd_endpoint, closed.run_id, 2, 2, **SHORT) for _ in range(2)]
+    handlers.extend(closing)
+    assert_one_world(run_round([ThreadNode(h) for h in closing]), 2)
+    closing[0].set_closed()
+    for h in closing:
+        h.shutdown()
+    # Late nodes learn that the run is closed during the grace period.
+    assert state_of(client, closed).status == _state.Status.CLOSED
+
+    wait_for(lambda: not client.range(closed.run), timeout=GRACE + 15, what="closed run gone")
+    wait_for(lambda: not client.range(abandoned.run + b"rounds/"), timeout=GRACE + 15,
+             what="abandoned run's rounds gone")
+    wait_for(lambda: not client.range(abandoned.run), timeout=IDLE + 15,
+             what="abandoned run's state gone")
+    # The state record lasts run_idle_timeout after the last keep-alive, which went
+    # at most a quarter of it before the kill.
+    assert time.monotonic() - killed_at >= IDLE * 3 / 4 - 0.5
+
+    # Nothing of the live run went, though it was idle for longer than both times.
+    wait_for(lambda: time.monotonic() - live_since > IDLE + 1, what="the live run idle long")
+    assert {k for k, _, _ in client.range(live.run)} >= live_keys
+    assert_one_world(run_round([ThreadNode(h) for h in live_handlers]), 2)
+    assert {h.round for h in live_handlers} == {1}
+
+    # The closed run's id starts a new run, from round 0.
+    again = [make_handler(etcd_endpoint, closed.run_id, 2, 2, **SHORT) for _ in range(2)]
+    handlers.extend(again)
+    assert_one_world(run_round([ThreadNode(h) for h in again]), 2)
+    assert {h.round for h in again} == {0}
+
+
+def state_of(client: EtcdClient, keys: RunKeys):
+    got = client.get(keys.state)
+    assert got is not None, "no state record"
+    return _state.decode_state(got[0], keys.state)

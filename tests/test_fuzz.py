@@ -165,6 +165,15 @@ _OPTION_VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]]
     "timeout": (_SECONDS, _JUNK),
     "last_call_timeout": (_SECONDS, _JUNK),
     "store_timeout": (_SECONDS, _JUNK),
+    # Valid ones never break "grace <= idle", nor the other's default (600, 7200).
+    "closed_run_grace": (
+        st.one_of(st.integers(1, 600), st.floats(0.001, 600), st.integers(1, 600).map(str)),
+        _JUNK,
+    ),
+    "run_idle_timeout": (
+        st.one_of(st.integers(600, 10**6), st.floats(600, 1e6), st.integers(600, 10**6).map(str)),
+        _JUNK,
+    ),
     "keepalive_interval": (
         st.floats(MIN_KEEPALIVE_INTERVAL, 1.9),
         st.one_of(st.floats(0, 100), st.sampled_from([0.049, 1e-300]), _JUNK),
@@ -421,6 +430,8 @@ _RULES: dict[str, Callable[[Any], bool]] = {
     "timeout": _good_seconds,
     "last_call_timeout": _good_seconds,
     "store_timeout": _good_seconds,
+    "closed_run_grace": _good_seconds,
+    "run_idle_timeout": _good_seconds,
     "connect_timeout": _good_seconds,
     "keepalive_interval": lambda v: (_as_seconds(v) or 0) >= MIN_KEEPALIVE_INTERVAL,
     "lease_ttl": lambda v: _as_lease_ttl(v) is not None,
@@ -454,6 +465,10 @@ def _broken_rule(case: Case) -> str | None:
     keepalive = _as_seconds(config.get("keepalive_interval", 0.05))
     if keepalive >= lease_ttl:
         return f"keepalive_interval={keepalive} >= lease_ttl={lease_ttl}"
+    grace = math.ceil(_as_seconds(config.get("closed_run_grace", 600)))
+    idle = math.ceil(_as_seconds(config.get("run_idle_timeout", 7200)))
+    if grace > idle:
+        return f"closed_run_grace={grace} > run_idle_timeout={idle}"
     for pair in (("username", "password"), ("cert", "key")):
         if (config.get(pair[0]) is None) != (config.get(pair[1]) is None):
             return f"only one of {pair}"

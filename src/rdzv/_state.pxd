@@ -63,6 +63,8 @@ cdef class Node:
     cdef readonly int min_nodes
     cdef readonly int max_nodes
     cdef readonly long long lease
+    cdef readonly long long data_lease
+    cdef readonly long long state_lease
     cdef readonly bytes descriptor
     cdef readonly double last_call_timeout
 

@@ -473,6 +473,8 @@ cdef class Node:
         self.min_nodes = min_nodes
         self.max_nodes = max_nodes
         self.lease = lease
+        self.data_lease = 0
+        self.state_lease = 0
         self.descriptor = descriptor
         self.last_call_timeout = last_call_timeout
         self.liveness_interval = liveness_interval
@@ -487,6 +489,17 @@ cdef class Node:
         self.world = []
         self.master = ("", 0)
         self.begin()
+
+    def use_run_leases(self, long long data_lease, long long state_lease):
+        """Attach the keys that outlive a round to the run's leases.
+
+        Args:
+            data_lease: for the rounds' world and store keys, and for the state
+                record once the run is closed.
+            state_lease: for the state record of an open run.
+        """
+        self.data_lease = data_lease
+        self.state_lease = state_lease
 
     # ------------------------------------------------------------ observing
     @property
@@ -678,7 +691,9 @@ cdef class Node:
             changes.setdefault("min_nodes", self.min_nodes)
             changes.setdefault("max_nodes", self.max_nodes)
         cdef StateRecord new = _apply(s, event, changes)
-        success = [("put", self.keys.state, new.encode(), 0)]
+        # A closed run's record goes with its data, an open run's outlasts it.
+        success = [("put", self.keys.state, new.encode(),
+                    self.data_lease if event == CLOSE else self.state_lease)]
         success.extend(_retired_rounds(self.keys, event, s))
         if extra:
             success.extend(extra)
@@ -838,9 +853,9 @@ cdef class Node:
         cdef bytes confirm_key = self.keys.confirmed(s.round) + self.node_id.encode()
         cdef list extra = [
             ("put", self.keys.world(s.round),
-             encode_world(s.round, world, master_addr, master_port), 0),
-            ("put", kv + b"MASTER_ADDR", master_addr.encode(), 0),
-            ("put", kv + b"MASTER_PORT", str(master_port).encode(), 0),
+             encode_world(s.round, world, master_addr, master_port), self.data_lease),
+            ("put", kv + b"MASTER_ADDR", master_addr.encode(), self.data_lease),
+            ("put", kv + b"MASTER_PORT", str(master_port).encode(), self.data_lease),
         ]
         cdef bint in_world = self.node_id in world
         if in_world:

@@ -254,6 +254,24 @@ def _prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+class HeldLease:
+    """A lease kept alive on a connection while any of its clients holds it.
+
+    ``gone`` is set once etcd no longer has the lease, or once no keep-alive
+    was answered for its TTL.
+    """
+
+    def __init__(self, lease_id: int) -> None:
+        self.lease_id = lease_id
+        self.users = 0
+        self.stop = threading.Event()
+        self.gone = threading.Event()
+
+    def _answered(self, ttl: int) -> None:
+        if ttl <= 0:
+            self.gone.set()
+
+
 class _Connection:
     """One gRPC channel to etcd with its watch and keep-alive streams, shared by
     the process's clients that have the same configuration."""
@@ -261,6 +279,7 @@ class _Connection:
     def __init__(self, etcd: Any, rpc: Any) -> None:
         self.etcd = etcd
         self.users = 0
+        self.held: dict[int, HeldLease] = {}
         self.watches = WatchMux(rpc.WatchStub(etcd.channel), rpc)
         self.keepalives = KeepAliveHub(rpc.LeaseStub(etcd.channel), rpc, lambda: etcd.metadata)
 
@@ -714,6 +733,51 @@ class EtcdClient:
         """Grant a lease of ``ttl`` seconds; return its id."""
         request = self._rpc.LeaseGrantRequest(TTL=ttl)
         return self._call(self._leases.LeaseGrant, request, "lease grant").ID
+
+    def lease_ensure(self, lease_id: int, ttl: int) -> bool:
+        """Grant the lease ``lease_id`` of ``ttl`` seconds unless etcd has it.
+
+        Returns:
+            True if this call granted it, False if it existed already.
+        """
+        request = self._rpc.LeaseGrantRequest(ID=lease_id, TTL=ttl)
+        try:
+            self._call(self._leases.LeaseGrant, request, "lease grant")
+        except RendezvousConnectionError as err:
+            if "lease already exists" in str(err):
+                return False
+            raise
+        return True
+
+    def hold_lease(self, lease_id: int, ttl: int, interval: float) -> HeldLease:
+        """Keep ``lease_id`` alive for as long as any client of this connection holds it.
+
+        The process's clients share one keep-alive per lease: a thousand
+        handlers of one run in a process send one, not a thousand. Once the
+        returned record is ``gone``, holding the lease again starts a new
+        keep-alive. Give it back with ``release_lease``.
+        """
+        connection = self._connection
+        with _connections_lock:
+            held = connection.held.get(lease_id)
+            if held is None or held.gone.is_set():
+                held = HeldLease(lease_id)
+                self.keep_alive(lease_id, ttl, interval, held.stop, held._answered, held.gone.set)
+                connection.held[lease_id] = held
+            held.users += 1
+        return held
+
+    def release_lease(self, held: HeldLease) -> None:
+        """Give back a lease from ``hold_lease``; the last holder stops its keep-alive."""
+        connection = self._connection
+        with _connections_lock:
+            held.users -= 1
+            if held.users > 0:
+                return
+            held.stop.set()
+            if connection.held.get(held.lease_id) is held:
+                del connection.held[held.lease_id]
+                connection.keepalives.remove(held.lease_id)
 
     def keep_alive(
         self,

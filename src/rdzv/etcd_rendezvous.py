@@ -8,6 +8,7 @@ and the deadlines, and turns a completed round into a ``RendezvousInfo``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -29,7 +30,7 @@ from rdzv.api import (
 from rdzv.client import EtcdClient, EtcdConfig, LeaseLostError, seconds_option
 from rdzv.etcd_store import EtcdStore
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
-from rdzv.session import Session
+from rdzv.session import RunLeases, Session
 from rdzv.watch import Inbox, Watch
 
 __all__ = ["BACKEND_NAMES", "RENDEZVOUS_OPTIONS", "EtcdRendezvousHandler", "create_rdzv_handler"]
@@ -40,6 +41,9 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_LAST_CALL_TIMEOUT = 30.0
 DEFAULT_LEASE_TTL = 10
 DEFAULT_STORE_TIMEOUT = 300.0
+#: As torch's etcd backend, whose runs expire two hours after their last write.
+DEFAULT_RUN_IDLE_TIMEOUT = 7200.0
+DEFAULT_CLOSED_RUN_GRACE = 600.0
 #: etcd's own limit on a lease's time-to-live (about 285 years).
 MAX_LEASE_TTL = 9_000_000_000
 #: The backend names rdzv answers to: ``etcd3`` is torchrun's ``--rdzv-backend``;
@@ -67,6 +71,12 @@ RENDEZVOUS_OPTIONS: dict[str, str] = {
     "connect_timeout": "seconds a request retries an unreachable etcd before "
     "RendezvousConnectionError (default 5)",
     "store_timeout": f"default timeout of the round's store (default {DEFAULT_STORE_TIMEOUT:g})",
+    "closed_run_grace": "seconds a closed run's keys stay in etcd after its last node is gone, "
+    "for late nodes to learn it is closed (whole seconds, rounded up; default "
+    f"{DEFAULT_CLOSED_RUN_GRACE:g}; at most run_idle_timeout)",
+    "run_idle_timeout": "seconds after its last node is gone that a run that was never closed "
+    "(its job killed) is removed from etcd (whole seconds, rounded up; default "
+    f"{DEFAULT_RUN_IDLE_TIMEOUT:g})",
 }
 
 # Keys that torch's launcher or other backends put in the configuration; they
@@ -106,6 +116,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
         keepalive_interval: seconds between lease keep-alives.
         local_addr: address this node advertises if it becomes rank 0.
         store_timeout: default timeout of the round's store.
+        closed_run_grace: seconds a closed run stays after its last node.
+        run_idle_timeout: seconds an abandoned run stays after its last node.
     """
 
     def __init__(
@@ -122,6 +134,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
         keepalive_interval: float | None = None,
         local_addr: str | None = None,
         store_timeout: float = DEFAULT_STORE_TIMEOUT,
+        closed_run_grace: int = int(DEFAULT_CLOSED_RUN_GRACE),
+        run_idle_timeout: int = int(DEFAULT_RUN_IDLE_TIMEOUT),
     ) -> None:
         self._client = client
         # The round's requests are retried only while this node's lease may be
@@ -147,26 +161,34 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._waiting_watch: tuple[int, Watch] | None = None
         self._shutdown = False
         self._session_abandoned = False
+        self._run_leases = RunLeases(client, self._keys, closed_run_grace, run_idle_timeout)
         self._session = self._open_session()
         try:
             self._node = self._new_node()
             self._watch_state()
+            if self._node.state is None:
+                # A new run (or one that expired): its leases may not exist yet.
+                self._run_leases.grant()
+            self._run_leases.hold()
         except BaseException:
+            self._run_leases.release()
             self._session.close()
             raise
 
     # ------------------------------------------------------------ the machine
-    def _new_node(self) -> Any:
-        return _state.Node(
+    def _new_node(self, descriptor: bytes | None = None) -> Any:
+        node = _state.Node(
             self._session.node_id,
             self._keys,
             self._min_nodes,
             self._max_nodes,
             self._session.lease_id,
-            self._descriptor(),
+            self._descriptor() if descriptor is None else descriptor,
             self._last_call_timeout,
             float(self._lease_ttl),
         )
+        node.use_run_leases(self._keys.data_lease, self._keys.state_lease)
+        return node
 
     def _descriptor(self) -> bytes:
         """This node as a member key holds it, with a free port for ``MASTER_PORT``.
@@ -371,6 +393,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
         with self._lock:
             self._check_not_shut_down()
             self._renew_session_if_lost()
+            if self._run_leases.lost:
+                logger.warning(
+                    "run %r: its leases were lost (etcd dropped them or did not answer "
+                    "their keep-alives); granting them again", self._run_id)
+                self._run_leases.restore()
             start = time.monotonic()
             deadline = start + self._timeout
             node = self._node
@@ -417,7 +444,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
             )
             master_addr, master_port = node.master
         store = EtcdStore(
-            self._client, self._keys.kv(node.completed_round), timeout=self._store_timeout
+            self._client, self._keys.kv(node.completed_round), timeout=self._store_timeout,
+            lease=self._keys.data_lease,
         )
         # Rank 0's address and port came with the world record; the freezer also
         # put them in the round's store as MASTER_ADDR/MASTER_PORT.
@@ -496,11 +524,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         """
         self._check_not_shut_down()
         # A machine of its own, so as not to race the one next_rendezvous() drives.
-        closer = _state.Node(
-            self._session.node_id, self._keys, self._min_nodes, self._max_nodes,
-            self._session.lease_id, b"", self._last_call_timeout, float(self._lease_ttl),
-        )
-        closer.close(self._client)
+        self._new_node(b"").close(self._client)
 
     def num_nodes_waiting(self) -> int:
         """Return how many nodes wait for a round after the one this node completed.
@@ -549,6 +573,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._cancel(attr)
             self._cancel_state_watch()
             try:
+                self._run_leases.release()
                 self._session.close()
             finally:
                 self._client.close()
@@ -656,6 +681,13 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
     timeout = seconds_option(params, "timeout", DEFAULT_TIMEOUT)
     last_call = seconds_option(params, "last_call_timeout", DEFAULT_LAST_CALL_TIMEOUT)
     store_timeout = seconds_option(params, "store_timeout", DEFAULT_STORE_TIMEOUT)
+    grace = math.ceil(seconds_option(params, "closed_run_grace", DEFAULT_CLOSED_RUN_GRACE))
+    idle = math.ceil(seconds_option(params, "run_idle_timeout", DEFAULT_RUN_IDLE_TIMEOUT))
+    if grace > idle:
+        raise ValueError(
+            f"closed_run_grace ({grace} s) must not be longer than run_idle_timeout "
+            f"({idle} s): an abandoned run's state record would go before its rounds."
+        )
     local_addr = params.local_addr
     if local_addr is not None and (
         not isinstance(local_addr, str)
@@ -679,6 +711,8 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
             keepalive_interval=keepalive,
             local_addr=local_addr,
             store_timeout=store_timeout,
+            closed_run_grace=grace,
+            run_idle_timeout=idle,
         )
     except BaseException:
         client.close()

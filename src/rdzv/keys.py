@@ -9,11 +9,25 @@ Everything of run ``R`` under prefix ``P`` lives below ``P/R/``::
     P/R/rounds/<r>/world               node ids in rank order, written at freeze
     P/R/rounds/<r>/kv/<key>            the round's store (``EtcdStore``)
 
+The keys that outlive a round hang on two leases of the run, whose ids are
+derived from the run's key, so that every node knows them without a read:
+
+    data lease    rounds' ``world`` and ``kv/`` keys, and the state record once
+                  closed; its TTL is ``closed_run_grace``
+    state lease   the state record while the run is open; its TTL is
+                  ``run_idle_timeout``
+
+Every live node keeps both alive. When the last node of a run is gone, the data
+goes ``closed_run_grace`` seconds later and the state record (of a run that was
+not closed) ``run_idle_timeout`` seconds later.
+
 Round numbers are zero-padded so that lexical order is numeric order, which
 is what lets one range delete drop every round below a given one.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 _ROUND_DIGITS = 12
 DEFAULT_PREFIX = "/rdzv"
@@ -38,6 +52,12 @@ def _check_segment(name: str, what: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise ValueError(f"The {what} {name!r} must not contain control characters.")
     return name
+
+
+def _lease_id(name: bytes) -> int:
+    """A lease id derived from ``name``: positive, 62 bits, never 0 (etcd's "no lease")."""
+    digest = hashlib.blake2b(name, digest_size=8, person=b"rdzv-lease").digest()
+    return (int.from_bytes(digest, "big") >> 2) or 1
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -66,6 +86,10 @@ class RunKeys:
         self.run_id = _check_segment(run_id, "run id")
         self.run = f"{normalize_prefix(prefix)}/{run_id}/".encode()
         self.state = self.run + b"state"
+        #: lease of the rounds' data and of the closed state record
+        self.data_lease = _lease_id(self.run + b"\0data")
+        #: lease of the state record of an open run
+        self.state_lease = _lease_id(self.run + b"\0state")
 
     def round(self, r: int) -> bytes:
         """Prefix of every key of round ``r``."""

@@ -1,9 +1,11 @@
-"""A lease-backed session: one node's liveness in etcd.
+"""Lease-backed liveness in etcd: one node's session, and the run's own leases.
 
 Every key a node writes is attached to its lease. The connection's keep-alive
 stream keeps the lease alive; if the node dies, the lease expires after its TTL
 and etcd deletes the node's keys by itself, which is how the others learn of
-the death.
+the death. The keys that outlive a round (the state record, the rounds' worlds
+and stores) hang on the run's two leases instead (``RunLeases``), which every
+live node keeps alive, so that a run nobody is left in disappears by itself.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import threading
 from collections.abc import Callable
 
 from rdzv.api import RendezvousConnectionError
-from rdzv.client import EtcdClient
+from rdzv.client import EtcdClient, HeldLease
+from rdzv.keys import RunKeys
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +113,75 @@ class Session:
                 self._client.lease_revoke(self.lease_id)
             except RendezvousConnectionError as err:
                 logger.warning("could not revoke lease %x: %s", self.lease_id, err)
+
+
+#: The longest pause between two keep-alives of a run's leases.
+MAX_RUN_KEEPALIVE_INTERVAL = 60.0
+
+
+class RunLeases:
+    """The two leases that a run's long-lived keys hang on, kept alive by its nodes.
+
+    The data lease (TTL ``grace``) holds the rounds' world and store keys and
+    the state record of a closed run; the state lease (TTL ``idle``) holds the
+    state record of an open run. Their ids come from the run's key
+    (``RunKeys.data_lease``, ``RunKeys.state_lease``), so every node of the run
+    keeps the same two alive, and they expire only when no node is left: a
+    closed run's keys go ``grace`` seconds after its last node, an abandoned
+    run's data after ``grace`` and its state record after ``idle`` seconds.
+
+    Args:
+        client: the etcd connection.
+        keys: the run's key layout.
+        grace: TTL of the data lease, in whole seconds.
+        idle: TTL of the state lease, in whole seconds (at least ``grace``, so
+            that the state record never goes before the rounds it describes).
+    """
+
+    def __init__(self, client: EtcdClient, keys: RunKeys, grace: int, idle: int) -> None:
+        self._client = client
+        self._ttls = {keys.data_lease: grace, keys.state_lease: idle}
+        self._held: dict[int, HeldLease] = {}
+
+    @property
+    def lost(self) -> bool:
+        """True if a lease is not (or no longer) kept alive: etcd dropped it, or
+        its keep-alives went unanswered for its TTL."""
+        return len(self._held) < len(self._ttls) or any(
+            held.gone.is_set() for held in self._held.values())
+
+    def grant(self) -> None:
+        """Grant both leases where etcd does not have them (a new run).
+
+        Raises:
+            RendezvousConnectionError: etcd cannot be reached.
+        """
+        for lease_id, ttl in self._ttls.items():
+            if self._client.lease_ensure(lease_id, ttl):
+                logger.debug("granted run lease %x (TTL %d s)", lease_id, ttl)
+
+    def hold(self) -> None:
+        """Keep both leases alive (again, where they were lost)."""
+        for lease_id, ttl in self._ttls.items():
+            held = self._held.get(lease_id)
+            if held is not None and not held.gone.is_set():
+                continue
+            if held is not None:
+                self._client.release_lease(held)
+            interval = min(ttl / 4, MAX_RUN_KEEPALIVE_INTERVAL)
+            self._held[lease_id] = self._client.hold_lease(lease_id, ttl, interval)
+
+    def restore(self) -> None:
+        """Grant and hold again whatever lease was lost.
+
+        Raises:
+            RendezvousConnectionError: etcd cannot be reached.
+        """
+        self.grant()
+        self.hold()
+
+    def release(self) -> None:
+        """Stop keeping the leases alive (they expire unless other nodes hold them)."""
+        held, self._held = self._held, {}
+        for lease in held.values():
+            self._client.release_lease(lease)
