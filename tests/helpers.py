@@ -23,12 +23,13 @@ NODE_SCRIPT = os.path.join(os.path.dirname(__file__), "rdzv_node.py")
 
 
 def make_handler(
-    endpoint: str, run_id: str, min_nodes: int, max_nodes: int, **config: Any
+    endpoint: str, run_id: str, min_nodes: int, max_nodes: int,
+    local_addr: str | None = None, **config: Any
 ) -> EtcdRendezvousHandler:
     config.setdefault("timeout", 60)
     config.setdefault("last_call_timeout", 30)
     return create_rdzv_handler(
-        RendezvousParameters("etcd", endpoint, run_id, min_nodes, max_nodes, **config)
+        RendezvousParameters("etcd", endpoint, run_id, min_nodes, max_nodes, local_addr, **config)
     )
 
 

@@ -221,6 +221,28 @@ def test_status_lists_live_members_with_ranks_and_leases(etcd_endpoint, run_id, 
     assert all(row[-1] == "s" and row[-2].isdigit() for row in rows), human
 
 
+def test_status_shows_topology_labels_in_placement_order(etcd_endpoint, run_id):
+    joins = [("node10", ["--topology", "rack2"]), ("node9", ["--topology", "rack1"]),
+             ("node3", [])]
+    nodes = [start("join", *run_args(etcd_endpoint, run_id), "--nnodes", "4", "--timeout", "30",
+                   "--local-addr", host, *topology) for host, topology in joins]
+    try:
+        wait_for(lambda: len(read_status(etcd_endpoint, run_id)["members"]) == 3,
+                 what="three member keys")
+        members = status_json(etcd_endpoint, run_id)["members"]
+        assert [(m["host"], m["topology"]) for m in members] == [
+            ("node9", "rack1"), ("node10", "rack2"), ("node3", None)]
+        human = rdzv("status", *run_args(etcd_endpoint, run_id)).stdout.splitlines()
+        header = next(line for line in human if "topology" in line).split()
+        rows = [line.split() for line in human if "joined" in line]
+        at = header.index("topology")
+        assert [row[at] for row in rows] == ["rack1", "rack2", "-"]
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait(10)
+
+
 def test_status_shows_a_waiting_node(etcd_endpoint, run_id, live_round):
     late = start("join", *run_args(etcd_endpoint, run_id), "--nnodes", "2", "--timeout", "30")
     try:

@@ -1191,7 +1191,12 @@ _HOST_TEXT = st.text(st.characters(exclude_categories=("Zs", "Zl", "Zp", "Cc", "
                                    exclude_characters=","),
                      min_size=1, max_size=12).filter(lambda s: not any(c.isspace() for c in s))
 _PIDS = st.integers(0, INT32_MAX)
-_MEMBERS = st.builds(core.encode_member, _HOST_TEXT, _HOST_TEXT, _PIDS)
+# Topology labels as encode_member accepts them: elements of host-like text.
+_LABELS = st.lists(_HOST_TEXT.filter(lambda s: "/" not in s), min_size=1, max_size=4).map(
+    "/".join).filter(lambda label: core.topology_problem(label) is None)
+_MEMBERS = st.builds(core.encode_member, _HOST_TEXT, _HOST_TEXT, _PIDS,
+                     st.integers(0, 65535), st.one_of(st.just(""), _LABELS),
+                     st.sampled_from(core.RANK_ORDERS))
 _MEMBER_BYTES = st.one_of(
     _MEMBERS, _mutated(_MEMBERS), st.binary(max_size=80),
     st.binary(max_size=60).map(lambda b: b"rdzv1-node " + b),
@@ -1215,22 +1220,39 @@ def test_member_descriptor_decodes_or_is_none(data: bytes) -> None:
         return
     _outcome("decoded")
     assert isinstance(decoded, tuple)
-    host, addr, *numbers = decoded
+    host, addr, pid, port, topology, rank_order = decoded
+    numbers = [pid, port]
     assert isinstance(host, str) and host and isinstance(addr, str) and addr
-    assert numbers and all(type(n) is int and n >= 0 for n in numbers)
+    assert all(type(n) is int and n >= 0 for n in numbers)
+    assert topology == "" or core.topology_problem(topology) is None
+    assert rank_order in core.RANK_ORDERS
     parts = data.split(b" ")
     assert parts[1:3] == [host.encode(), addr.encode()]
-    assert parts[3:] == [b"%d" % n for n in numbers], "a number in non-canonical form"
+    assert parts[3:5] == [b"%d" % n for n in numbers], "a number in non-canonical form"
     encodable = not any(c.isspace() or c == "," for c in host + addr)
-    if encodable and all(n <= INT32_MAX for n in numbers):
+    if encodable:
         assert core.encode_member(*decoded) == data
 
 
 @PURE
-@given(host=_HOST_TEXT, addr=_HOST_TEXT, pid=_PIDS)
-def test_member_descriptor_round_trips(host: str, addr: str, pid: int) -> None:
-    decoded = core.decode_member(core.encode_member(host, addr, pid))
-    assert decoded is not None and decoded[:3] == (host, addr, pid)
+@given(host=_HOST_TEXT, addr=_HOST_TEXT, pid=_PIDS, label=_LABELS)
+def test_member_descriptor_round_trips(host: str, addr: str, pid: int, label: str) -> None:
+    decoded = core.decode_member(core.encode_member(host, addr, pid, 1, label))
+    assert decoded is not None and decoded[:5] == (host, addr, pid, 1, label)
+
+
+@PURE
+@given(descriptors=st.lists(_MEMBER_BYTES, max_size=12), survivors=st.integers(0, 12),
+       max_nodes=st.integers(1, 12))
+def test_rank_assignment_takes_any_descriptors(
+    descriptors: list[bytes], survivors: int, max_nodes: int
+) -> None:
+    """Whatever the member keys hold, the freezer gets a world, never an exception."""
+    members = [(f"{i:016x}", data) for i, data in enumerate(descriptors)]
+    previous = [node for node, _ in reversed(members[:survivors])] + ["gone"]
+    world = core.assign_ranks(members, previous, max_nodes)
+    assert sorted(world) == sorted(node for node, _ in members[:max_nodes])
+    assert sorted(core.placement_order(members)) == sorted(node for node, _ in members)
 
 
 @pytest.mark.parametrize(
@@ -1242,7 +1264,14 @@ def test_member_descriptor_round_trips(host: str, addr: str, pid: int) -> None:
      pytest.param(_member_with(pid=b"+42"), id="pid-plus-sign"),
      pytest.param(_member_with(pid=b"-1"), id="pid-negative"),
      pytest.param(_member_with(pid=b"9" * 40), id="pid-40-digits"),
-     pytest.param(_member_with(host=b"\xff"), id="host-not-utf-8")],
+     pytest.param(_member_with(host=b"\xff"), id="host-not-utf-8"),
+     pytest.param(_member_with() + b" topo=", id="empty-topology"),
+     pytest.param(_member_with() + b" topo=a//b", id="topology-empty-element"),
+     pytest.param(_member_with() + b" topo=a\x07b", id="topology-control-character"),
+     pytest.param(_member_with() + b" topo=" + b"a" * 257, id="topology-257-bytes"),
+     pytest.param(_member_with() + b" order=stable", id="order-spelled-out"),
+     pytest.param(_member_with() + b" order=topology topo=a", id="fields-swapped"),
+     pytest.param(_member_with() + b" topo=a ", id="trailing-space")],
 )
 def test_member_descriptor_is_none(data: bytes) -> None:
     assert core.decode_member(data) is None

@@ -139,7 +139,7 @@ def test_world_and_member_codecs():
         with pytest.raises(RendezvousStateError, match="k"):
             core.decode_world(bad, b"k")
     assert core.decode_member(core.encode_member("h", "10.0.0.1", 42, 7)) == (
-        "h", "10.0.0.1", 42, 7)
+        "h", "10.0.0.1", 42, 7, "", "stable")
     assert core.decode_member(b"rubbish") is None
     with pytest.raises(ValueError):
         core.encode_member("has space", "a", 1)

@@ -292,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds between the MIN-th join and completion (default 30)")
     join.add_argument("--local-addr", default=None,
                       help="address to advertise as MASTER_ADDR if this node gets rank 0")
+    join.add_argument("--topology", default=None, metavar="LABEL",
+                      help="this node's place in the cluster, coarse to fine, such as "
+                      "pod1/rack07: a group's nodes get contiguous ranks (default: env "
+                      "RDZV_TOPOLOGY, else SLURM_TOPOLOGY_ADDR's switches)")
     join.set_defaults(func=_cmd_join)
 
     status = commands.add_parser(
@@ -299,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a run's round, members and waiting nodes",
         description=_wrap(
             "Show a run's current round and status, its bounds, its members (node id, "
-            "host, rank once assigned, seconds left on their lease) and the nodes waiting "
-            "for the next round. A run with no state record yet is reported with status "
+            "host, topology label, rank once assigned, seconds left on their lease; in "
+            "placement order: topology group, then host in natural order) and the nodes "
+            "waiting for the next round. A run with no state record yet is reported with status "
             "'none' (exit 0)."
         ),
         epilog=_example(
@@ -586,7 +591,8 @@ def _server_alive(group: EtcdServer | EtcdCluster) -> bool:
 def _cmd_join(args: argparse.Namespace) -> int:
     """Join a run as one node and print the round's result as one JSON line."""
     params = _run_params(
-        args, *args.nnodes, timeout=args.timeout, last_call_timeout=args.last_call_timeout
+        args, *args.nnodes, timeout=args.timeout, last_call_timeout=args.last_call_timeout,
+        topology=args.topology,
     )
     keys = RunKeys(_params_prefix(params), params.run_id)
     with _usage_errors():
@@ -619,6 +625,7 @@ class NodeStatus:
         state: ``joined``, ``confirmed`` (alive in a frozen or final world),
             ``left`` (in the world, but its key is gone) or ``waiting``.
         lease_ttl: seconds left on its lease; None without a live key.
+        topology: its topology label (``pod1/rack07``); None without one.
     """
 
     node: str
@@ -628,6 +635,7 @@ class NodeStatus:
     rank: int | None = None
     state: str = "joined"
     lease_ttl: int | None = None
+    topology: str | None = None
 
 
 def read_run_status(
@@ -643,8 +651,9 @@ def read_run_status(
     Returns:
         A JSON-ready dict: ``run_id``, ``prefix``, ``status`` (``none`` when the
         run has no state record), ``round``, ``min_nodes``, ``max_nodes``,
-        ``world_size``, ``last_final``, ``closed``, ``members`` and ``waiting``
-        (lists of ``NodeStatus`` fields).
+        ``world_size``, ``last_final``, ``closed``, ``members`` (in placement
+        order, see ``rdzv._state.placement_order``; members whose keys are gone
+        last) and ``waiting`` (lists of ``NodeStatus`` fields).
 
     Raises:
         RendezvousConnectionError: etcd cannot be reached.
@@ -676,23 +685,26 @@ def read_run_status(
     members = _leased_keys(client, keys.members(s.round))
     confirmed = {node for node, _, _ in _leased_keys(client, keys.confirmed(s.round))}
     waiting = _leased_keys(client, keys.waiting(s.round))
+    # Rows in placement order (topology group, host in natural order, ...), the
+    # order in which a fresh world gets its ranks; members whose keys are gone last.
     rows: dict[str, NodeStatus] = {}
-    for node, value, lease in members:
-        described = _state.decode_member(value)
-        host, addr, pid, _port = described if described is not None else (None,) * 4
-        rows[node] = NodeStatus(
-            node, host, addr, pid,
-            state="confirmed" if node in confirmed else "joined",
-            lease_ttl=_lease_ttl(client, lease, leases),
+    descriptors = {node: value for node, value, _ in members}
+    for node in _state.placement_order(descriptors.items()):
+        described = _state.decode_member(descriptors[node])
+        host, addr, pid, _port, topology, _order = (
+            described if described is not None else (None,) * 6
         )
+        rows[node] = NodeStatus(node, host, addr, pid, topology=topology or None)
+    for node, _, lease in members:
+        rows[node].state = "confirmed" if node in confirmed else "joined"
+        rows[node].lease_ttl = _lease_ttl(client, lease, leases)
     for rank, node in enumerate(world):
         rows.setdefault(node, NodeStatus(node, state="left")).rank = rank
     waiting_rows = [
         NodeStatus(node, state="waiting", lease_ttl=_lease_ttl(client, lease, leases))
         for node, _, lease in waiting
     ]
-    ordered = sorted(rows.values(), key=lambda row: (row.rank is None, row.rank or 0))
-    result["members"] = [vars(row) for row in ordered]
+    result["members"] = [vars(row) for row in rows.values()]
     result["waiting"] = [vars(row) for row in waiting_rows]
     return result
 
@@ -728,8 +740,8 @@ def render_run_status(status: dict[str, Any]) -> list[str]:
     lines.append(f"members of round {status['round']}: {len(members)}")
     if members:
         lines += ["  " + line for line in _table(
-            ("rank", "node", "host", "addr", "pid", "state", "lease left"),
-            [(m["rank"], m["node"], m["host"], m["addr"], m["pid"], m["state"],
+            ("rank", "node", "host", "topology", "addr", "pid", "state", "lease left"),
+            [(m["rank"], m["node"], m["host"], m["topology"], m["addr"], m["pid"], m["state"],
               None if m["lease_ttl"] is None else f"{m['lease_ttl']} s") for m in members],
             right=("rank", "pid", "lease left"),
         )]

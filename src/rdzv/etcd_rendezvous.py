@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from rdzv import _state
@@ -33,7 +34,14 @@ from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 from rdzv.session import RunLeases, Session
 from rdzv.watch import Inbox, Watch
 
-__all__ = ["BACKEND_NAMES", "RENDEZVOUS_OPTIONS", "EtcdRendezvousHandler", "create_rdzv_handler"]
+__all__ = [
+    "BACKEND_NAMES",
+    "RENDEZVOUS_OPTIONS",
+    "EtcdRendezvousHandler",
+    "create_rdzv_handler",
+    "node_topology",
+    "slurm_topology",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +85,11 @@ RENDEZVOUS_OPTIONS: dict[str, str] = {
     "run_idle_timeout": "seconds after its last node is gone that a run that was never closed "
     "(its job killed) is removed from etcd (whole seconds, rounded up; default "
     f"{DEFAULT_RUN_IDLE_TIMEOUT:g})",
+    "topology": "this node's place in the cluster, a path from coarse to fine such as "
+    "'pod1/rack07' (or env RDZV_TOPOLOGY, else taken from SLURM_TOPOLOGY_ADDR); "
+    "a group's nodes get contiguous ranks",
+    "rank_order": "'stable' (default: survivors keep their ranks, newcomers fill the free "
+    "ranks in topology order) or 'topology' (every round ranked in topology order)",
 }
 
 # Keys that torch's launcher or other backends put in the configuration; they
@@ -118,6 +131,12 @@ class EtcdRendezvousHandler(RendezvousHandler):
         store_timeout: default timeout of the round's store.
         closed_run_grace: seconds a closed run stays after its last node.
         run_idle_timeout: seconds an abandoned run stays after its last node.
+        topology: this node's topology label (``pod1/rack07``), or None.
+        rank_order: ``stable`` or ``topology`` (see ``RENDEZVOUS_OPTIONS``).
+
+    Raises:
+        ValueError: ``topology`` or ``rank_order`` is malformed (before any
+            request to etcd).
     """
 
     def __init__(
@@ -136,7 +155,14 @@ class EtcdRendezvousHandler(RendezvousHandler):
         store_timeout: float = DEFAULT_STORE_TIMEOUT,
         closed_run_grace: int = int(DEFAULT_CLOSED_RUN_GRACE),
         run_idle_timeout: int = int(DEFAULT_RUN_IDLE_TIMEOUT),
+        topology: str | None = None,
+        rank_order: str = _state.RANK_ORDERS[0],
     ) -> None:
+        if topology is not None:
+            _state.check_topology(topology)
+        _check_rank_order(rank_order)
+        self._topology = topology or ""
+        self._rank_order = rank_order
         self._client = client
         # The round's requests are retried only while this node's lease may be
         # alive: past that, they could not count anyway.
@@ -198,7 +224,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
         """
         port = free_port()
         host = self._host.replace(" ", "_").replace(",", "_")
-        return _state.encode_member(host, self._host, os.getpid(), port)
+        return _state.encode_member(
+            host, self._host, os.getpid(), port, self._topology, self._rank_order
+        )
 
     def _open_session(self) -> Session:
         # A lost lease wakes a waiting next_rendezvous(), which then fails.
@@ -609,6 +637,69 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _check_rank_order(value: Any) -> str:
+    if value not in _state.RANK_ORDERS:
+        raise ValueError(
+            f"The rendezvous option 'rank_order' must be one of "
+            f"{', '.join(_state.RANK_ORDERS)}, got {value!r}."
+        )
+    return value
+
+
+def slurm_topology(addr: str, pattern: str | None = None) -> str | None:
+    """The topology label that Slurm's topology address gives, or None.
+
+    Slurm's topology/tree plugin sets ``SLURM_TOPOLOGY_ADDR`` to the switches
+    from the top level down to the leaf and then the node's own name, joined by
+    periods (``s1.s7.node12``), and ``SLURM_TOPOLOGY_ADDR_PATTERN`` to what
+    each element is (``switch.switch.node``). The label is the switches only,
+    as a path: ``s1/s7``. Without the plugin the address is the node's name
+    alone and there is no label.
+
+    Args:
+        addr: the value of ``SLURM_TOPOLOGY_ADDR``.
+        pattern: the value of ``SLURM_TOPOLOGY_ADDR_PATTERN``, if set.
+
+    Returns:
+        The label, or None when the address names no switch.
+    """
+    parts = addr.split(".")
+    if pattern:
+        kinds = pattern.split(".")
+        switches = next((i for i, kind in enumerate(kinds) if kind != "switch"), len(kinds))
+    else:
+        switches = len(parts) - 1
+    return "/".join(parts[:switches]) or None
+
+
+def node_topology(option: Any = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """This node's topology label: the option, else ``RDZV_TOPOLOGY``, else Slurm's.
+
+    An empty option or variable counts as not given.
+
+    Args:
+        option: the ``topology`` rendezvous option, if given.
+        environ: the environment to read (``os.environ`` if None).
+
+    Returns:
+        The label, or None if no source gives one.
+
+    Raises:
+        ValueError: the label is malformed; the message names its source.
+    """
+    env = os.environ if environ is None else environ
+    if option not in (None, ""):
+        return _state.check_topology(option, "topology")
+    if env.get("RDZV_TOPOLOGY"):
+        return _state.check_topology(env["RDZV_TOPOLOGY"], "RDZV_TOPOLOGY")
+    addr = env.get("SLURM_TOPOLOGY_ADDR")
+    if addr:
+        label = slurm_topology(addr, env.get("SLURM_TOPOLOGY_ADDR_PATTERN"))
+        if label is not None:
+            return _state.check_topology(label, "SLURM_TOPOLOGY_ADDR")
+    return None
+
+
 def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
     """Create an etcd v3 rendezvous handler from parameters.
 
@@ -696,6 +787,8 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
         or not _encodable(local_addr)
     ):
         raise ValueError(f"local_addr must be a host name or address, got {local_addr!r}.")
+    topology = node_topology(params.get("topology"))
+    rank_order = _check_rank_order(params.get("rank_order", _state.RANK_ORDERS[0]))
     client = EtcdClient(config)
     try:
         return EtcdRendezvousHandler(
@@ -713,6 +806,8 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
             store_timeout=store_timeout,
             closed_run_grace=grace,
             run_idle_timeout=idle,
+            topology=topology,
+            rank_order=rank_order,
         )
     except BaseException:
         client.close()
