@@ -9,6 +9,7 @@ after, and a run with live nodes stays, however idle.
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ import pytest
 from helpers import ProcessNode, ThreadNode, assert_one_world, make_handler, run_round, wait_for
 from rdzv import _state
 from rdzv.client import EtcdClient
-from rdzv.etcd_server import EtcdServer
+from rdzv.etcd_server import QUOTA_BACKEND_BYTES, EtcdServer
 from rdzv.keys import DEFAULT_PREFIX, RunKeys
 
 
@@ -116,3 +117,36 @@ def state_of(client: EtcdClient, keys: RunKeys):
     got = client.get(keys.state)
     assert got is not None, "no state record"
     return _state.decode_state(got[0], keys.state)
+
+
+def gauge(server: EtcdServer, name: str) -> float:
+    """One unlabelled value of etcd's /metrics."""
+    text = urllib.request.urlopen(server.get_metrics_url() + "/metrics", timeout=10).read()
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"etcd reports no {name}")
+
+
+def test_the_embedded_etcd_compacts_its_history_and_has_a_quota(run_id):
+    with EtcdServer(compaction_retention=1) as server:
+        assert gauge(server, "etcd_server_quota_backend_bytes") == QUOTA_BACKEND_BYTES
+        endpoint = server.get_endpoint()
+        nodes = [ThreadNode(make_handler(endpoint, run_id, 2, 2)) for _ in range(2)]
+        try:
+            for _ in range(30):
+                assert_one_world(run_round(nodes), 2)
+            client = server.get_rdzv_client()
+            try:
+                revision = client.txn([], [("get", b"/")], [])[1]
+            finally:
+                client.close()
+            # Every write of the 30 rounds is history once a compaction passed it.
+            wait_for(lambda: gauge(server, "etcd_debugging_mvcc_compact_revision") >= revision,
+                     timeout=20, what="a compaction past the rounds")
+            assert gauge(server, "etcd_debugging_mvcc_db_compaction_keys_total") > 0
+            # Watches and reads after a compaction work as before.
+            assert_one_world(run_round(nodes), 2)
+        finally:
+            for node in nodes:
+                node.handler.shutdown()

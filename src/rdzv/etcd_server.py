@@ -15,6 +15,14 @@ etcd 3.4 and 3.5 both work. The binary's version is asked once (``etcd --version
 and the command line is built for it: etcd 3.4 logs through capnslog unless told
 ``--logger zap``, and capnslog takes a single ``--log-outputs`` value.
 
+Every etcd started here is set up for a long life on one data directory:
+auto-compaction every ``compaction_retention`` seconds (periodic mode, default 5
+minutes: history older than that is dropped, so the database stops growing
+with every write ever made) and an explicit backend quota of 2 GiB (etcd's
+default, stated: past it etcd raises its NOSPACE alarm and refuses writes).
+Compaction frees pages inside the database file for reuse; only a
+defragmentation (``etcdctl defrag``) gives the space back to the file system.
+
 Files, under the data directory (a temporary one, removed on ``stop()``, unless
 the caller gave one, which is kept)::
 
@@ -75,6 +83,10 @@ _POLL_INTERVAL_S = 0.05
 # Half etcd's defaults (100 ms, 1000 ms): a cluster that loses its leader elects a
 # new one within about a second, which keeps fault tests short.
 _RAFT_FLAGS = ("--heartbeat-interval", "50", "--election-timeout", "500")
+#: Seconds of history the started etcd keeps (periodic auto-compaction).
+DEFAULT_COMPACTION_RETENTION = 300.0
+#: etcd's backend quota, set explicitly (it is etcd's default, 2 GiB).
+QUOTA_BACKEND_BYTES = 2 * 1024**3
 _PORT_TAKEN = "address already in use"
 # Oldest etcd whose v3 API has everything rdzv uses; the oldest the tests run on.
 _MIN_VERSION = (3, 4)
@@ -316,6 +328,7 @@ class _LaunchOptions:
     enable_v2: bool
     tls: TLSFiles | None
     extra_args: tuple[str, ...]
+    compaction_retention: float = DEFAULT_COMPACTION_RETENTION
 
 
 class _PortTaken(EtcdStartError):
@@ -501,6 +514,11 @@ class EtcdMember:
             "--listen-metrics-urls", self.get_metrics_url(),
             *_RAFT_FLAGS,
             "--log-level", "warn",
+            # Flags that etcd 3.4 and 3.5 both take. A Go duration: periodic mode
+            # compacts every retention period when it is under an hour.
+            "--auto-compaction-mode", "periodic",
+            "--auto-compaction-retention", f"{options.compaction_retention:g}s",
+            "--quota-backend-bytes", str(QUOTA_BACKEND_BYTES),
         ]  # fmt: skip
         if options.version[:2] < (3, 5):
             # etcd 3.4 logs through capnslog unless told otherwise, and capnslog
@@ -774,6 +792,7 @@ class _EtcdGroup:
         client_ports: Sequence[int] | None = None,
         hosts: Sequence[str] | None = None,
         launchers: Sequence[Sequence[str]] | None = None,
+        compaction_retention: float = DEFAULT_COMPACTION_RETENTION,
     ) -> None:
         if isinstance(extra_args, str):
             raise TypeError("'extra_args' must be a list of strings, not one string.")
@@ -785,6 +804,13 @@ class _EtcdGroup:
         self._launchers = tuple(tuple(launcher) for launcher in launchers) if launchers else None
         self._given_data_dir = data_dir
         self._data_dir: str | None = None
+        if (isinstance(compaction_retention, bool)
+                or not isinstance(compaction_retention, (int, float))
+                or not 1 <= compaction_retention <= 3600):
+            raise ValueError(
+                "'compaction_retention' must be a number of seconds from 1 to 3600, "
+                f"got {compaction_retention!r}."
+            )
         binary = find_etcd_binary(etcd_binary_path)
         self._options = _LaunchOptions(
             binary=binary,
@@ -792,6 +818,7 @@ class _EtcdGroup:
             enable_v2=enable_v2,
             tls=tls,
             extra_args=tuple(extra_args),
+            compaction_retention=float(compaction_retention),
         )
         self._members: list[EtcdMember] = []
         self._running = False
@@ -1005,6 +1032,8 @@ class EtcdServer(_EtcdGroup):
         launcher: a command prefix etcd runs under, e.g. ``["ip", "netns",
             "exec", NAME]`` to run it inside the network namespace that has
             ``host``; it must exec etcd (the process id stays etcd's).
+        compaction_retention: seconds of history etcd keeps; it compacts away
+            older revisions every so many seconds (1 to 3600, default 300).
 
     Raises:
         EtcdNotFoundError: no etcd binary was found.
@@ -1023,10 +1052,12 @@ class EtcdServer(_EtcdGroup):
         client_port: int | None = None,
         host: str = _HOST,
         launcher: Sequence[str] = (),
+        compaction_retention: float = DEFAULT_COMPACTION_RETENTION,
     ) -> None:
         super().__init__(
             data_dir, etcd_binary_path, enable_v2, tls, extra_args,
             None if client_port is None else [client_port], [host], [launcher],
+            compaction_retention=compaction_retention,
         )
 
     def _member_dirs(self, data_dir: str) -> list[tuple[str, str]]:
