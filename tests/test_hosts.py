@@ -33,6 +33,7 @@ from helpers import ProcessNode, check_worlds, wait_for  # noqa: E402
 from rdzv.client import EtcdClient  # noqa: E402
 from rdzv.etcd_server import EtcdCluster, EtcdServer  # noqa: E402
 from rdzv.keys import RunKeys  # noqa: E402
+from test_torch_integration import Job, _assert_world, needs_torch  # noqa: E402
 
 LEASE_TTL = 2
 LAST_CALL = 0.5
@@ -183,6 +184,29 @@ def test_sixteen_hosts_each_advertise_their_own_address(net, etcd, observer, sta
             reply = node.ask(f"connect {answers[i]['master_addr']} {answers[i]['master_port']}")
             assert reply == {"connected": True}, (on[i], reply)
 
+
+
+# ----------------------------------------------------- torchrun across hosts
+@needs_torch
+@pytest.mark.timeout(240)
+def test_torchrun_job_across_three_hosts(net, etcd, tmp_path):
+    """Three torchrun agents, one per host, with torchrun's defaults: rank 0
+    advertises its host name, and the workers on the other hosts reach it there."""
+    run_id = str(uuid.uuid4())
+    job = Job(str(tmp_path), etcd.get_endpoint(), run_id, "3", ["allreduce"],
+              rdzv_conf=f"lease_ttl={LEASE_TTL}")
+    three = net.hosts[:3]
+    try:
+        for host in three:
+            job.start_agent(launcher=host.launcher())
+        job.wait_all()
+    finally:
+        job.stop()
+    results = job.results()
+    _assert_world(results, 3)
+    assert {r["host"] for r in results} == {h.name for h in three}, results
+    rank0_host = next(r["host"] for r in results if r["rank"] == 0)
+    assert {r["master_addr"] for r in results} == {rank0_host}, results
 
 # ------------------------------------------------ a host cut off during a round
 def _recv_queue_from(host: hosts.Host, address: str) -> int:

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -239,15 +239,16 @@ class Agent:
     Args:
         log_path: where its stdout and stderr go.
         args: torchrun's arguments.
+        launcher: a command prefix it runs under (a test host's, say).
     """
 
-    def __init__(self, log_path: str, args: list[str]) -> None:
+    def __init__(self, log_path: str, args: list[str], launcher: Sequence[str] = ()) -> None:
         self.log_path = log_path
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", LOGLEVEL="INFO")
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [*_torchrun(), *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
+                [*launcher, *_torchrun(), *args], stdout=log, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,
             )
 
     @property
@@ -315,12 +316,15 @@ class Job:
         ]
         self._script = [WORKER, out_dir, *mode]
 
-    def start_agent(self, max_restarts: int | None = None) -> Agent:
-        """Start one more agent (with its own ``--max-restarts`` if given)."""
+    def start_agent(
+        self, max_restarts: int | None = None, launcher: Sequence[str] = ()
+    ) -> Agent:
+        """Start one more agent (with its own ``--max-restarts`` if given, under
+        ``launcher`` if given)."""
         restarts = self._max_restarts if max_restarts is None else max_restarts
         path = os.path.join(self.out_dir, f"agent-{len(self.agents)}.log")
         args = [*self._args, f"--max-restarts={restarts}", *self._script]
-        agent = Agent(path, args)
+        agent = Agent(path, args, launcher)
         self.agents.append(agent)
         return agent
 

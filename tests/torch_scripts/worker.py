@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
 import sys
 import time
 
@@ -55,6 +56,8 @@ def _record() -> dict:
         "restart_count": _env("TORCHELASTIC_RESTART_COUNT"),
         "pid": os.getpid(),
         "agent_pid": os.getppid(),
+        "host": socket.gethostname(),
+        "master_addr": os.environ["MASTER_ADDR"],
     }
 
 
