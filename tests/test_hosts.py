@@ -31,6 +31,7 @@ if _MISSING:
 
 from helpers import ProcessNode, check_worlds, wait_for  # noqa: E402
 from rdzv.client import EtcdClient  # noqa: E402
+from rdzv.etcd_rendezvous import DEFAULT_LEASE_TTL  # noqa: E402
 from rdzv.etcd_server import EtcdCluster, EtcdServer  # noqa: E402
 from rdzv.keys import RunKeys  # noqa: E402
 from test_torch_integration import Job, _assert_world, needs_torch  # noqa: E402
@@ -306,3 +307,40 @@ def test_round_across_a_slow_lossy_network(net, etcd, observer, start):
         for host in four:
             net.clear_netem(host)
     check_worlds(observer, run_id, _results(answers), 4, 4)
+
+
+# ------------------------------------------------ etcd leader cut off its peers
+def test_leader_cut_off_from_its_peers_and_half_the_hosts(net, cluster, start):
+    """Clients fail over to the majority, rounds complete, never two worlds.
+
+    The nodes have the default lease_ttl: half of them lose the member they were
+    talking to without a word (dropped packets), the other half keep reaching a
+    member that has no leader any more."""
+    run_id = str(uuid.uuid4())
+    six = net.hosts[:6]
+    nodes = start(six, cluster.get_endpoint(), run_id, 6, 6, last_call_timeout=LAST_CALL,
+                  timeout=30)
+    observer = cluster.get_rdzv_client(connect_timeout=30)
+    try:
+        first = _join_all(nodes)
+        check_worlds(observer, run_id, _results(first), 6, 6)
+        leader = cluster.leader()
+        leader_host = _host(net, f"e{leader}")
+        peers = [_host(net, f"e{i}") for i in range(3) if i != leader]
+        net.cut(leader_host, [*peers, *six[:3]])
+        cut_at = time.monotonic()
+        # The majority elects a new leader, and every node gets there.
+        wait_for(lambda: cluster.leader() != leader, what="a new leader")
+        answers = _join_all(nodes)
+        took = time.monotonic() - cut_at
+        assert all("rank" in a for a in answers), answers
+        check_worlds(observer, run_id, _results(answers), 6, 6)
+        again = _join_all(nodes)
+        assert all("rank" in a for a in again), again
+        check_worlds(observer, run_id, _results(again), 6, 6)
+        assert len({a["round"] for a in answers}) == 1 and len({a["round"] for a in again}) == 1
+        # Well before a lease could lapse: nobody was dropped on the way.
+        assert took < DEFAULT_LEASE_TTL, took
+    finally:
+        net.heal()
+        observer.close()

@@ -253,8 +253,8 @@ class KeepAliveHub:
     A scheduler thread sends each lease's keep-alive every ``interval``
     seconds; a reader thread hands each answer to its lease. A lease with no
     answer for its whole TTL is reported silent (and dropped); a stream that
-    breaks, or that answers nothing for the shortest TTL while keep-alives are
-    due, is replaced.
+    breaks, or that answers nothing for half the shortest TTL while keep-alives
+    are due, is replaced.
     """
 
     def __init__(self, stub: Any, rpc: Any, metadata: Callable[[], Any]) -> None:
@@ -334,8 +334,10 @@ class KeepAliveHub:
                         continue
                     due.append(lease)
                     heapq.heappush(self._heap, (now + lease.interval, next(self._order), lease))
+                # Half a TTL leaves time to reopen the stream (on another member,
+                # round robin) before the lease is lost.
                 stalled = (self._call is not None and due
-                           and now - self._stream_answered > min(x.ttl for x in due))
+                           and now - self._stream_answered > min(x.ttl for x in due) / 2)
             for lease in silent:
                 lease.silent()
             if stalled:

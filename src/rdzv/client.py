@@ -52,6 +52,11 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 _PROTOCOLS = ("http", "https")
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ATTEMPT_TIMEOUT = 2.0
+# etcd's "require leader" metadata (clientv3.WithRequireLeader): a member cut off
+# from its cluster's leader answers "no leader" at once, and cancels such watch
+# and keep-alive streams, instead of holding them until a deadline. With a
+# round-robin channel the retry then goes to another member.
+_REQUIRE_LEADER = ("hasleader", "true")
 _SLOW_REQUEST_BUDGET = 30.0
 _WATCH_CREATE_TIMEOUT = 30.0
 
@@ -319,11 +324,17 @@ class EtcdClient:
             "host": host,
             "port": port,
             "grpc_options": [
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
+                # A member behind a partition answers nothing, not even a reset:
+                # pings find it out within 8 s. etcd refuses pings more often than
+                # every 5 s (--grpc-keepalive-min-time).
+                ("grpc.keepalive_time_ms", 6_000),
+                ("grpc.keepalive_timeout_ms", 2_000),
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1_000),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                # Every member gets a connection and requests take turns, so a
+                # retry does not go back to a member that cannot serve it.
+                ("grpc.lb_policy_name", "round_robin"),
             ],
         }
         if config.protocol == "https":
@@ -350,6 +361,7 @@ class EtcdClient:
                 # would also attach it as gRPC call credentials, which gRPC refuses
                 # to send over a channel without TLS: auth over http would fail.
                 etcd.call_credentials = None
+                etcd.metadata = (*(etcd.metadata or ()), _REQUIRE_LEADER)
                 connection = _Connection(etcd, self._rpc)
                 if shared:
                     _connections[self._key] = connection
@@ -527,7 +539,7 @@ class EtcdClient:
             ),
             min(self.config.connect_timeout, _ATTEMPT_TIMEOUT),
         )
-        etcd.metadata = (("token", response.token),)
+        etcd.metadata = (("token", response.token), _REQUIRE_LEADER)
 
     def _call(
         self, stub_method: Callable[..., Any], request: Any, what: str, once: bool = False
