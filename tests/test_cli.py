@@ -19,6 +19,7 @@ import pytest
 
 from helpers import ThreadNode, assert_one_world, make_handler, run_round, wait_for
 from rdzv import cli
+from rdzv.api import RendezvousClosedError
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
 
 RDZV = [sys.executable, "-m", "rdzv"]
@@ -204,6 +205,29 @@ def test_status_during_and_after_a_round(etcd_endpoint, run_id):
     assert (after["status"], after["world_size"]) == ("final", 2)
     # The joins exited and revoked their leases: the world is listed, keys gone.
     assert [(m["rank"], m["state"]) for m in after["members"]] == [(0, "left"), (1, "left")]
+
+
+def test_status_shows_joined_count_and_last_call_deadline(etcd_endpoint, run_id, handlers):
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 3, last_call_timeout=30)
+                    for _ in range(2))
+    nodes = [ThreadNode(handlers[0]).start()]
+    wait_for(lambda: read_status(etcd_endpoint, run_id)["joined"] == 1, what="the first join")
+    status = status_json(etcd_endpoint, run_id)
+    assert (status["joined"], status["last_call_ends"]) == (1, None)
+    human = rdzv("status", *run_args(etcd_endpoint, run_id)).stdout.splitlines()
+    assert human[1] == "joined: 1 of min 2, max 3; waiting for 1 more before the last call starts"
+    before = time.time()
+    nodes.append(ThreadNode(handlers[1]).start())
+    ends = wait_for(lambda: read_status(etcd_endpoint, run_id)["last_call_ends"],
+                    what="the last call's deadline")
+    # The second join armed the last call: it ends last_call_timeout after that join.
+    assert before + 30 <= ends <= time.time() + 30, (before, ends)
+    human = rdzv("status", *run_args(etcd_endpoint, run_id)).stdout.splitlines()
+    when = time.strftime("%H:%M:%S UTC", time.gmtime(ends))
+    assert human[1].startswith(f"joined: 2 of min 2, max 3; last call ends at {when} (in "), human
+    assert human[1].endswith(" s) unless 3 join first"), human
+    handlers[0].set_closed()
+    assert all(isinstance(node.join(), RendezvousClosedError) for node in nodes)
 
 
 def test_status_lists_live_members_with_ranks_and_leases(etcd_endpoint, run_id, live_round):

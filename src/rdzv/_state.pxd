@@ -100,6 +100,8 @@ cdef class Node:
     cdef bint _join(self, client, StateRecord s, double now) except -1
     cdef int _joined(self, long long round, long long revision, long long count,
                      int min_nodes, int max_nodes, double now) except -1
+    cdef int _announce_last_call(self, client, long long round, long long count,
+                                 int min_nodes, int max_nodes, double now) except -1
     cdef bint _prejoin(self, client, StateRecord s, double now) except -1
     cdef bint _freeze(self, client, StateRecord s, double now) except -1
     cdef object _freezer_duties(self, client, StateRecord s)

@@ -1361,6 +1361,7 @@ cdef class Node:
         if joined is None:
             return False
         self._joined(s.round, joined[0], joined[1], s.min_nodes, s.max_nodes, now)
+        self._announce_last_call(client, s.round, joined[1], s.min_nodes, s.max_nodes, now)
         if self.freeze_pending:
             self.freeze_pending = False
             self._freeze(client, s, now)
@@ -1378,6 +1379,22 @@ cdef class Node:
             self.freeze_pending = True
         elif count >= min_nodes:
             self.wake_at = now + self.last_call_timeout
+        return 0
+
+    cdef int _announce_last_call(self, client, long long round, long long count,
+                                 int min_nodes, int max_nodes, double now) except -1:
+        """Publish when round ``round``'s last call ends, for ``rdzv status``.
+
+        Only the join that brought the count to exactly ``min_nodes`` (below
+        ``max_nodes``) does it: its timer is the first armed, so its deadline is
+        the round's. One put, on this node's lease, and only while the round has
+        no world record; the value is the wall-clock deadline in seconds.
+        """
+        if count != min_nodes or count >= max_nodes:
+            return 0
+        deadline = time.time() + (self.wake_at - now)
+        client.txn([("create", self.keys.world(round), 0)],
+                   [("put", self.keys.last_call(round), b"%.3f" % deadline, self.lease)], [])
         return 0
 
     cdef bint _prejoin(self, client, StateRecord s, double now) except -1:
@@ -1407,6 +1424,9 @@ cdef class Node:
         self._joined(target, joined[0], joined[1],
                      self.min_nodes if s is None else s.min_nodes,
                      self.max_nodes if s is None else s.max_nodes, now)
+        self._announce_last_call(client, target, joined[1],
+                                 self.min_nodes if s is None else s.min_nodes,
+                                 self.max_nodes if s is None else s.max_nodes, now)
         if joined[1] == 0:
             return True  # a lost answer: the round is frozen already
         if joined[1] == 1:

@@ -651,9 +651,12 @@ def read_run_status(
     Returns:
         A JSON-ready dict: ``run_id``, ``prefix``, ``status`` (``none`` when the
         run has no state record), ``round``, ``min_nodes``, ``max_nodes``,
-        ``world_size``, ``last_final``, ``closed``, ``members`` (in placement
-        order, see ``rdzv._state.placement_order``; members whose keys are gone
-        last) and ``waiting`` (lists of ``NodeStatus`` fields).
+        ``world_size``, ``last_final``, ``closed``, ``joined`` (how many nodes
+        joined the round), ``last_call_ends`` (when a joinable round that has
+        ``min_nodes`` completes without more joins: seconds since the epoch;
+        None before that or once frozen), ``members`` (in placement order, see
+        ``rdzv._state.placement_order``; members whose keys are gone last) and
+        ``waiting`` (lists of ``NodeStatus`` fields).
 
     Raises:
         RendezvousConnectionError: etcd cannot be reached.
@@ -664,7 +667,8 @@ def read_run_status(
     result: dict[str, Any] = {
         "run_id": run_id, "prefix": normalize_prefix(prefix) or "/", "status": "none",
         "round": None, "min_nodes": None, "max_nodes": None, "world_size": None,
-        "last_final": None, "closed": False, "members": [], "waiting": [],
+        "last_final": None, "closed": False, "joined": 0, "last_call_ends": None,
+        "members": [], "waiting": [],
     }
     got = client.get(keys.state)
     if got is None:
@@ -706,6 +710,14 @@ def read_run_status(
     ]
     result["members"] = [vars(row) for row in rows.values()]
     result["waiting"] = [vars(row) for row in waiting_rows]
+    result["joined"] = len(members)
+    if s.status == _state.Status.JOINABLE:
+        last_call = client.get(keys.last_call(s.round))
+        if last_call is not None:
+            try:
+                result["last_call_ends"] = float(last_call[0])
+            except ValueError:
+                logger.warning("ignoring a malformed last-call record %r", last_call[0])
     return result
 
 
@@ -736,6 +748,8 @@ def render_run_status(status: dict[str, Any]) -> list[str]:
     lines = [head + f"round {status['round']} {status['status']} ({bounds}{world}{last})"]
     if status["closed"]:
         lines[0] += "; closed: no further rounds"
+    if status["status"] == "joinable":
+        lines.append(_describe_joinable(status, time.time()))
     members = status["members"]
     lines.append(f"members of round {status['round']}: {len(members)}")
     if members:
@@ -755,6 +769,20 @@ def render_run_status(status: dict[str, Any]) -> list[str]:
             right=("lease left",),
         )]
     return lines
+
+
+def _describe_joinable(status: dict[str, Any], now: float) -> str:
+    """How far a joinable round is from completing: who joined, when the last call ends."""
+    joined, low, high = status["joined"], status["min_nodes"], status["max_nodes"]
+    text = f"joined: {joined} of min {low}, max {high}"
+    ends = status["last_call_ends"]
+    if ends is not None:
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(ends))
+        left = f"in {ends - now:.0f} s" if ends > now else "due now"
+        text += f"; last call ends at {when} ({left}) unless {high} join first"
+    elif joined < low:
+        text += f"; waiting for {low - joined} more before the last call starts"
+    return text
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

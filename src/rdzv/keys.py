@@ -7,6 +7,7 @@ Everything of run ``R`` under prefix ``P`` lives below ``P/R/``::
     P/R/rounds/<r>/confirmed/<node>    a world member is alive        (its lease)
     P/R/rounds/<r>/waiting/<node>      a late or surplus node         (its lease)
     P/R/rounds/<r>/world               node ids in rank order, written at freeze
+    P/R/rounds/<r>/last_call           when the last call ends (wall clock, s) (its lease)
     P/R/rounds/<r>/kv/<key>            the round's store (``EtcdStore``)
 
 The keys that outlive a round hang on two leases of the run, whose ids are
@@ -115,6 +116,10 @@ class RunKeys:
     def world(self, r: int) -> bytes:
         """Key of round ``r``'s rank assignment."""
         return self.round(r) + b"world"
+
+    def last_call(self, r: int) -> bytes:
+        """Key of the wall-clock time round ``r``'s last call ends (``rdzv status``)."""
+        return self.round(r) + b"last_call"
 
     def kv(self, r: int) -> bytes:
         """Prefix of round ``r``'s store."""
