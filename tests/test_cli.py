@@ -215,7 +215,8 @@ def test_status_shows_joined_count_and_last_call_deadline(etcd_endpoint, run_id,
     status = status_json(etcd_endpoint, run_id)
     assert (status["joined"], status["last_call_ends"]) == (1, None)
     human = rdzv("status", *run_args(etcd_endpoint, run_id)).stdout.splitlines()
-    assert human[1] == "joined: 1 of min 2, max 3; waiting for 1 more before the last call starts"
+    assert ("members of round 0: 1 of min 2, max 3; waiting for 1 more before the last call "
+            "starts") in human
     before = time.time()
     nodes.append(ThreadNode(handlers[1]).start())
     ends = wait_for(lambda: read_status(etcd_endpoint, run_id)["last_call_ends"],
@@ -224,8 +225,9 @@ def test_status_shows_joined_count_and_last_call_deadline(etcd_endpoint, run_id,
     assert before + 30 <= ends <= time.time() + 30, (before, ends)
     human = rdzv("status", *run_args(etcd_endpoint, run_id)).stdout.splitlines()
     when = time.strftime("%H:%M:%S UTC", time.gmtime(ends))
-    assert human[1].startswith(f"joined: 2 of min 2, max 3; last call ends at {when} (in "), human
-    assert human[1].endswith(" s) unless 3 join first"), human
+    (line,) = [line for line in human if line.startswith("members of round 0: 2 ")]
+    assert line.startswith(f"members of round 0: 2 of min 2, max 3; last call ends at {when} (in ")
+    assert line.endswith(" s) unless 3 join first"), line
     handlers[0].set_closed()
     assert all(isinstance(node.join(), RendezvousClosedError) for node in nodes)
 

@@ -748,10 +748,10 @@ def render_run_status(status: dict[str, Any]) -> list[str]:
     lines = [head + f"round {status['round']} {status['status']} ({bounds}{world}{last})"]
     if status["closed"]:
         lines[0] += "; closed: no further rounds"
-    if status["status"] == "joinable":
-        lines.append(_describe_joinable(status, time.time()))
     members = status["members"]
     lines.append(f"members of round {status['round']}: {len(members)}")
+    if status["status"] == "joinable":
+        lines[-1] += _describe_joinable(status, time.time())
     if members:
         lines += ["  " + line for line in _table(
             ("rank", "node", "host", "topology", "addr", "pid", "state", "lease left"),
@@ -772,9 +772,9 @@ def render_run_status(status: dict[str, Any]) -> list[str]:
 
 
 def _describe_joinable(status: dict[str, Any], now: float) -> str:
-    """How far a joinable round is from completing: who joined, when the last call ends."""
+    """How far a joinable round is from completing: of how many, when the last call ends."""
     joined, low, high = status["joined"], status["min_nodes"], status["max_nodes"]
-    text = f"joined: {joined} of min {low}, max {high}"
+    text = f" of min {low}, max {high}"
     ends = status["last_call_ends"]
     if ends is not None:
         when = time.strftime("%H:%M:%S UTC", time.gmtime(ends))
