@@ -7,8 +7,10 @@ real rounds on a real etcd.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import random
+import re
 import urllib.request
 
 import pytest
@@ -254,3 +256,65 @@ def test_bad_labels_are_refused_before_anything_is_written(
     with pytest.raises(ValueError, match=r"topology|rank_order|TOPOLOGY"):
         make_handler(etcd_server.get_endpoint(), run_id, 1, 1, **config)
     assert writes() == before
+
+
+# ------------------------------------------------- the compiled sort, at scale
+def _natural_oracle(text: str) -> bytes:
+    """The placement order of names, spelled out in Python: digit runs as numbers."""
+    out = b""
+    for part in re.split(r"(\d+)", text.lower()):
+        if part.isdigit():
+            digits = part.lstrip("0") or "0"
+            out += b"0" + bytes([min(len(digits), 255)]) + digits.encode()
+        else:
+            out += part.encode()
+    return out + b"\0"
+
+
+def _address_oracle(text: str) -> bytes:
+    try:
+        value = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return b"\2" + _natural_oracle(text)
+    if value.version == 4:
+        value = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + value.packed)
+    return b"\1" + value.packed + b"\0"
+
+
+def _placement_oracle(node_id: str, host: str, addr: str, pid: int, label: str) -> bytes:
+    topology = b"\2"
+    if label:
+        topology = b"\1" + b"".join(b"\1" + _natural_oracle(e) for e in label.split("/")) + b"\0"
+    return (topology + _address_oracle(host) + _address_oracle(addr) + pid.to_bytes(8, "big")
+            + node_id.encode())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_placement_order_matches_its_definition(seed):
+    rng = random.Random(seed)
+    n = rng.choice([30, 200, 3000])
+    racks = rng.randint(1, 40)
+    pick_host = [
+        lambda: f"node{rng.randint(0, 300)}",
+        lambda: f"gpu-r{rng.randint(0, 12)}-n{rng.randint(0, 40):0{rng.randint(1, 3)}d}",
+        lambda: f"10.{rng.randint(0, 3)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}",
+        lambda: f"2001:db8::{rng.randint(0, 65535):x}",
+        lambda: rng.choice(["a", "A", "a-1", "a.1", "b", "Node", "node"]),
+    ]
+    rows = []
+    for i in range(n):
+        host = rng.choice(pick_host)()
+        label = "" if rng.random() < 0.2 else (
+            f"pod{rng.randint(0, 3)}/rack{rng.randint(0, racks)}"
+            + rng.choice(["", "/leaf1", "/leaf02"]))
+        rows.append((f"{rng.getrandbits(40):010x}{i}", host, host if rng.random() < 0.8 else
+                     pick_host[2](), rng.randint(0, 5), label))
+    joined = [(node, core.encode_member(host, addr, pid, 1, label))
+              for node, host, addr, pid, label in rows]
+    expected = [row[0] for row in sorted(rows, key=lambda row: _placement_oracle(*row))]
+    assert core.placement_order(joined) == expected
+    assert core.assign_ranks(joined, [], n) == expected
+    survivors = rng.sample(expected, n // 3)
+    ranks = core.assign_ranks(joined, survivors, n)
+    assert ranks[:len(survivors)] == survivors
+    assert ranks[len(survivors):] == [node for node in expected if node not in set(survivors)]

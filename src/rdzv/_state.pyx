@@ -329,8 +329,12 @@ def decode_world_master(data, key=b"world"):
     return _decode_world(data, key)[2:]
 
 
+cdef enum:
+    _MAX_LABEL = 256
+    _SMALL_RUN = 24     # runs the placement sort finishes by comparing whole keys
+
 #: Longest topology label, in UTF-8 bytes.
-MAX_TOPOLOGY_BYTES = 256
+MAX_TOPOLOGY_BYTES = _MAX_LABEL
 #: The values of the ``rank_order`` option; the first is the default.
 RANK_ORDERS = ("stable", "topology")
 
@@ -453,7 +457,7 @@ cdef bint _valid_label(const unsigned char* p, Py_ssize_t n):
     """``topology_problem`` on bytes: fast for ASCII, exact for the rest."""
     cdef Py_ssize_t i
     cdef unsigned char c
-    if n == 0 or n > MAX_TOPOLOGY_BYTES:
+    if n == 0 or n > _MAX_LABEL:
         return False
     if not _ascii(p, n):
         try:
@@ -481,7 +485,7 @@ cdef bint _canonical_number(const unsigned char* p, Py_ssize_t n, long long* out
         if not c'0' <= p[i] <= c'9':
             return False
         value = value * 10 + (p[i] - c'0')
-    if value > <unsigned long long>_INT64_MAX:
+    if value > 0x7fffffffffffffffULL:
         return False
     out[0] = <long long>value
     return True
@@ -496,7 +500,10 @@ cdef bint _parse_member(const unsigned char* p, Py_ssize_t n, _Member* m):
     cdef long long port
     if n <= head or memcmp(p, <const char*>_MEMBER_HEAD, head) != 0:
         return False
+    cdef unsigned char seen = 0
     for i in range(start, n + 1):
+        if i < n:
+            seen |= p[i]
         if i == n or p[i] == c' ':
             if i == start or fields == 6:
                 return False  # an empty field, or too many
@@ -528,7 +535,7 @@ cdef bint _parse_member(const unsigned char* p, Py_ssize_t n, _Member* m):
         i += 1
     if i != fields:
         return False
-    return _utf8(p + m.host, m.host_len) and _utf8(p + m.addr, m.addr_len)
+    return seen < 0x80 or (_utf8(p + m.host, m.host_len) and _utf8(p + m.addr, m.addr_len))
 
 
 def decode_member(data):
@@ -573,7 +580,6 @@ cdef extern from "arpa/inet.h" nogil:
     int inet_pton(int af, const char* src, void* dst)
 
 cdef extern from "sys/socket.h" nogil:
-    int AF_INET
     int AF_INET6
 
 ctypedef struct _Entry:
@@ -618,6 +624,27 @@ cdef Py_ssize_t _natural(const unsigned char* s, Py_ssize_t n, unsigned char* ou
     return o + 1
 
 
+cdef bint _ipv4(const unsigned char* s, Py_ssize_t n, unsigned char* out) noexcept:
+    """A dotted quad (``10.0.0.9``, no leading zeros) into 4 bytes; False if not one."""
+    cdef Py_ssize_t i, part = 0, digits = 0
+    cdef int value = 0
+    for i in range(n + 1):
+        if i == n or s[i] == c'.':
+            if digits == 0 or part == 4:
+                return False
+            out[part] = <unsigned char>value
+            part += 1
+            value = digits = 0
+        elif c'0' <= s[i] <= c'9' and digits < 3 and not (digits == 1 and value == 0):
+            value = value * 10 + (s[i] - c'0')
+            digits += 1
+            if value > 255:
+                return False
+        else:
+            return False
+    return part == 4
+
+
 cdef Py_ssize_t _address_key(const unsigned char* s, Py_ssize_t n,
                              unsigned char* out) noexcept:
     """An IPv4 or IPv6 literal (``[...]`` and ``%zone`` allowed), else a name."""
@@ -642,7 +669,7 @@ cdef Py_ssize_t _address_key(const unsigned char* s, Py_ssize_t n,
             memcpy(out + 1, raw, 16)
             i = pct + 1 if pct < end else end
             return 17 + _natural(s + i, end - i, out + 17)
-        if not colon and pct == n and inet_pton(AF_INET, text, raw) == 1:
+        if not colon and pct == n and _ipv4(s, n, raw):
             out[0] = 0x01
             memset(out + 1, 0, 10)
             out[11] = 0xff
@@ -709,6 +736,29 @@ cdef void _sort_heads(_Entry* a, _Entry* spare, Py_ssize_t n) noexcept nogil:
         memcpy(a, src, n * sizeof(_Entry))
 
 
+cdef inline int _compare_keys(const _Entry* x, const _Entry* y, const unsigned char* keys,
+                              Py_ssize_t depth) noexcept nogil:
+    """memcmp order of two keys that agree before ``depth``; the shorter first on a tie."""
+    cdef Py_ssize_t n = (x.key_len if x.key_len < y.key_len else y.key_len) - depth
+    cdef int c = memcmp(keys + x.offset + depth, keys + y.offset + depth, n) if n > 0 else 0
+    if c != 0:
+        return c
+    return (x.key_len > y.key_len) - (x.key_len < y.key_len)
+
+
+cdef void _insertion_sort(_Entry* a, Py_ssize_t n, const unsigned char* keys,
+                          Py_ssize_t depth) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef _Entry item
+    for i in range(1, n):
+        item = a[i]
+        j = i
+        while j > 0 and _compare_keys(&item, &a[j - 1], keys, depth) < 0:
+            a[j] = a[j - 1]
+            j -= 1
+        a[j] = item
+
+
 cdef void _sort_entries(_Entry* a, _Entry* spare, Py_ssize_t n, const unsigned char* keys,
                         Py_ssize_t depth) noexcept nogil:
     """Sort entries by their keys' bytes from ``depth`` on (all agree before it).
@@ -721,6 +771,11 @@ cdef void _sort_entries(_Entry* a, _Entry* spare, Py_ssize_t n, const unsigned c
     cdef Py_ssize_t i, j, k
     cdef bint deeper
     cdef _Entry item
+    if n <= _SMALL_RUN:
+        # A few keys, read once into the cache: whole-key comparisons are cheaper
+        # than more passes.
+        _insertion_sort(a, n, keys, depth)
+        return
     for i in range(n):
         a[i].head = _head(keys, &a[i], depth)
     _sort_heads(a, spare, n)
@@ -837,6 +892,15 @@ cdef class _PlacementKeys:
         self.ids[self.count] = <PyObject*>node_id
         self.count += 1
         self.used += o
+        return 0
+
+    cdef int note(self, descriptor) except -1:
+        """Look at a member that needs no key: only whether it asks for topology order."""
+        cdef _Member m
+        if type(descriptor) is bytes and _parse_member(
+                <const unsigned char*>PyBytes_AS_STRING(descriptor),
+                PyBytes_GET_SIZE(descriptor), &m) and m.topology_first:
+            self.topology_first = True
         return 0
 
     cdef Py_ssize_t _shared_prefix(self, Py_ssize_t count) noexcept:
@@ -995,23 +1059,23 @@ def assign_ranks(members, previous, int max_nodes):
     """
     cdef list world = members[:max_nodes] if type(members) is list else list(members)[:max_nodes]
     cdef Py_ssize_t size = len(world)
-    cdef _PlacementKeys keys = _placement_keys(world)
-    if keys.topology_first:
-        keys.sort(size)
-        return keys.sorted_ids(size)
     cdef _RankTable old = _RankTable(list(previous))
+    cdef _PlacementKeys keys = _PlacementKeys(size)
     cdef list ranks = [None] * size
-    cdef Py_ssize_t i, rank, newcomers = 0
-    cdef object node_id
-    for i in range(size):
-        node_id = <object>keys.ids[i]
+    cdef Py_ssize_t i, rank
+    for item in world:
+        node_id, descriptor = item
         rank = old.rank(node_id)
         if 0 <= rank < size:
             ranks[rank] = node_id
+            keys.note(descriptor)
         else:
-            keys.entries[newcomers] = keys.entries[i]
-            newcomers += 1
-    keys.sort(newcomers)
+            keys.add(node_id, descriptor)
+    if keys.topology_first:
+        keys = _placement_keys(world)
+        keys.sort(size)
+        return keys.sorted_ids(size)
+    keys.sort(keys.count)
     i = 0
     for rank in range(size):
         if ranks[rank] is None:
