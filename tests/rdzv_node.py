@@ -5,9 +5,10 @@ Usage: python rdzv_node.py ENDPOINT RUN_ID MIN MAX [key=value ...]
 Each line read from stdin is a command: ``join`` runs ``next_rendezvous()`` and
 prints one JSON line (``{"node_id", "rank", "world_size", "round",
 "master_addr", "master_port"}`` or ``{"error", "message"}``); ``waiting`` prints
-``num_nodes_waiting()``; ``listen`` accepts TCP connections on the latest
-round's ``MASTER_PORT``, as rank 0's workers would; ``connect HOST PORT`` opens
-one TCP connection; ``exit`` shuts down. The node id is printed first, as
+``num_nodes_waiting()``; ``news`` prints it with ``waiting_nodes()`` and
+``lost_members()``; ``listen`` accepts TCP connections on the latest round's
+``MASTER_PORT``, as rank 0's workers would; ``connect HOST PORT`` opens one TCP
+connection; ``exit`` shuts down. The node id is printed first, as
 ``{"node_id": ...}``.
 """
 
@@ -66,6 +67,13 @@ def main() -> None:
             print(json.dumps(result), flush=True)
         elif command == "waiting":
             print(json.dumps({"waiting": handler.num_nodes_waiting()}), flush=True)
+        elif command == "news":
+            print(json.dumps({
+                "waiting": handler.num_nodes_waiting(),
+                "waiting_nodes": handler.waiting_nodes(),
+                "lost": handler.lost_members(),
+                "node_id": handler.node_id,
+            }), flush=True)
         elif command == "exit":
             break
     handler.shutdown()

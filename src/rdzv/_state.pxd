@@ -110,3 +110,34 @@ cdef class Node:
     cdef bint _register_waiting(self, client, StateRecord s) except -1
     cdef bint _wait_for_next(self, client, StateRecord s, double now) except -1
     cdef int _stop_freezing(self) except -1
+
+
+cdef class RunView:
+    # A member's picture of the run after it completed a round, kept current by
+    # one watch (see watch_spec) and a read now and then; num_nodes_waiting()
+    # and is_closed() answer from it without asking etcd.
+    cdef readonly object keys
+    cdef readonly long long round           # the round this node completed
+    cdef readonly long long cutoff          # that round's freeze revision
+    cdef readonly frozenset world           # its members' node ids
+    cdef readonly StateRecord state         # the newest state record seen
+    cdef readonly long long state_mod
+    cdef readonly bint state_unreadable     # the record vanished or cannot be decoded
+    cdef readonly long long revision        # every change up to here is applied
+    cdef readonly long long read_revision   # revision of the last read
+    cdef readonly long long watched_revision  # a watch delivered everything up to here
+    cdef readonly double verified_at        # when a read last confirmed the view
+    cdef readonly double check_interval
+    cdef set waiting                        # late and surplus nodes of the round
+    cdef set next_members                   # nodes that joined the round after it
+    cdef set lost                           # world members whose key vanished
+    cdef long long unlisted                 # counted by a read beyond its listing
+    cdef long long unnamed_lost             # world members a read found missing
+    cdef bytes members_prefix
+    cdef bytes waiting_prefix
+    cdef bytes next_prefix
+
+    cdef int _observe_state(self, value, long long mod_revision) except -1
+    cdef int _apply(self, bint is_put, bytes key, value, long long revision) except -1
+    cdef int _member_deleted(self, bytes key) except -1
+    cpdef long long num_waiting(self)

@@ -1699,3 +1699,254 @@ cdef class Node:
         """Record that ``cleanup_ops`` ran."""
         self.stale_keys = []
         self.phase = IDLE
+
+
+# ------------------------------------------------------------ between rounds
+# How many waiting and next-round node ids a read of the view lists; beyond
+# that it only counts them, so a read stays a few KB however many there are.
+VIEW_LIST_LIMIT = 64
+
+
+cdef class RunView:
+    """What a member knows of the run after it completed a round, kept current.
+
+    A node spends hours between rounds, and torch's agent asks it every
+    ``--monitor-interval`` whether to re-rendezvous. The view answers without
+    asking etcd: one read (``read_ops``) when it is first asked, then one watch
+    (``watch_spec``) from that read on, and a read every ``check_interval``
+    seconds that confirms the watch missed nothing. A node that is never asked
+    (no launcher polling) pays nothing. It counts:
+
+    * late and surplus nodes waiting for the next round (``waiting/`` keys of
+      the completed round),
+    * nodes that joined the next round already (its ``members/`` keys),
+    * members of the completed round whose key vanished: their lease expired
+      (the node died, hung or was cut off) or they shut down. They are counted
+      on purpose: torch's agent re-rendezvous when the count is > 0, and a lost
+      member is exactly when the job must re-form without it;
+    * and whether the state record moved on: closed, or a later round that
+      this node is not part of yet (the count is then at least 1).
+
+    Once the record moved past the completed round the count cannot fall back
+    to 0, so the view narrows its watch to the state record alone (it still
+    learns of a close): a node that lags behind gets O(1) events, not one per
+    joiner of the next round.
+
+    Args:
+        keys: the run's ``RunKeys``.
+        state: the ``final`` record of the completed round.
+        state_mod: its mod_revision.
+        world: the completed round's member node ids.
+        check_interval: seconds between reads that check the watch (lease_ttl).
+    """
+
+    def __init__(self, keys, StateRecord state, long long state_mod, world,
+                 double check_interval):
+        if state is None or state.status != FINAL:
+            raise ValueError("a run view starts from the final record of a round")
+        self.keys = keys
+        self.round = state.round
+        self.cutoff = state.cutoff
+        self.world = frozenset(world)
+        self.state = state
+        self.state_mod = state_mod
+        self.state_unreadable = False
+        # Until its first read the view knows the record and nothing more.
+        self.revision = state_mod
+        self.read_revision = 0
+        self.watched_revision = state_mod
+        self.verified_at = -INFINITY
+        self.check_interval = check_interval
+        self.waiting = set()
+        self.next_members = set()
+        self.lost = set()
+        self.unlisted = 0
+        self.unnamed_lost = 0
+        self.members_prefix = keys.members(self.round)
+        self.waiting_prefix = keys.waiting(self.round)
+        self.next_prefix = keys.members(self.round + 1)
+
+    # ------------------------------------------------------------- answers
+    @property
+    def unread(self):
+        """True until the first read: the view knows only the final record."""
+        return self.read_revision == 0
+
+    @property
+    def closed(self):
+        """True once the state record says closed (terminal)."""
+        return not self.state_unreadable and self.state.status == CLOSED
+
+    @property
+    def moved_on(self):
+        """True once the record left this round's ``final`` other than by closing."""
+        if self.state_unreadable:
+            return True
+        return self.state.status != CLOSED and (
+            self.state.round != self.round or self.state.status != FINAL)
+
+    cpdef long long num_waiting(self):
+        """How many nodes wait for this node to re-rendezvous (see the class doc)."""
+        cdef long long count = (len(self.waiting) + len(self.next_members) + len(self.lost)
+                                + self.unlisted + self.unnamed_lost)
+        if self.moved_on and count < 1:
+            count = 1
+        return count
+
+    def waiting_nodes(self):
+        """Ids of the nodes waiting for the next round and of those in it, sorted.
+
+        Nodes a read counted beyond ``VIEW_LIST_LIMIT`` are counted by
+        ``num_waiting`` but not listed.
+        """
+        return sorted(self.waiting | self.next_members)
+
+    def lost_members(self):
+        """Ids of the completed round's members whose keys vanished, sorted.
+
+        A member found missing by a read (not by the watch) is counted by
+        ``num_waiting`` but not named.
+        """
+        return sorted(self.lost)
+
+    # ------------------------------------------------------------- feeding
+    def watch_spec(self):
+        """``(key, range_end)`` of the one watch that keeps the view current.
+
+        One contiguous range from the completed round's ``members/`` through the
+        state record: that round's member and waiting keys (and its world record,
+        which never changes), the next round's keys, and the record. Rounds
+        before it (whose keys are being deleted) and its store are outside.
+        ``range_end`` None means the state record alone (the run moved on);
+        None means nothing more to watch (the run is closed).
+        """
+        cdef bytes state_key = self.keys.state
+        if self.closed:
+            return None
+        if self.moved_on:
+            return (state_key, None)
+        return (self.members_prefix, state_key + b"\x00")
+
+    def read_ops(self):
+        """Operations of one read-only transaction that re-reads what the view holds."""
+        cdef list ops = [("get", self.keys.state)]
+        if self.moved_on or self.closed:
+            return ops
+        ops.extend([
+            ("list", self.waiting_prefix, VIEW_LIST_LIMIT),
+            ("list", self.next_prefix, VIEW_LIST_LIMIT),
+            ("count", self.members_prefix, self.cutoff),
+        ])
+        return ops
+
+    def check_due(self, double now):
+        """True when a read should confirm the view (``check_interval`` passed)."""
+        return now - self.verified_at >= self.check_interval
+
+    def observe_read(self, long long revision, results, double now, bint force=False):
+        """Feed the results of ``read_ops`` at ``revision``; True if they corrected it.
+
+        A view already ahead of the read (its watch delivered later changes) only
+        counts as confirmed, unless ``force`` (a new watch starts after the read)
+        or it is the first read.
+        A correction means the watch missed changes: watch again after ``revision``.
+        """
+        self.verified_at = now
+        if self.revision > revision and not force and self.read_revision:
+            return False
+        cdef tuple before = (self.state_mod, self.state_unreadable, frozenset(self.waiting),
+                             frozenset(self.next_members), self.unlisted, self.unnamed_lost)
+        got = results[0]
+        if got is None:
+            self._observe_state(None, revision)
+        elif got[1] != self.state_mod:
+            self._observe_state(got[0], got[1])
+        if len(results) > 1:
+            waiting_count, waiting_keys = results[1]
+            next_count, next_keys = results[2]
+            self.waiting = {key[len(self.waiting_prefix):].decode() for key in waiting_keys}
+            self.next_members = {key[len(self.next_prefix):].decode() for key in next_keys}
+            self.unlisted = (waiting_count - len(self.waiting)) + (next_count - len(self.next_members))
+            # A lost member never comes back (its lease is gone): the named ones
+            # stay, and what else is missing is counted without a name.
+            self.unnamed_lost = max(0, len(self.world) - results[3] - len(self.lost))
+        self.revision = revision
+        self.read_revision = revision
+        return before != (self.state_mod, self.state_unreadable, frozenset(self.waiting),
+                          frozenset(self.next_members), self.unlisted, self.unnamed_lost)
+
+    @property
+    def watch_start(self):
+        """The revision a new watch starts at: right after the last one the
+        watches delivered, so that nothing between them is lost (a read since
+        counted it, but only a watch names the members lost meanwhile)."""
+        return self.watched_revision + 1
+
+    def observe_watch_start(self, long long start):
+        """A new watch started at ``start`` (later than ``watch_start`` when its
+        revision was compacted and it starts after a read instead)."""
+        if start - 1 > self.watched_revision:
+            self.watched_revision = start - 1
+
+    def observe_events(self, events):
+        """Feed the view's watch: ``[(is_put, key, value, mod_revision), ...]``."""
+        for is_put, key, value, revision in events:
+            if revision > self.watched_revision:
+                self.watched_revision = revision
+            if revision <= self.read_revision:
+                # Already in the last read, which counted a lost member without
+                # its name: the deletion gives the name.
+                if not is_put and self.unnamed_lost > 0 and key.startswith(self.members_prefix):
+                    self._member_deleted(key)
+                continue
+            self._apply(is_put, key, value, revision)
+            if revision > self.revision:
+                self.revision = revision
+
+    cdef int _observe_state(self, value, long long mod_revision) except -1:
+        if value is None:
+            # The record was deleted (the run was removed): this round is over.
+            self.state_unreadable = True
+            self.state_mod = mod_revision
+            return 0
+        try:
+            self.state = decode_state(value, self.keys.state)
+            self.state_unreadable = False
+        except RendezvousStateError:
+            # next_rendezvous() reports it; here it only means "re-rendezvous".
+            self.state_unreadable = True
+        self.state_mod = mod_revision
+        return 0
+
+    cdef int _apply(self, bint is_put, bytes key, value, long long revision) except -1:
+        cdef str node_id
+        if key == self.keys.state:
+            if revision > self.state_mod:
+                self._observe_state(value if is_put else None, revision)
+        elif key.startswith(self.waiting_prefix):
+            node_id = key[len(self.waiting_prefix):].decode()
+            if is_put:
+                self.waiting.add(node_id)
+            elif node_id in self.waiting:
+                self.waiting.discard(node_id)
+            elif self.unlisted > 0:
+                self.unlisted -= 1
+        elif key.startswith(self.next_prefix):
+            node_id = key[len(self.next_prefix):].decode()
+            if is_put:
+                self.next_members.add(node_id)
+            elif node_id in self.next_members:
+                self.next_members.discard(node_id)
+            elif self.unlisted > 0:
+                self.unlisted -= 1
+        elif key.startswith(self.members_prefix) and not is_put:
+            self._member_deleted(key)
+        return 0
+
+    cdef int _member_deleted(self, bytes key) except -1:
+        cdef str node_id = key[len(self.members_prefix):].decode()
+        if node_id in self.world and node_id not in self.lost:
+            self.lost.add(node_id)
+            if self.unnamed_lost > 0:
+                self.unnamed_lost -= 1
+        return 0

@@ -13,7 +13,9 @@ operations
     ``prefix`` (created at or before ``max_create_revision`` if given);
     ``("range", prefix, limit[, keys_only])`` -> ``[(key, value,
     create_revision), ...]`` in creation order (values empty with
-    ``keys_only``); ``("put", key, value, lease)`` -> ``None``;
+    ``keys_only``); ``("list", prefix, limit)`` -> ``(count, [key, ...])``: how
+    many keys are under ``prefix`` and the first ``limit`` of them, in one read;
+    ``("put", key, value, lease)`` -> ``None``;
     ``("delete", key[, range_end])`` -> number of keys deleted (with
     ``range_end``: every key in ``[key, range_end)``).
 
@@ -621,6 +623,8 @@ class EtcdClient:
         if kind == "range":
             keys_only = len(op) > 3 and bool(op[3])
             return rpc.RequestOp(request_range=self._range_request(op[1], op[2], keys_only))
+        if kind == "list":
+            return rpc.RequestOp(request_range=self._range_request(op[1], op[2], True))
         if kind == "put":
             return rpc.RequestOp(
                 request_put=rpc.PutRequest(key=op[1], value=op[2], lease=op[3])
@@ -833,8 +837,12 @@ class EtcdClient:
         start_revision: int,
         prefix: bool = False,
         no_put: bool = False,
+        range_end: bytes | None = None,
     ) -> WatchHandle:
         """Call ``callback(events)`` for changes of ``key`` from ``start_revision``.
+
+        ``prefix`` watches every key under ``key``; ``range_end`` every key from
+        ``key`` up to (not including) ``range_end``.
 
         ``start_revision`` 0 starts after the current revision, which the
         handle's ``created_revision`` then gives. A watch that starts in the
@@ -854,7 +862,9 @@ class EtcdClient:
         """
         rpc = self._rpc
         create = rpc.WatchCreateRequest(key=key, start_revision=start_revision)
-        if prefix:
+        if range_end is not None:
+            create.range_end = range_end
+        elif prefix:
             create.range_end = _prefix_end(key)
         if no_put:
             create.filters.append(rpc.WatchCreateRequest.NOPUT)
@@ -936,7 +946,7 @@ class _WatchNotStarted(grpc.RpcError):
         return str(self)
 
 
-_READ_OPS = ("get", "count", "range")
+_READ_OPS = ("get", "count", "range", "list")
 _COMPACTED_RETRIES = 3
 
 
@@ -969,6 +979,8 @@ def _range_result(kind: str, response: Any) -> Any:
         return (kvs[0].value, kvs[0].mod_revision, kvs[0].create_revision) if kvs else None
     if kind == "count":
         return response.count
+    if kind == "list":
+        return response.count, [kv.key for kv in response.kvs]
     return [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
 
 

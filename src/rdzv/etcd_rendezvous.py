@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rdzv import _state
+from rdzv._mux import WatchRefused
 from rdzv.api import (
     RendezvousConnectionError,
     RendezvousError,
@@ -59,6 +60,10 @@ MAX_LEASE_TTL = 9_000_000_000
 BACKEND_NAMES = ("etcd3", "etcd-v3", "etcd")
 MIN_KEEPALIVE_INTERVAL = 0.05
 MAX_DEFAULT_KEEPALIVE = 60.0
+# How long the first num_nodes_waiting() after a round (or after a silence)
+# waits for the view's read (one attempt's deadline); past it, it answers from
+# the view.
+_FIRST_READ_WAIT = 2.0
 
 #: Options read from ``RendezvousParameters`` (``--rdzv-conf`` keys), with what they mean.
 RENDEZVOUS_OPTIONS: dict[str, str] = {
@@ -188,6 +193,17 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._shutdown = False
         self._session_abandoned = False
         self._run_leases = RunLeases(client, self._keys, closed_run_grace, run_idle_timeout)
+        # Between rounds: the view of the run (see _current_view), its watch
+        # with the inbox that watch feeds, and background reads' results.
+        self._view_lock = threading.Lock()
+        self._view: Any = None
+        self._view_watch: tuple[Any, Watch, Inbox] | None = None
+        self._view_rewatch = False
+        self._view_jobs = Inbox()
+        self._view_job_running = False
+        self._view_outage: float | None = None
+        self._view_retry_at = 0.0
+        self._view_last_call = 0.0
         self._session = self._open_session()
         try:
             self._node = self._new_node()
@@ -239,7 +255,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
         if self._session_abandoned:
             logger.info("node %s of run %r joins again as a new node",
                         self._session.node_id, self._run_id)
-        elif self._session.lost:
+        elif self._session.lost or time.monotonic() > self._session.expiry:
+            # (Past its expiry the lease is surely gone, even if the keep-alive
+            # thread has not said so yet: a process resumed after a stop.)
             logger.warning(
                 "node %s of run %r lost its lease (keep-alives stalled past %d s) and was "
                 "dropped from the rendezvous; joining again as a new node",
@@ -420,6 +438,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         """
         with self._lock:
             self._check_not_shut_down()
+            self._stop_view()
             self._renew_session_if_lost()
             if self._run_leases.lost:
                 logger.warning(
@@ -464,6 +483,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._withdraw()
                 raise
             self._sync_watches()
+            self._start_view()
             world_size = node.state.world_size
             rank = node.rank
             logger.info(
@@ -537,8 +557,16 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._cancel("_waiting_watch")
 
     def is_closed(self) -> bool:
-        """Return whether the run is closed (one read of the state record)."""
+        """Return whether the run is closed.
+
+        After a completed round this comes from the node's view of the run (no
+        request to etcd, and no error while etcd is unreachable); before the
+        first round it reads the state record once.
+        """
         self._check_not_shut_down()
+        view = self._current_view()
+        if view is not None:
+            return bool(view.closed)
         got = self._client.get(self._keys.state)
         if got is None:
             return False
@@ -557,30 +585,199 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def num_nodes_waiting(self) -> int:
         """Return how many nodes wait for a round after the one this node completed.
 
-        These are late nodes, surplus nodes beyond ``max_nodes``, and members that
-        already started the next round. One transaction per call.
+        These are late nodes, surplus nodes beyond ``max_nodes``, members that
+        already started the next round, and members of the completed round that
+        were lost (their lease expired: dead, hung or cut off; or they shut down).
+        Lost members are counted on purpose: torch's agent re-rendezvous when
+        this is > 0, which re-forms the job without them. The answer is at least
+        1 once the run moved on to a round this node is not in.
+
+        It comes from a view of the run that one watch keeps current, checked by
+        a read every ``lease_ttl``: no request to etcd per call. While etcd is
+        unreachable it answers from that view (a warning is logged once) and
+        never raises; the view catches up when etcd is back.
+
+        Returns:
+            The count; 0 before this node completed a round.
         """
         self._check_not_shut_down()
-        completed = self._node.completed_round
-        if completed < 0:
-            return 0
-        # Late and surplus nodes of the completed round, members that already
-        # joined the next one, and (if the record moved on) its members.
-        _ok, _rev, (state, waiting, next_members) = self._client.txn(
-            [],
-            [
-                ("get", self._keys.state),
-                ("count", self._keys.waiting(completed)),
-                ("count", self._keys.members(completed + 1)),
-            ],
-            [],
-        )
-        count = waiting + next_members
-        if state is not None:
-            record = _state.decode_state(state[0], self._keys.state)
-            if record.status != _state.Status.CLOSED and record.round > completed + 1:
-                count = max(count, 1)
-        return count
+        view = self._current_view()
+        return 0 if view is None else int(view.num_waiting())
+
+    def waiting_nodes(self) -> list[str]:
+        """Return the ids of the nodes waiting for the next round or already in it.
+
+        Part of what ``num_nodes_waiting()`` counts (from the same view, without
+        a request to etcd); a launcher that wants to know why it should
+        re-rendezvous reads this and ``lost_members()``.
+
+        Returns:
+            Node ids, sorted; empty before this node completed a round.
+        """
+        self._check_not_shut_down()
+        view = self._current_view()
+        return [] if view is None else list(view.waiting_nodes())
+
+    def lost_members(self) -> list[str]:
+        """Return the ids of the completed round's members that were lost.
+
+        A member is lost when its keys vanished: its lease expired (the node
+        died, hung or was cut off from etcd for ``lease_ttl``) or it shut down.
+        This node's own id is there if its own lease expired.
+
+        Returns:
+            Node ids, sorted; empty before this node completed a round.
+        """
+        self._check_not_shut_down()
+        view = self._current_view()
+        return [] if view is None else list(view.lost_members())
+
+    # ------------------------------------------------------- between rounds
+    def _start_view(self) -> None:
+        """Start the view of the run after completing a round (watched lazily)."""
+        node = self._node
+        with self._view_lock:
+            self._view = _state.RunView(
+                self._keys, node.state, node.state_mod, node.world, float(self._lease_ttl)
+            )
+            self._view_rewatch = False
+
+    def _stop_view(self) -> None:
+        """Forget the view and stop its watch (a new round, or shutdown)."""
+        with self._view_lock:
+            self._view = None
+            self._cancel_view_watch()
+
+    def _cancel_view_watch(self) -> None:
+        if self._view_watch is not None:
+            self._view_watch[1].cancel()
+            self._view_watch = None
+
+    def _current_view(self) -> Any:
+        """The view of the run, with what its watch and reads delivered applied.
+
+        Starts, in the background, what the view needs: its first read and its
+        watch, a read every ``lease_ttl`` that checks it, a new watch when its
+        range changes, and a read and a new watch when the watch broke or
+        missed changes. Only the first call after a round waits for etcd (its
+        read, at most ``_FIRST_READ_WAIT`` s); the others never do.
+        """
+        with self._view_lock:
+            view = self._view
+            if view is None:
+                return None
+            now = time.monotonic()
+            if self._view_watch is not None:
+                for item in self._view_watch[2].drain(0):
+                    if item[0] == "error":
+                        # It could not be resumed (etcd gone for connect_timeout,
+                        # or its revision compacted): a read and a new watch.
+                        logger.debug("run %r: the view's watch ended: %s", self._run_id, item[2])
+                        self._cancel_view_watch()
+                        self._view_rewatch = True
+                        break
+                    view.observe_events(item[1])
+            # After the events that arrived before them: a read is then less
+            # often ahead of the watch only because its events are in flight.
+            for item in self._view_jobs.drain(0):
+                self._view_job_done(view, item, now)
+            spec = view.watch_spec()
+            if spec is None:
+                self._cancel_view_watch()
+            need_watch = spec is not None and (
+                self._view_watch is None or self._view_watch[0] != spec or self._view_rewatch
+            )
+            # A watch that broke is re-created from a read, as is one that missed
+            # changes (a stream gone quiet); a mere change of range is not.
+            need_read = view.check_due(now) or (need_watch and self._view_rewatch)
+            if (need_watch or need_read) and not self._view_job_running \
+                    and now >= self._view_retry_at:
+                self._view_job_running = True
+                threading.Thread(
+                    target=self._view_job,
+                    args=(view, view.read_ops() if need_read else None,
+                          spec if need_watch else None, view.watch_start),
+                    name="rdzv-view", daemon=True,
+                ).start()
+                # The first call after a round, and one after a silence longer
+                # than lease_ttl (this process was stopped, or nobody asked), wait
+                # for the read rather than answer from what may be long stale.
+                if view.unread or now - self._view_last_call > self._lease_ttl:
+                    for item in self._view_jobs.drain(_FIRST_READ_WAIT):
+                        self._view_job_done(view, item, time.monotonic())
+            self._view_last_call = now
+            return view
+
+    def _view_job(self, view: Any, read_ops: list | None, spec: Any, start: int) -> None:
+        """In the background: read what the view holds, and/or watch its range.
+
+        The watch starts at ``start``, right after what the last one delivered,
+        even after a read: it then also names the members lost in between. If
+        that revision was compacted, it starts after a read instead.
+        """
+        try:
+            read = None
+            if read_ops is not None:
+                # One attempt: a failed check is retried by a later call, which
+                # meanwhile answers from the view.
+                _, revision, results = self._client.txn([], read_ops, [], once=True)
+                read = (revision, results)
+            watch = None
+            if spec is not None:
+                try:
+                    watch = self._new_view_watch(spec, start)
+                except WatchRefused:
+                    if read is None:
+                        _, revision, results = self._client.txn([], view.read_ops(), [])
+                        read = (revision, results)
+                    watch = self._new_view_watch(spec, read[0] + 1)
+            self._view_jobs.put(("done", view, read, watch))
+        except RendezvousError as err:
+            self._view_jobs.put(("failed", view, err))
+
+    def _new_view_watch(self, spec: Any, start: int) -> tuple[Any, Watch, Inbox, int]:
+        inbox = Inbox()
+        key, range_end = spec
+        watch = Watch(self._client, key, start, inbox, "view", range_end=range_end)
+        return spec, watch, inbox, start
+
+    def _view_job_done(self, view: Any, item: tuple[Any, ...], now: float) -> None:
+        self._view_job_running = False
+        kind, job_view = item[0], item[1]
+        if kind == "failed":
+            self._view_retry_at = now + min(1.0, self._lease_ttl / 4)
+            if self._view_outage is None:
+                self._view_outage = now
+                logger.warning(
+                    "run %r: cannot check the view of the run (%s); num_nodes_waiting() and "
+                    "is_closed() answer from what it knew at revision %d until etcd answers",
+                    self._run_id, item[2], view.revision,
+                )
+            return
+        read, watch = item[2], item[3]
+        if job_view is not view or self._shutdown:
+            if watch is not None:
+                watch[1].cancel()
+            return
+        if watch is not None:
+            self._cancel_view_watch()
+            self._view_watch = watch[:3]
+            self._view_rewatch = False
+            view.observe_watch_start(watch[3])
+        if read is not None:
+            corrected = view.observe_read(read[0], read[1], now, watch is not None)
+            if corrected and watch is None:
+                # Events in flight when the read ran look the same: no warning.
+                logger.info(
+                    "run %r: the view's watch missed changes up to revision %d; watching again",
+                    self._run_id, read[0],
+                )
+                self._view_rewatch = True
+        if self._view_outage is not None:
+            logger.info("run %r: etcd answers again after %.1f s; the view of the run is "
+                        "current (revision %d)", self._run_id, now - self._view_outage,
+                        view.revision)
+            self._view_outage = None
 
     def shutdown(self) -> bool:
         """Release this node's lease, watches and connection; idempotent.
@@ -596,6 +793,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 return True
             self._shutdown = True
         self._inbox.put(("shutdown",))
+        self._stop_view()
         with self._lock:
             for attr in ("_round_watch", "_waiting_watch"):
                 self._cancel(attr)

@@ -50,6 +50,7 @@ class Watch:
         tag: first element of every item, so the driver knows the source.
         prefix: watch every key under ``key``.
         no_put: deliver deletions only.
+        range_end: watch every key from ``key`` up to this one (not included).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class Watch:
         tag: str,
         prefix: bool = False,
         no_put: bool = False,
+        range_end: bytes | None = None,
     ) -> None:
         self._client = client
         self._key = key
@@ -69,6 +71,7 @@ class Watch:
         self._tag = tag
         self._prefix = prefix
         self._no_put = no_put
+        self._range_end = range_end
         self._lock = threading.Lock()
         self._cancelled = False
         self._watch_id: int | None = None
@@ -81,6 +84,7 @@ class Watch:
             start_revision=self._next_revision,
             prefix=self._prefix,
             no_put=self._no_put,
+            range_end=self._range_end,
         )
         with self._lock:
             # Started "now": a resume must go on from there, not from "now" again.

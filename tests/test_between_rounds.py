@@ -1,0 +1,233 @@
+"""Between rounds: the view of the run that answers num_nodes_waiting() and is_closed().
+
+A completed round can last hours. torch's agent polls ``num_nodes_waiting()``
+every ``--monitor-interval`` on every node and re-rendezvous when it is > 0.
+These tests check, with real etcd and real node processes, that the polling
+costs etcd (almost) nothing (counted by etcd's /metrics), that a member lost to
+a crash, a hang or a shutdown is reported by every survivor within
+``lease_ttl`` + 1 s, and that an etcd outage never raises into the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from helpers import ProcessNode, ThreadNode, assert_one_world, make_handler, run_round, wait_for
+from rdzv.etcd_server import EtcdServer
+from rdzv.keys import RunKeys
+
+LEASE_TTL = 2
+FAST = {"lease_ttl": LEASE_TTL, "last_call_timeout": 0.5, "timeout": 30}
+# The bound the issue of a lost member must meet: its lease runs out, etcd's
+# lessor notices (it checks every 500 ms), the watch delivers the deletion.
+NEWS_WITHIN = LEASE_TTL + 1.0
+
+
+def etcd_requests(metrics_url: str) -> dict[str, float]:
+    """Messages etcd received per gRPC method (a unary request is one message)."""
+    text = urllib.request.urlopen(metrics_url + "/metrics", timeout=10).read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("grpc_server_msg_received_total{") and "etcdserverpb" in line:
+            method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
+            counts[method] = counts.get(method, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ProcessNode]]:
+    created: list[ProcessNode] = []
+    yield created
+    for node in created:
+        if node.proc.poll() is None:
+            os.killpg(node.proc.pid, signal.SIGCONT)
+        node.close()
+
+
+def _round_with_a_process(endpoint, run_id, handlers, processes):
+    """Round 0 of two in-process nodes and one node process (min 2, max 3)."""
+    victim = ProcessNode(endpoint, run_id, 2, 3, **FAST)
+    processes.append(victim)
+    handlers.extend(make_handler(endpoint, run_id, 2, 3, **FAST) for _ in range(2))
+    victim.send("join")
+    infos = run_round([ThreadNode(h) for h in handlers])
+    joined = victim.result()
+    assert joined["world_size"] == 3 and {i.world_size for i in infos} == {3}, joined
+    assert sorted([joined["rank"], *(i.rank for i in infos)]) == [0, 1, 2]
+    for handler in handlers:
+        assert handler.num_nodes_waiting() == 0
+    victim.send("news")
+    assert victim.result()["waiting"] == 0
+    return victim
+
+
+def _told_within(handlers, since: float) -> float:
+    """Seconds from ``since`` until every handler's num_nodes_waiting() is > 0."""
+    wait_for(lambda: all(h.num_nodes_waiting() > 0 for h in handlers),
+             timeout=NEWS_WITHIN + 5, what="survivors told of the lost member")
+    return time.monotonic() - since
+
+
+def test_polling_costs_etcd_nothing_and_a_quiet_round_reports_nothing(etcd_server, run_id,
+                                                                     handlers):
+    """Four nodes poll every 0.1 s for 10 s after a round: every answer is 0 and
+    etcd sees the keep-alives, one read and one watch per node, and one check
+    read per node per lease_ttl, not a request per call."""
+    n, lease_ttl, seconds = 4, 5, 10.0
+    endpoint = etcd_server.get_endpoint()
+    handlers.extend(make_handler(endpoint, run_id, n, n, lease_ttl=lease_ttl)
+                    for _ in range(n))
+    assert_one_world(run_round([ThreadNode(h) for h in handlers]), n)
+    before = etcd_requests(etcd_server.get_metrics_url())
+    started = time.monotonic()
+    calls = 0
+    waiting, closed = set(), set()
+    while time.monotonic() - started < seconds:
+        for handler in handlers:
+            waiting.add(handler.num_nodes_waiting())
+            closed.add(handler.is_closed())
+            calls += 2
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    after = etcd_requests(etcd_server.get_metrics_url())
+    delta = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    keepalives = delta.pop("LeaseKeepAlive", 0.0)
+    others = sum(delta.values())
+    print(f"{calls} calls in {elapsed:.1f} s: {keepalives / n / elapsed:.2f} keep-alives and "
+          f"{others / n / elapsed:.3f} other requests per node per second ({delta})")
+    assert waiting == {0} and closed == {False}
+    assert calls >= 300
+    # Per node: the first read and its watch, then one check read per lease_ttl.
+    # A read is 4 range requests: the state record, the waiting and next-round
+    # node lists, the count of the round's member keys.
+    reads = 1 + int(seconds // lease_ttl) + 1
+    assert others <= n * (4 * reads + 1), delta
+    assert set(delta) <= {"Range", "Watch"}, delta
+
+
+def test_killed_member_is_news_and_the_next_round_forms_without_it(etcd_server, run_id,
+                                                                   handlers, processes):
+    endpoint = etcd_server.get_endpoint()
+    victim = _round_with_a_process(endpoint, run_id, handlers, processes)
+    killed_at = time.monotonic()
+    victim.kill()
+    assert _told_within(handlers, killed_at) < NEWS_WITHIN
+    for handler in handlers:
+        assert handler.lost_members() == [victim.node_id]
+        assert handler.waiting_nodes() == []
+    assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
+    keys = RunKeys("/rdzv", run_id)
+    client = etcd_server.get_rdzv_client()
+    try:
+        assert victim.node_id.encode() not in client.get(keys.world(1))[0]
+    finally:
+        client.close()
+    for handler in handlers:
+        assert handler.num_nodes_waiting() == 0 and handler.lost_members() == []
+
+
+def test_stopped_member_is_news_and_rejoins_later_as_a_new_node(etcd_server, run_id,
+                                                                handlers, processes):
+    """A hung host (SIGSTOP): the survivors are told within lease_ttl + 1 s and
+    re-form without it. Resumed, the node learns from its own pending call that
+    it was lost, and its next join is a new node's, admitted in a later round."""
+    endpoint = etcd_server.get_endpoint()
+    victim = _round_with_a_process(endpoint, run_id, handlers, processes)
+    old_id = victim.node_id
+    os.killpg(victim.proc.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    victim.send("news")  # pending while it is stopped
+    try:
+        assert _told_within(handlers, stopped_at) < NEWS_WITHIN
+        assert all(h.lost_members() == [old_id] for h in handlers)
+        assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
+    finally:
+        os.killpg(victim.proc.pid, signal.SIGCONT)
+    told = victim.result()
+    assert told["waiting"] > 0, told
+    victim.send("join")
+    wait_for(lambda: handlers[0].num_nodes_waiting() == 1, timeout=10,
+             what="the resumed node counted as waiting")
+    new_ids = handlers[0].waiting_nodes()
+    assert len(new_ids) == 1 and new_ids[0] != old_id
+    infos = run_round([ThreadNode(h) for h in handlers])
+    rejoined = victim.result()
+    assert rejoined["world_size"] == 3 and rejoined["round"] == 2, rejoined
+    assert sorted([rejoined["rank"], *(i.rank for i in infos)]) == [0, 1, 2]
+
+
+def test_shutdown_member_and_late_node_are_news(etcd_server, run_id, handlers):
+    endpoint = etcd_server.get_endpoint()
+    handlers.extend(make_handler(endpoint, run_id, 2, 3, **FAST) for _ in range(4))
+    first, second, leaving, late = handlers
+    assert_one_world(run_round([ThreadNode(h) for h in (first, second, leaving)]), 3)
+    assert first.num_nodes_waiting() == 0
+    late_node = ThreadNode(late).start()
+    wait_for(lambda: first.num_nodes_waiting() == 1 and second.num_nodes_waiting() == 1,
+             what="the late node counted")
+    assert first.waiting_nodes() == [late.node_id] and first.lost_members() == []
+    leaving_id = leaving.node_id
+    shut_at = time.monotonic()
+    leaving.shutdown()
+    handlers.remove(leaving)
+    wait_for(lambda: first.num_nodes_waiting() == 2 and second.num_nodes_waiting() == 2,
+             timeout=5, what="the shut-down member counted")
+    # Its lease is revoked: no lease_ttl to wait for.
+    assert time.monotonic() - shut_at < 1.0
+    assert first.lost_members() == [leaving_id] == second.lost_members()
+    assert_one_world([*run_round([ThreadNode(first), ThreadNode(second)]), late_node.join()], 3)
+
+
+def test_etcd_stopped_for_a_minute_never_raises_and_the_view_catches_up(run_id, caplog):
+    """etcd hangs (SIGSTOP) for just over a minute while a round is complete and
+    the nodes poll: no call raises or blocks, one warning per node; after SIGCONT
+    each node's view is etcd's truth again (the members' leases expired meanwhile,
+    so all of them are lost)."""
+    caplog.set_level(logging.WARNING, logger="rdzv.etcd_rendezvous")
+    with EtcdServer() as server:
+        endpoint = server.get_endpoint()
+        nodes = [make_handler(endpoint, run_id, 2, 2, **FAST) for _ in range(2)]
+        try:
+            assert_one_world(run_round([ThreadNode(h) for h in nodes]), 2)
+            ids = sorted(h.node_id for h in nodes)
+            assert [h.num_nodes_waiting() for h in nodes] == [0, 0]
+            os.kill(server.pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            slowest = 0.0
+            try:
+                while time.monotonic() - stopped_at < 61:
+                    for handler in nodes:
+                        call = time.monotonic()
+                        assert handler.num_nodes_waiting() == 0
+                        assert handler.is_closed() is False
+                        slowest = max(slowest, time.monotonic() - call)
+                    time.sleep(0.1)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert slowest < 0.5, slowest
+            warnings = [r for r in caplog.records if "answer from what it knew" in r.message]
+            assert len(warnings) == len(nodes), [r.message for r in warnings]
+            client = server.get_rdzv_client()
+            try:
+                members = RunKeys("/rdzv", run_id).members(0)
+
+                def view_is_truth() -> bool:
+                    present = {k[len(members):].decode() for k, _, _ in client.range(members)}
+                    lost = sorted(set(ids) - present)
+                    return all(h.lost_members() == lost and h.num_nodes_waiting() == len(lost)
+                               for h in nodes)
+
+                wait_for(view_is_truth, timeout=LEASE_TTL + 10, what="views caught up")
+            finally:
+                client.close()
+            assert all(h.lost_members() == ids for h in nodes)
+        finally:
+            for handler in nodes:
+                handler.shutdown()
