@@ -23,6 +23,7 @@ from rdzv.api import (
     RendezvousStoreInfo,
     RendezvousTimeoutError,
 )
+from rdzv.client import ForkedProcessError
 from rdzv.etcd_rendezvous import EtcdRendezvousHandler, create_rdzv_handler
 from rdzv.etcd_server import EtcdCluster, EtcdServer
 from rdzv.etcd_store import EtcdStore, StoreTimeoutError
@@ -34,6 +35,7 @@ __all__ = [
     "EtcdRendezvousHandler",
     "EtcdServer",
     "EtcdStore",
+    "ForkedProcessError",
     "RendezvousClosedError",
     "RendezvousConnectionError",
     "RendezvousError",

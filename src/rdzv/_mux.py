@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -38,6 +39,70 @@ def _drain_queue(requests: queue.Queue) -> Iterator[Any]:
         if item is None:
             return
         yield item
+
+
+# ========================================================================= forks
+class ForkGate:
+    """Keeps a process's etcd requests and stream openings out of gRPC while it forks.
+
+    gRPC's poller keeps process-wide state (which thread polls, who waits). A
+    child forked while a thread of its parent polls inherits that state half
+    way, and gRPC may abort in the child the first time it polls
+    (``ev_epoll1_linux.cc ... g_active_poller``). Every request and every stream
+    opening passes the gate; before a fork, ``close()`` stops new ones and
+    waits for those inside to finish, and the connections then close their
+    streams (see ``rdzv.client``); ``open()`` lets everything go on afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inside = 0
+        self._closed = False
+
+    def __enter__(self) -> None:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._inside += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._inside -= 1
+            self._cond.notify_all()
+
+    def close(self, wait: float) -> bool:
+        """Let nothing new in; wait up to ``wait`` s for what is inside.
+
+        Returns:
+            Whether everything inside finished in time.
+        """
+        deadline = time.monotonic() + wait
+        with self._cond:
+            self._closed = True
+            while self._inside:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def open(self) -> None:
+        """Let requests in again."""
+        with self._cond:
+            self._closed = False
+            self._cond.notify_all()
+
+
+#: The process's gate (a forked child gets a fresh one).
+fork_gate = ForkGate()
+
+
+def _reset_fork_gate() -> None:
+    global fork_gate
+    fork_gate = ForkGate()
+
+
+os.register_at_fork(after_in_child=_reset_fork_gate)
 
 
 # ====================================================================== watches
@@ -133,7 +198,9 @@ class _WatchStream:
                 self._dispatch(response)
             error: BaseException = RuntimeError("etcd ended the watch stream")
         except Exception as err:  # grpc.RpcError, or a closed channel
-            error = err
+            # Closed here (a fork, a new auth token, the connection's end): the
+            # watches on it start again on another stream.
+            error = RuntimeError("the watch stream was closed") if self.broken else err
         with self._lock:
             self.broken = True
             self.error = error
@@ -206,7 +273,7 @@ class WatchMux:
             WatchRefused: etcd refused it.
             Exception: what broke the stream (grpc.RpcError).
         """
-        with self._lock:
+        with fork_gate, self._lock:
             old = self._stream
             if old is None or old.broken or old.metadata != metadata:
                 # etcd checks a watch's auth token when it is created, with the
@@ -310,6 +377,10 @@ class KeepAliveHub:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(_THREAD_EXIT_TIMEOUT)
 
+    def close_stream(self) -> None:
+        """Close the keep-alive stream; the next keep-alive opens another."""
+        self._close_stream()
+
     # ---------------------------------------------------------------- threads
     def _schedule(self) -> None:
         while True:
@@ -351,7 +422,7 @@ class KeepAliveHub:
         if self._call is not None and metadata != self._stream_metadata:
             # A renewed auth token: etcd checks the one the stream was opened with.
             self._close_stream(self._call)
-        with self._stream_lock:
+        with fork_gate, self._stream_lock:
             if self._call is None:
                 requests: queue.Queue = queue.Queue()
                 self._stream_answered = time.monotonic()

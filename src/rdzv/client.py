@@ -36,12 +36,14 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from rdzv import _mux
 from rdzv._etcd3_compat import load_etcd3
 from rdzv._mux import KeepAliveHub, KeptLease, WatchHandle, WatchMux, WatchRefused
 from rdzv._state import Backoff
@@ -287,8 +289,30 @@ class _Connection:
         self.etcd = etcd
         self.users = 0
         self.held: dict[int, HeldLease] = {}
+        self.pid = os.getpid()
         self.watches = WatchMux(rpc.WatchStub(etcd.channel), rpc)
         self.keepalives = KeepAliveHub(rpc.LeaseStub(etcd.channel), rpc, lambda: etcd.metadata)
+        with _live_lock:
+            _live_connections.add(self)
+
+    def quiesce(self, deadline: float) -> bool:
+        """Close the streams (they reopen when next needed: watches resume from
+        the revision after their last event, keep-alives go on at their next
+        beat) and wait until gRPC has finished them, up to ``deadline``.
+
+        Returns:
+            Whether gRPC finished every call of the channel in time.
+        """
+        self.watches.close()
+        self.keepalives.close_stream()
+        # gRPC polls a channel's streams from a thread of its own until the
+        # last one has ended; its count is the only sign that it stopped.
+        calls = getattr(self.etcd.channel, "_call_state", None)
+        while calls is not None and getattr(calls, "managed_calls", 0):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def close(self) -> None:
         self.watches.close()
@@ -296,8 +320,77 @@ class _Connection:
         self.etcd.close()
 
 
+# Connections by (process id, configuration). A forked child shares its parent's
+# sockets but not the threads that serve them: it must never use, nor close, a
+# connection its parent opened (closing one could write on the parent's socket).
+# The process id in the key keeps a child from finding them; the parent's
+# entries stay referenced, so they are never closed in the child.
 _connections: dict[tuple[Any, ...], _Connection] = {}
 _connections_lock = threading.Lock()
+#: Every open connection, shared or not, for the fork handlers.
+_live_connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+_live_lock = threading.Lock()  # held for a moment only, never while waiting
+#: In a forked child, the parent's connections: kept, never collected, because
+#: gRPC closes a collected channel, which would write on the parent's socket.
+_inherited: list[_Connection] = []
+#: How long a fork waits for the process's requests and streams to finish.
+FORK_QUIESCE_TIMEOUT = 2.0
+
+
+def _before_fork() -> None:
+    deadline = time.monotonic() + FORK_QUIESCE_TIMEOUT
+    # A request still inside may hold a connection's locks: its streams are then
+    # left as they are.
+    quiet = _mux.fork_gate.close(FORK_QUIESCE_TIMEOUT)
+    with _live_lock:
+        connections = list(_live_connections) if quiet else []
+    for connection in connections:
+        if connection.pid == os.getpid():
+            quiet = connection.quiesce(deadline) and quiet
+    if not quiet:
+        logger.warning(
+            "forking while etcd requests are still in flight after %g s: a child that "
+            "uses gRPC may abort in it (gRPC does not support fork() during calls)",
+            FORK_QUIESCE_TIMEOUT,
+        )
+
+
+def _after_fork_in_parent() -> None:
+    _mux.fork_gate.open()
+
+
+def _after_fork_in_child() -> None:
+    # A parent's thread may have held the lock at the fork; it never lets go here.
+    global _connections_lock, _live_lock
+    _connections_lock = threading.Lock()
+    _live_lock = threading.Lock()
+    _inherited.extend(_live_connections)
+
+
+_fork_hooks_registered = False
+
+
+def _register_fork_hooks() -> None:
+    """Register the fork handlers, once, after gRPC registered its own (with the
+    first channel): handlers registered later run first before a fork, so the
+    process is quiet when gRPC's (``GRPC_ENABLE_FORK_SUPPORT=1``) checks it."""
+    global _fork_hooks_registered
+    if not _fork_hooks_registered:
+        _fork_hooks_registered = True
+        os.register_at_fork(
+            before=_before_fork, after_in_parent=_after_fork_in_parent,
+            after_in_child=_after_fork_in_child,
+        )
+
+
+class ForkedProcessError(RendezvousError):
+    """An rdzv object was used in a process forked after it was created.
+
+    A handler, store or client belongs to the process that created it: its
+    connection's streams and keep-alives are served by threads that a forked
+    child does not have, and its lease is the parent's. In the child, create a
+    new handler; the parent's objects keep working in the parent.
+    """
 
 
 class EtcdClient:
@@ -343,8 +436,9 @@ class EtcdClient:
             kwargs.update(ca_cert=config.cacert, cert_cert=config.cert, cert_key=config.key)
             if config.cacert is None:
                 raise ValueError("protocol=https needs 'cacert', the CA that signs etcd's cert.")
-        self._key = (config.endpoints, config.protocol, config.cacert, config.cert,
-                     config.key, config.username, config.password)
+        self._pid = os.getpid()
+        self._key = (self._pid, config.endpoints, config.protocol, config.cacert,
+                     config.cert, config.key, config.username, config.password)
         with _connections_lock:
             connection = _connections.get(self._key) if shared else None
             if connection is None:
@@ -364,6 +458,7 @@ class EtcdClient:
                 # to send over a channel without TLS: auth over http would fail.
                 etcd.call_credentials = None
                 etcd.metadata = (*(etcd.metadata or ()), _REQUIRE_LEADER)
+                _register_fork_hooks()
                 connection = _Connection(etcd, self._rpc)
                 if shared:
                     _connections[self._key] = connection
@@ -375,6 +470,25 @@ class EtcdClient:
         self._leases = self._rpc.LeaseStub(self._etcd.channel)
         self._closed = False
         self._lock = threading.Lock()
+
+    def check_process(self, what: str = "this etcd client") -> None:
+        """Refuse to work in a process forked after this client was created.
+
+        Args:
+            what: the object to name in the message.
+
+        Raises:
+            ForkedProcessError: the current process is not the one that created
+                the client.
+        """
+        pid = os.getpid()
+        if pid != self._pid:
+            raise ForkedProcessError(
+                f"{what} was created in process {self._pid} and cannot be used in process "
+                f"{pid}, forked from it: its connection to etcd and its lease belong to "
+                f"the parent. Create a new handler in this process; the parent's keeps "
+                f"working there."
+            )
 
     def bounded(self, horizon: Callable[[], float]) -> EtcdClient:
         """This client's connection, with retries that stop at ``horizon()``.
@@ -431,7 +545,7 @@ class EtcdClient:
         )
 
     def _retrying(
-        self, fn: Callable[[float], Any], what: str, once: bool = False
+        self, fn: Callable[[float], Any], what: str, once: bool = False, gated: bool = True
     ) -> Any:
         """Call ``fn(attempt_timeout)``, retrying transient failures.
 
@@ -450,7 +564,13 @@ class EtcdClient:
           does a failed attempt once the horizon of a ``bounded`` client passed.
 
         With ``once``, a single attempt is made (for best-effort clean-up).
+        Each attempt passes the fork gate (``rdzv._mux.ForkGate``) unless
+        ``gated`` is False (for ``fn`` that pass it themselves).
+
+        Raises:
+            ForkedProcessError: this client was created in another process.
         """
+        self.check_process()
         start = time.monotonic()
         unreachable_deadline = start + self.config.connect_timeout
         slow_deadline = start + max(self.config.connect_timeout, _SLOW_REQUEST_BUDGET)
@@ -459,7 +579,10 @@ class EtcdClient:
         renewed = False
         while True:
             try:
-                return fn(attempt_timeout)
+                if not gated:
+                    return fn(attempt_timeout)
+                with _mux.fork_gate:
+                    return fn(attempt_timeout)
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
                 details = (err.details() if hasattr(err, "details") else "") or ""
@@ -814,10 +937,12 @@ class EtcdClient:
         stream's threads: they must not block. The returned record's
         ``last_answer`` tells when etcd last renewed the lease.
         """
+        self.check_process()
         return self._connection.keepalives.add(lease_id, ttl, interval, stop, answered, silent)
 
     def stop_keep_alive(self, lease_id: int) -> None:
         """Stop keeping ``lease_id`` alive (as its ``stop`` event does)."""
+        self.check_process()
         self._connection.keepalives.remove(lease_id)
 
     def lease_revoke(self, lease_id: int) -> None:
@@ -894,7 +1019,9 @@ class EtcdClient:
             except RuntimeError as err:  # the shared stream ended: a new one next time
                 raise _WatchNotStarted(grpc.StatusCode.UNAVAILABLE, str(err)) from None
 
-        return self._retrying(start, "watch")
+        # Not gated here: the watch passes the gate to open its stream, not while
+        # it waits for etcd's confirmation.
+        return self._retrying(start, "watch", gated=False)
 
     def cancel_watch(self, handle: WatchHandle) -> None:
         """Stop a watch started by ``watch``; idempotent."""
@@ -916,7 +1043,13 @@ class EtcdClient:
         return self._etcd
 
     def close(self) -> None:
-        """Let go of the connection (closed with its last client); idempotent."""
+        """Let go of the connection (closed with its last client); idempotent.
+
+        Raises:
+            ForkedProcessError: this client was created in another process (the
+                connection is left to it).
+        """
+        self.check_process()
         with self._lock:
             if self._closed:
                 return

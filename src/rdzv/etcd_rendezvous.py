@@ -435,7 +435,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
             RendezvousError: this node's lease expired during the call (its
                 keep-alives went unanswered for ``lease_ttl`` seconds); the next
                 call joins as a new node.
+            ForkedProcessError: the handler was created before this process was
+                forked from its creator (create a new one here).
         """
+        # Before the lock: a thread of the parent may have held it at a fork.
+        self._check_not_shut_down()
         with self._lock:
             self._check_not_shut_down()
             self._stop_view()
@@ -787,7 +791,13 @@ class EtcdRendezvousHandler(RendezvousHandler):
 
         Returns:
             True.
+
+        Raises:
+            ForkedProcessError: the handler was created before this process was
+                forked from its creator; the lease and connection are the
+                parent's, which keeps using them.
         """
+        self._check_process()
         with self._shutdown_lock:
             if self._shutdown:
                 return True
@@ -805,7 +815,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._client.close()
         return True
 
+    def _check_process(self) -> None:
+        self._client.check_process(f"the rendezvous handler of run {self._run_id!r}")
+
     def _check_not_shut_down(self) -> None:
+        self._check_process()
         if self._shutdown:
             raise RendezvousError(
                 f"the rendezvous handler of run {self._run_id!r} was shut down; create a new one"
