@@ -8,6 +8,7 @@ after, and a run with live nodes stays, however idle.
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.request
 import uuid
@@ -150,3 +151,32 @@ def test_the_embedded_etcd_compacts_its_history_and_has_a_quota(run_id):
         finally:
             for node in nodes:
                 node.handler.shutdown()
+
+
+def test_watches_resume_past_compacted_history(run_id, caplog):
+    """A stream that breaks after etcd compacted the history a watch was to
+    resume from: the state record is read and watched again at once (not after
+    the lease_ttl re-read that catches a quiet watch), and the round completes."""
+    with EtcdServer() as server:
+        nodes = [ThreadNode(make_handler(server.get_endpoint(), run_id, 2, 2)) for _ in range(2)]
+        try:
+            assert_one_world(run_round(nodes), 2)
+            raw = server.get_client()
+            try:
+                for i in range(5):
+                    raw.put("/elsewhere", str(i))
+                raw.compact(raw.get("/elsewhere")[1].mod_revision, physical=True)
+            finally:
+                raw.close()
+            # The state watches started before the compaction and resume from there.
+            server.kill()
+            server.restart()
+            with caplog.at_level(logging.INFO, logger="rdzv.etcd_rendezvous"):
+                assert_one_world(run_round(nodes), 2)
+            assert {node.handler.round for node in nodes} == {1}
+        finally:
+            for node in nodes:
+                node.handler.shutdown()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("resumes past compacted history" in m for m in messages), messages
+    assert not any("watching it again" in m for m in messages), messages

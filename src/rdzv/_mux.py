@@ -107,7 +107,8 @@ os.register_at_fork(after_in_child=_reset_fork_gate)
 
 # ====================================================================== watches
 class WatchRefused(RuntimeError):
-    """etcd refused to create a watch (its start revision was compacted)."""
+    """etcd refused a watch: no permission, or its start revision was compacted
+    (when it was created, or right after)."""
 
 
 class WatchHandle:
@@ -239,7 +240,9 @@ class _WatchStream:
             with self._lock:
                 handle = self._active.pop(response.watch_id, None)
             if handle is not None:
-                handle.callback(RuntimeError(
+                # Compacted history cannot be watched again from the same revision.
+                error = WatchRefused if response.compact_revision else RuntimeError
+                handle.callback(error(
                     f"watch canceled by etcd: {response.cancel_reason or 'no reason given'}"
                     + (f" (start revision compacted, now {response.compact_revision})"
                        if response.compact_revision else "")

@@ -293,6 +293,17 @@ class EtcdRendezvousHandler(RendezvousHandler):
                     node.forget_state()
                 else:
                     self._cancel("_round_watch" if failed_tag == "round" else "_waiting_watch")
+                if _compacted(err):
+                    # etcd compacted the history the watch was to resume from (a
+                    # stream broke after a long quiet spell). The next step reads
+                    # the state record and watches it again from there; the
+                    # freezer's watch reads its round when it starts again, and a
+                    # waiting node counts the world once for what it missed.
+                    logger.info("run %r: a %s watch resumes past compacted history (%s)",
+                                self._run_id, failed_tag, err)
+                    if failed_tag == "waiting":
+                        node.observe_member_deleted()
+                    continue
                 raise err
             elif tag in ("shutdown", "lost"):
                 return
@@ -311,20 +322,24 @@ class EtcdRendezvousHandler(RendezvousHandler):
         if node.phase == _state.Phase.WAITING:
             if self._waiting_watch is None or self._waiting_watch[0] != node.waiting_round:
                 self._cancel("_waiting_watch")
-                self._waiting_watch = (
-                    node.waiting_round,
-                    Watch(
-                        self._round_client,
-                        self._keys.members(node.waiting_round),
-                        node.watch_revision + 1,
-                        self._inbox,
-                        "waiting",
-                        prefix=True,
-                        no_put=True,
-                    ),
-                )
+                self._waiting_watch = (node.waiting_round, self._watch_waiting(node))
         else:
             self._cancel("_waiting_watch")
+
+    def _watch_waiting(self, node: Any) -> Watch:
+        """A late node's watch for deletions of the world's member keys."""
+        members = self._keys.members(node.waiting_round)
+        try:
+            return Watch(self._round_client, members, node.watch_revision + 1, self._inbox,
+                         "waiting", prefix=True, no_put=True)
+        except WatchRefused as err:
+            if not _compacted(err):
+                raise
+        # What happened since the node registered is compacted away: watch from
+        # now, and count the world once (through the inbox, which wakes the loop).
+        self._inbox.put(("waiting", []))
+        return Watch(self._round_client, members, 0, self._inbox, "waiting",
+                     prefix=True, no_put=True)
 
     def _watch_frozen_round(self, r: int) -> None:
         """The freezer's watch of round ``r``: confirmations and deaths.
@@ -839,6 +854,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def lease_id(self) -> int:
         """This node's lease id."""
         return self._session.lease_id
+
+
+def _compacted(err: BaseException) -> bool:
+    """Whether a watch was refused because its start revision was compacted."""
+    return isinstance(err, WatchRefused) and "compacted" in str(err)
 
 
 def _encodable(text: str) -> bool:

@@ -7,6 +7,7 @@ import threading
 from collections import deque
 from typing import Any
 
+from rdzv._mux import WatchRefused
 from rdzv.client import EtcdClient
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class Watch:
 
     If the stream breaks (etcd restarted, leader changed), the watch is created
     again from the revision after the last event delivered, so nothing is lost
-    and nothing is delivered twice.
+    and nothing is delivered twice. If etcd compacted that revision meanwhile,
+    an ``("error", tag, WatchRefused)`` item goes to the inbox instead.
 
     Args:
         client: the etcd connection.
@@ -100,6 +102,11 @@ class Watch:
                 if self._cancelled:
                     return
                 self._watch_id = None
+            if isinstance(events, WatchRefused):
+                # The history to resume from is compacted: resuming cannot work,
+                # and would only try again and again. The driver decides.
+                self._inbox.put(("error", self._tag, events))
+                return
             logger.debug("watch on %r broke (%s); resuming", self._key, events)
             threading.Thread(target=self._resume, daemon=True).start()
             return
