@@ -6,6 +6,8 @@ Subcommands::
     rdzv join     join a run as one node; print the result as one JSON line
     rdzv status   show a run's round, members, leases and waiting nodes
     rdzv close    close a run: every current and future join fails
+    rdzv runs     list the runs under a prefix: state, members, idle time, size
+    rdzv purge    remove a run, or every run idle for longer than a given time
     rdzv demo     an embedded etcd, N nodes, one round, a kill and a late node
     rdzv bench    run ``benchmarks/join_latency.py`` (arguments pass through)
 
@@ -59,6 +61,7 @@ from rdzv.etcd_rendezvous import (
 from rdzv.etcd_server import EtcdCluster, EtcdServer
 from rdzv.etcd_store import StoreTimeoutError
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
+from rdzv.runs import list_runs, purge_idle_runs, purge_run, run_footprint
 
 __all__ = [
     "ExitCode",
@@ -194,6 +197,22 @@ def _prefix(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``2h`` or ``1d`` -> seconds (0 or more)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _AGE_UNITS else (text, "s")
+    try:
+        seconds = float(number) * _AGE_UNITS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected an age of 0 or more, like 90, 90s, 30m, 2h or 1d, got {text!r}")
+    return seconds
+
+
 def _conf_item(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -229,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--conf", type=_conf_item, action="append", default=[], metavar="KEY=VALUE",
         help="a rendezvous option, repeatable: " + ", ".join(sorted(RENDEZVOUS_OPTIONS)),
     )
+    # The same, for the commands about every run under a prefix.
+    runs_of = argparse.ArgumentParser(add_help=False)
+    at = runs_of.add_argument_group("runs")
+    at.add_argument("--endpoint", required=True, type=_endpoint,
+                    help="etcd as host[:port][,host[:port]...]")
+    at.add_argument("--etcd-prefix", type=_prefix, default=None,
+                    help=f"key prefix shared by the runs (default {DEFAULT_PREFIX})")
+    at.add_argument("--conf", type=_conf_item, action="append", default=[], metavar="KEY=VALUE",
+                    help="a connection option, repeatable (protocol, cacert, cert, key, "
+                    "username, password, connect_timeout)")
+    at.add_argument("--json", action="store_true", help="print one JSON object")
 
     parser = _Parser(
         prog="rdzv",
@@ -245,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(log_level="warning")
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{server,join,status,close,demo,bench}",
+        dest="command", required=True,
+        metavar="{server,join,status,close,runs,purge,demo,bench}",
         title="commands",
     )
 
@@ -330,6 +361,39 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_example("rdzv close --endpoint 127.0.0.1:2379 --run-id job1"),
     )
     close.set_defaults(func=_cmd_close)
+
+    runs = commands.add_parser(
+        "runs", parents=[logs, runs_of], formatter_class=raw,
+        help="list the runs under a prefix: state, members, idle time, size",
+        description=_wrap(
+            "List every run under the prefix: its status and round, the members of "
+            "that round, whether a node is live in it, seconds since a node last kept "
+            "it alive, and the keys and bytes it takes in etcd."
+        ),
+        epilog=_example("rdzv runs --endpoint 127.0.0.1:2379",
+                        "rdzv runs --endpoint 127.0.0.1:2379 --etcd-prefix /jobs --json"),
+    )
+    runs.set_defaults(func=_cmd_runs)
+
+    purge = commands.add_parser(
+        "purge", parents=[logs, runs_of], formatter_class=raw,
+        help="remove a run, or every run idle for longer than a given time",
+        description=_wrap(
+            "Remove every key of a run and its leases (--run-id; a live run only with "
+            "--force), or of every run that no node kept alive for longer than AGE "
+            "(--idle-for; live runs are kept). Runs also go by themselves: see the "
+            "closed_run_grace and run_idle_timeout options."
+        ),
+        epilog=_example("rdzv purge --endpoint 127.0.0.1:2379 --run-id job1",
+                        "rdzv purge --endpoint 127.0.0.1:2379 --idle-for 2h --json"),
+    )
+    which = purge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", type=_run_id, help="the run to remove")
+    which.add_argument("--idle-for", type=_age, metavar="AGE",
+                       help="remove every run idle for longer than AGE (90, 30m, 2h, 1d)")
+    purge.add_argument("--force", action="store_true",
+                       help="with --run-id: remove the run even if nodes are live in it")
+    purge.set_defaults(func=_cmd_purge)
 
     demo = commands.add_parser(
         "demo", parents=[logs], formatter_class=raw,
@@ -654,9 +718,10 @@ def read_run_status(
         ``world_size``, ``last_final``, ``closed``, ``joined`` (how many nodes
         joined the round), ``last_call_ends`` (when a joinable round that has
         ``min_nodes`` completes without more joins: seconds since the epoch;
-        None before that or once frozen), ``members`` (in placement order, see
-        ``rdzv._state.placement_order``; members whose keys are gone last) and
-        ``waiting`` (lists of ``NodeStatus`` fields).
+        None before that or once frozen), ``footprint`` (``keys`` and ``bytes``
+        the run takes in etcd, see ``rdzv.runs``), ``members`` (in placement
+        order, see ``rdzv._state.placement_order``; members whose keys are gone
+        last) and ``waiting`` (lists of ``NodeStatus`` fields).
 
     Raises:
         RendezvousConnectionError: etcd cannot be reached.
@@ -668,7 +733,7 @@ def read_run_status(
         "run_id": run_id, "prefix": normalize_prefix(prefix) or "/", "status": "none",
         "round": None, "min_nodes": None, "max_nodes": None, "world_size": None,
         "last_final": None, "closed": False, "joined": 0, "last_call_ends": None,
-        "members": [], "waiting": [],
+        "members": [], "waiting": [], "footprint": run_footprint(client, keys),
     }
     got = client.get(keys.state)
     if got is None:
@@ -748,6 +813,8 @@ def render_run_status(status: dict[str, Any]) -> list[str]:
     lines = [head + f"round {status['round']} {status['status']} ({bounds}{world}{last})"]
     if status["closed"]:
         lines[0] += "; closed: no further rounds"
+    footprint = status["footprint"]
+    lines.append(f"in etcd: {footprint['keys']} keys, {_size(footprint['bytes'])}")
     members = status["members"]
     lines.append(f"members of round {status['round']}: {len(members)}")
     if status["status"] == "joinable":
@@ -844,6 +911,79 @@ def _cmd_close(args: argparse.Namespace) -> int:
     finally:
         handler.shutdown()
     print(f"run {params.run_id!r} {'was already closed' if was_closed else 'closed'}", flush=True)
+    return ExitCode.OK
+
+
+# ------------------------------------------------------------ runs, purge
+def _connect_prefix(args: argparse.Namespace) -> tuple[EtcdClient, str]:
+    """A client for ``--endpoint``/``--conf``, and the prefix, checked to hold runs.
+
+    Raises:
+        UsageError: an option is malformed, or a prefix given explicitly holds no run.
+    """
+    params = _run_params(argparse.Namespace(**{**vars(args), "run_id": "-"}), 1, 1)
+    prefix = _params_prefix(params)
+    client = _connect(params)
+    if args.etcd_prefix is not None and not client.count(prefix.encode() + b"/"):
+        client.close()
+        raise UsageError(
+            f"no rdzv run under --etcd-prefix {prefix or '/'!r} at {params.endpoint}; "
+            f"check the prefix (the default is {DEFAULT_PREFIX})")
+    return client, prefix
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KB" if n < 1024**2 else f"{n / 1024**2:.1f} MB"
+
+
+def _run_rows(runs: list[dict[str, Any]]) -> list[str]:
+    return _table(
+        ("run", "status", "round", "members", "live", "last seen", "last change", "keys",
+         "size"),
+        [(r["run_id"], r["status"], r["round"], r["members"], "yes" if r["live"] else "no",
+          None if r["idle_s"] is None else f"{r['idle_s']} s ago",
+          f"rev {r['last_revision']}", r["keys"], _size(r["bytes"])) for r in runs],
+        right=("round", "members", "last seen", "last change", "keys", "size"),
+    )
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    """List the runs under a prefix."""
+    client, prefix = _connect_prefix(args)
+    try:
+        runs = list_runs(client, prefix)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"prefix": prefix or "/", "runs": runs}), flush=True)
+    elif not runs:
+        print(f"no runs under {prefix or '/'!r}", flush=True)
+    else:
+        print("\n".join(_run_rows(runs)), flush=True)
+    return ExitCode.OK
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    """Remove a run, or every run idle for longer than a given time."""
+    if args.force and args.run_id is None:
+        raise UsageError("--force goes with --run-id; --idle-for never removes a live run")
+    client, prefix = _connect_prefix(args)
+    try:
+        if args.run_id is not None:
+            purged = [purge_run(client, args.run_id, prefix, force=args.force)]
+        else:
+            purged = purge_idle_runs(client, args.idle_for, prefix)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"prefix": prefix or "/", "purged": purged}), flush=True)
+    elif not purged:
+        print(f"no run under {prefix or '/'!r} idle for longer than {args.idle_for:g} s",
+              flush=True)
+    else:
+        print("purged:\n" + "\n".join(_run_rows(purged)), flush=True)
     return ExitCode.OK
 
 

@@ -695,13 +695,24 @@ class EtcdClient:
     def range_leases(self, prefix: bytes) -> list[tuple[bytes, bytes, int]]:
         """Return ``[(key, value, lease_id), ...]`` under ``prefix``, oldest first
         (lease id 0: the key has no lease)."""
+        return [(key, value, lease) for key, value, lease, _ in self.range_records(prefix)]
+
+    def range_records(self, prefix: bytes) -> list[tuple[bytes, bytes, int, int]]:
+        """Return ``[(key, value, lease_id, mod_revision), ...]`` under ``prefix``,
+        oldest first (lease id 0: the key has no lease)."""
         response = self._call(self._kv.Range, self._range_request(prefix, 0), "range")
-        return [(kv.key, kv.value, kv.lease) for kv in response.kvs]
+        return [(kv.key, kv.value, kv.lease, kv.mod_revision) for kv in response.kvs]
 
     def lease_time_to_live(self, lease_id: int) -> int:
         """Seconds left on a lease (-1: etcd no longer has it)."""
+        return self.lease_ttls(lease_id)[0]
+
+    def lease_ttls(self, lease_id: int) -> tuple[int, int]:
+        """``(seconds left, TTL it was granted with)`` of a lease (-1 left: etcd
+        no longer has it)."""
         request = self._rpc.LeaseTimeToLiveRequest(ID=lease_id)
-        return self._call(self._leases.LeaseTimeToLive, request, "lease time-to-live").TTL
+        response = self._call(self._leases.LeaseTimeToLive, request, "lease time-to-live")
+        return response.TTL, response.grantedTTL
 
     def count(self, prefix: bytes, once: bool = False) -> int:
         """Return how many keys start with ``prefix``; ``once``: a single attempt."""
