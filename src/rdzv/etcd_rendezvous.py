@@ -563,7 +563,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         if ops and not self._session.lost:
             try:
                 self._client.txn([], ops, [], once=True)
-            except RendezvousConnectionError as err:
+            except RendezvousError as err:  # never in place of the error being reported
                 logger.warning(
                     "could not withdraw node %s from run %r (%s); its lease is abandoned "
                     "and its keys expire within %d s",

@@ -15,8 +15,8 @@ import math
 import threading
 from collections.abc import Callable
 
-from rdzv.api import RendezvousConnectionError
-from rdzv.client import EtcdClient, HeldLease
+from rdzv.api import RendezvousError
+from rdzv.client import EtcdClient, HeldLease, LeaseLostError
 from rdzv.keys import RunKeys
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,13 @@ class Session:
         )
 
     def close(self, revoke: bool = True) -> None:
-        """Stop the keep-alives and (by default) revoke the lease; idempotent."""
+        """Stop the keep-alives and (by default) revoke the lease; idempotent.
+
+        Clean-up never fails: it runs on the way out, often after another error,
+        which must stay the one reported. A lease etcd no longer has needs no
+        revoke; a revoke etcd could not take is logged, and the lease then
+        expires within its TTL.
+        """
         if self._stop.is_set():
             return
         self._stop.set()
@@ -111,8 +117,13 @@ class Session:
         if revoke and not self.lost:
             try:
                 self._client.lease_revoke(self.lease_id)
-            except RendezvousConnectionError as err:
-                logger.warning("could not revoke lease %x: %s", self.lease_id, err)
+            except LeaseLostError:
+                logger.debug("lease %x had already expired; nothing to revoke", self.lease_id)
+            except RendezvousError as err:
+                logger.warning(
+                    "could not revoke lease %x (%s); it expires within %d s",
+                    self.lease_id, err, self.ttl,
+                )
 
 
 #: The longest pause between two keep-alives of a run's leases.
