@@ -24,11 +24,16 @@ as wrong, never timed. What each round costs etcd comes from the deltas of
 etcd's ``/metrics`` around the round (see ``benchmarks/README.md`` for the exact
 formulas), plus a few client-side counts where etcd has no metric.
 
+Every run is appended to ``benchmarks/RESULTS.md`` (its date, machine and
+versions first) and plotted to a file of its own beside it; earlier runs are
+never replaced. ``--plot-runs`` draws one plot from runs already recorded there.
+
 Usage::
 
     python benchmarks/join_latency.py                       # N = 8, 64, 256
-    python benchmarks/join_latency.py --backends rdzv,raw --nodes 1024 --append
+    python benchmarks/join_latency.py --backends rdzv,raw --nodes 1024
     python benchmarks/join_latency.py --procs 4             # nodes in 4 processes
+    python benchmarks/join_latency.py --plot-runs "2026-11-25 07:20" "2026-11-25 07:29"
 """
 
 from __future__ import annotations
@@ -870,6 +875,23 @@ def environment(server: Any, load_before: tuple[float, float, float]) -> list[st
     ]
 
 
+def run_name(started: datetime.datetime) -> str:
+    """How RESULTS.md names a run: its start, ``YYYY-MM-DD HH:MM`` UTC."""
+    return f"{started:%Y-%m-%d %H:%M}"
+
+
+def plot_path(directory: str, names: Sequence[str], unique: bool = True) -> str:
+    """The plot file of the runs ``names``, beside RESULTS.md; with ``unique``, never
+    an existing file's name (two runs can start within one minute)."""
+    stamps = "_".join(name.replace("-", "").replace(":", "").replace(" ", "-") for name in names)
+    path = os.path.join(directory, f"join_latency-{stamps}.png")
+    again = 1
+    while unique and os.path.exists(path):
+        again += 1
+        path = os.path.join(directory, f"join_latency-{stamps}-{again}.png")
+    return path
+
+
 def render(
     summaries: Sequence[Summary],
     args: argparse.Namespace,
@@ -884,7 +906,7 @@ def render(
         else f"threads in {args.procs} worker processes (N/{args.procs} each)"
     )
     lines = [
-        f"## Run of {started:%Y-%m-%d %H:%M} UTC",
+        f"## Run of {run_name(started)} UTC",
         "",
         f"`{' '.join(['python benchmarks/join_latency.py', *sys.argv[1:]])}`",
         "",
@@ -893,6 +915,7 @@ def render(
         f"up to {args.repeats} repeats (fewer once a backend's repeats at one N passed "
         f"{args.limit:g} s in total); whole run {wall_s / 60:.1f} min",
         f"- rdzv options: {', '.join(f'{k}={v}' for k, v in args.rdzv_conf) or 'defaults'}",
+        *([f"- Plot: `{os.path.basename(args.plot)}`"] if args.plot else []),
         "",
         table(summaries),
     ]
@@ -900,6 +923,16 @@ def render(
     if goals:
         lines += ["Against the targets:", "", *goals, ""]
     return "\n".join(lines)
+
+
+def write_results(path: str, section: str) -> None:
+    """Add one run's section to the results file; earlier runs stay as they are.
+
+    A missing file is created with the header that explains the columns.
+    """
+    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    with open(path, "a") as f:
+        f.write(("\n" if exists else HEADER) + section)
 
 
 HEADER = """# Join latency: one full rendezvous round
@@ -910,58 +943,168 @@ release to the last node's return; costs are per node, medians over the repeats.
 Every backend ran on the same machine, against the same single etcd (v2 API on for
 torch's `etcd` and `etcd-v2` backends); `c10d` uses a TCPStore instead.
 
-The machine has 2 cores and other developers were running test suites on it at the
-same time, so absolute times are noisy: compare backends within a run, and read the
-spread (min-max over the repeats) next to each median.
+Each run is appended by the script (`make bench`), oldest first, with its date,
+machine and versions; notes written by hand name the runs they refer to. On a
+shared machine absolute times are noisy: compare backends within a run, and read
+the spread (min-max over the repeats) next to each median.
 
 """
 
 
-def plot(summaries: Sequence[Summary], path: str, limit_s: float) -> None:
-    """Log-log seconds vs N per backend; skipped when matplotlib is missing."""
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One backend at one N, as plotted: the median and spread, or why there is none."""
+
+    backend: str
+    nodes: int
+    median: float | None
+    low: float | None
+    high: float | None
+    problem: str | None
+
+    @classmethod
+    def of(cls, summary: Summary) -> Point:
+        times = summary.times
+        return cls(
+            summary.backend, summary.nodes, summary.median,
+            min(times) if times else None, max(times) if times else None, summary.problem,
+        )  # fmt: skip
+
+
+_SECTION = re.compile(r"^## Run of (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", re.MULTILINE)
+_LIMIT = re.compile(r"time limit ([\d.]+) s per backend")
+
+
+def recorded_runs(text: str) -> dict[str, str]:
+    """The sections of RESULTS.md by run name (``YYYY-MM-DD HH:MM``), each up to
+    the next heading (notes written by hand are not part of a run)."""
+    headings = [m.start() for m in re.finditer(r"^## ", text, re.MULTILINE)] + [len(text)]
+    runs = {}
+    for m in _SECTION.finditer(text):
+        end = next(h for h in headings if h > m.start())
+        runs[m[1]] = text[m.start() : end]
+    return runs
+
+
+def points_of(section: str) -> tuple[list[Point], float]:
+    """The table rows of one recorded run as points, and the run's time limit."""
+    limit = _LIMIT.search(section)
+    points = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or cells[0] not in BACKENDS or not cells[1].isdigit():
+            continue
+        backend, nodes, median, spread = cells[0], int(cells[1]), cells[2], cells[3]
+        if median.startswith("**"):
+            points.append(Point(backend, nodes, None, None, None, median.split("**")[1]))
+            continue
+        low, high = (float(part) for part in spread.split("-"))
+        points.append(Point(backend, nodes, float(median), low, high, None))
+    return points, float(limit[1]) if limit else DEFAULT_LIMIT_S
+
+
+def previous_duration(text: str, command: str) -> tuple[str, float] | None:
+    """The latest recorded run of ``command``: its name and minutes, if any."""
+    found = None
+    for name, section in recorded_runs(text).items():
+        took = re.search(r"whole run ([\d.]+) min", section)
+        if f"`{command}`" in section and took:
+            found = (name, float(took[1]))
+    return found
+
+
+#: Legend labels: which backends are torch's, which is the floor.
+LABELS = {
+    "raw": "N raw etcd puts (the floor)",
+    "rdzv": "rdzv",
+    "etcd": "torch's etcd backend",
+    "etcd-v2": "torch's etcd-v2 backend",
+    "c10d": "torch's c10d backend",
+}
+
+
+def plot(points: Sequence[Point], path: str, limit_s: float, runs: Sequence[str]) -> None:
+    """Log-log seconds vs N per backend; skipped when matplotlib is missing.
+
+    A point that did not complete is an x on the limit line, nudged sideways per
+    backend so that two backends' timeouts at one N stay apart.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.lines
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError:
         logger.warning("matplotlib is not installed; no plot written")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for backend in dict.fromkeys(s.backend for s in summaries):
-        mine = [s for s in summaries if s.backend == backend]
-        done = [s for s in mine if s.median is not None]
-        color = None
-        if done:
-            ys = [s.median for s in done]
-            low = [y - min(s.times) for y, s in zip(ys, done, strict=True)]
-            high = [max(s.times) - y for y, s in zip(ys, done, strict=True)]
-            bars = ax.errorbar(
-                [s.nodes for s in done], ys, yerr=[low, high], marker="o", capsize=3,
-                label=backend,
-            )  # fmt: skip
-            color = bars.lines[0].get_color()
-        failed = [s.nodes for s in mine if s.problem]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    backends = [b for b in BACKENDS if any(p.backend == b for p in points)]
+    for index, backend in enumerate(backends):
+        mine = sorted((p for p in points if p.backend == backend), key=lambda p: p.nodes)
+        done = [p for p in mine if p.median is not None]
+        style = "--" if LABELS[backend].startswith("torch") else "-"
+        line = ax.errorbar(
+            [p.nodes for p in done], [p.median for p in done],
+            yerr=[[p.median - p.low for p in done], [p.high - p.median for p in done]],
+            marker="o", capsize=3, linestyle=style, label=LABELS[backend],
+        )  # fmt: skip
+        failed = [p.nodes for p in mine if p.problem]
         if failed:
+            nudge = 2 ** (0.12 * (index - (len(backends) - 1) / 2))
             ax.plot(
-                failed, [limit_s] * len(failed), "x", markersize=10, color=color,
-                label=f"{backend}: did not complete" if color is None else None,
+                [n * nudge for n in failed], [limit_s] * len(failed), "x", markersize=10,
+                markeredgewidth=2, color=line.lines[0].get_color(),
             )  # fmt: skip
-    ax.axhline(limit_s, color="grey", linestyle="--", linewidth=1, label=f"limit {limit_s:g} s")
+    ax.axhline(limit_s, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({s.nodes for s in summaries}))
+    ax.set_xticks(sorted({p.nodes for p in points}))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_yscale("log")
-    ax.set_xlabel("nodes N (min = max = N)")
+    ax.set_xlabel("nodes N (min_nodes = max_nodes = N)")
     ax.set_ylabel("seconds to the last node's return")
-    ax.set_title("One rendezvous round: median of repeats, bars = min-max, x = no result")
+    ax.set_title(f"One rendezvous round; run{'s' if len(runs) > 1 else ''} of "
+                 f"{' and '.join(runs)} UTC", fontsize=10)  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    handles, _ = ax.get_legend_handles_labels()
+    marker = matplotlib.lines.Line2D
+    handles += [
+        marker([], [], color="black", marker="o", linestyle="", label="median of the repeats; "
+               "bar: min-max"),
+        marker([], [], color="black", marker="x", linestyle="", markeredgewidth=2,
+               label=f"no round within {limit_s:g} s (on the limit line)"),
+        marker([], [], color="grey", linestyle=":", label=f"time limit {limit_s:g} s"),
+    ]  # fmt: skip
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     logger.info("plot written to %s", path)
+
+
+def plot_recorded(results: str, names: Sequence[str]) -> str:
+    """Plot runs already in the results file into one PNG beside it; return its path.
+
+    Raises:
+        SystemExit: a run is not in the file.
+    """
+    with open(results) as f:
+        runs = recorded_runs(f.read())
+    missing = [name for name in names if name not in runs]
+    if missing:
+        raise SystemExit(f"no run {', '.join(missing)} in {results}; runs: {', '.join(runs)}")
+    merged: dict[tuple[str, int], Point] = {}
+    limits = []
+    for name in names:
+        points, limit = points_of(runs[name])
+        limits.append(limit)
+        merged.update({(p.backend, p.nodes): p for p in points})  # a later run wins
+    # The same recorded runs give the same plot: drawn again, it replaces itself.
+    path = plot_path(os.path.dirname(os.path.abspath(results)), names, unique=False)
+    plot(list(merged.values()), path, max(limits), names)
+    return path
 
 
 # ---------------------------------------------------------------------------- main
@@ -1008,16 +1151,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         default=os.path.join(here, "RESULTS.md"),
-        help="Markdown file written with the results ('' for none)",
-    )
-    parser.add_argument(
-        "--append", action="store_true", help="add this run to --out instead of replacing it"
+        help="Markdown file this run is appended to ('' for none); earlier runs stay",
     )
     parser.add_argument(
         "--plot",
         default=None,
-        help="PNG plot of seconds vs N ('' for none; default "
-        "benchmarks/join_latency.png, none with --append)",
+        help="PNG plot of seconds vs N ('' for none; default: a file of this run's own "
+        "beside --out, benchmarks/join_latency-YYYYMMDD-HHMM.png)",
+    )
+    parser.add_argument(
+        "--plot-runs",
+        nargs="+",
+        metavar="'YYYY-MM-DD HH:MM'",
+        help="run nothing: plot these runs of --out into one PNG beside it",
     )
     parser.add_argument(
         "--rdzv-conf",
@@ -1033,8 +1179,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="show the backends' own INFO logs (slows torch's etcd backend)",
     )
     args = parser.parse_args(argv)
-    if args.plot is None:
-        args.plot = "" if args.append else os.path.join(here, "join_latency.png")
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:
         parser.error(f"unknown backend(s) {sorted(unknown)}; choose from {','.join(BACKENDS)}")
@@ -1045,6 +1189,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def announce(args: argparse.Namespace, command: str) -> int:
+    """Say up front how long the run takes; return how many rounds it runs at most."""
+    steps = len(args.backends) * len(args.nodes) * args.repeats
+    bound_min = len(args.backends) * len(args.nodes) * (args.limit + _GRACE_S) / 60
+    previous = None
+    if args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = previous_duration(f.read(), command)
+    if previous:
+        took = f"the last recorded run of this command ({previous[0]} UTC) took {previous[1]} min"
+    else:
+        took = "no run of this command is recorded"
+    logger.info(
+        "%d backend(s) x %d N x up to %d repeats = at most %d rounds; %s; a backend that "
+        "takes over %g s at one N stops there, so at most about %.0f min",
+        len(args.backends), len(args.nodes), args.repeats, steps, took, args.limit, bound_min,
+    )  # fmt: skip
+    return steps
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -1052,6 +1216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
     )  # fmt: skip
     logger.setLevel(logging.INFO)
+    if args.plot_runs:
+        print(plot_recorded(args.out, args.plot_runs))
+        return 0
+    command = " ".join(["python benchmarks/join_latency.py", *sys.argv[1:]])
+    steps = announce(args, command)
     if {"etcd", "etcd-v2"} & set(args.backends):
         try:
             import etcd  # noqa: F401
@@ -1064,11 +1233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rdzv.etcd_server import EtcdServer
 
     started = datetime.datetime.now(datetime.timezone.utc)
+    if args.plot is None:
+        args.plot = plot_path(os.path.dirname(os.path.abspath(args.out or __file__)),
+                              [run_name(started)])  # fmt: skip
     load = os.getloadavg()
     begin = time.monotonic()
     summaries: list[Summary] = []
     notes: list[str] = []
     anything_hung = False
+    done = 0
     with EtcdServer(enable_v2=True) as server:
         env = environment(server, load)
         harness = Harness(server, args.procs, args.limit, args.verbose, args.rdzv_conf)
@@ -1081,8 +1254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = harness.run_round(backend, nodes)
                     summary.rounds.append(result)
                     anything_hung |= result.hung > 0
+                    done += 1
                     logger.info(
-                        "%-7s N=%-5d repeat %d/%d: %s (create %.2f s)", backend, nodes,
+                        "[%d/%d, %.1f min] %-7s N=%-5d repeat %d/%d: %s (create %.2f s)",
+                        done, steps, (time.monotonic() - begin) / 60, backend, nodes,
                         repeat + 1, args.repeats,
                         result.problem or f"{result.seconds:.3f} s, ranks 0..{nodes - 1} ok",
                         result.create_s,
@@ -1101,15 +1276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         section = render(summaries, args, env + notes, started, wall_s)
     print(section)
     if args.out:
-        if args.append and os.path.exists(args.out):
-            with open(args.out, "a") as f:
-                f.write("\n" + section)
-        else:
-            with open(args.out, "w") as f:
-                f.write(HEADER + section)
-        logger.info("results written to %s", args.out)
+        write_results(args.out, section)
+        logger.info("results appended to %s", args.out)
     if args.plot:
-        plot(summaries, args.plot, args.limit)
+        plot([Point.of(s) for s in summaries], args.plot, args.limit, [run_name(started)])
     if anything_hung:
         # Hung nodes keep non-daemon gRPC threads alive; do not wait for them.
         sys.stdout.flush()

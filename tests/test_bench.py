@@ -1,0 +1,72 @@
+"""The join-latency benchmark's record keeping (``make bench``), without running a round.
+
+Runs are appended to the results file, never replacing earlier ones, and a
+recorded run can be read back (its table rows) to be plotted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "join_latency.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("join_latency", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _section(bench: ModuleType, started: datetime.datetime, rdzv_s: list[float]) -> str:
+    """One run's section as the script renders it: rdzv at N=8, torch etcd timed out."""
+    done = bench.Summary("rdzv", 8, [bench.RoundResult("rdzv", 8, seconds=s) for s in rdzv_s])
+    failed = bench.Summary("etcd", 8, [bench.RoundResult(
+        "etcd", 8, problem="timeout >120 s: 0 of 8 returned", timed_out=True)])
+    args = argparse.Namespace(
+        procs=1, limit=120.0, repeats=len(rdzv_s), rdzv_conf=[], plot="join_latency-x.png"
+    )
+    env = ["- Machine: test", "- Python test"]
+    return bench.render([done, failed], args, env, started, 60.0)
+
+
+def test_two_runs_are_both_kept_in_order(bench: ModuleType, tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    first = datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.timezone.utc)
+    second = datetime.datetime(2026, 1, 2, 5, 6, tzinfo=datetime.timezone.utc)
+    bench.write_results(str(results), _section(bench, first, [0.1, 0.2, 0.3]))
+    after_one = results.read_text()
+    bench.write_results(str(results), _section(bench, second, [0.5, 0.4, 0.6]))
+    text = results.read_text()
+    # The first run is still there, byte for byte; the header is written once.
+    assert text.startswith(after_one)
+    assert text.count(bench.HEADER.splitlines()[0]) == 1
+    runs = bench.recorded_runs(text)
+    assert list(runs) == ["2026-01-02 03:04", "2026-01-02 05:06"]
+    points, limit = bench.points_of(runs["2026-01-02 05:06"])
+    assert limit == 120.0
+    assert points == [
+        bench.Point("rdzv", 8, 0.5, 0.4, 0.6, None),
+        bench.Point("etcd", 8, None, None, None, "timeout >120 s"),
+    ]
+    assert bench.previous_duration(text, "python benchmarks/join_latency.py --nodes 8") is None
+
+
+def test_recorded_runs_of_the_repository_read_back(bench: ModuleType) -> None:
+    # The runs the README's table and plot come from.
+    text = (SCRIPT.parent / "RESULTS.md").read_text()
+    runs = bench.recorded_runs(text)
+    rdzv = {p.nodes: p.median for name in ("2026-11-25 07:20", "2026-11-25 07:29")
+            for p in bench.points_of(runs[name])[0] if p.backend == "rdzv"}
+    assert rdzv == {8: 0.020, 64: 0.076, 256: 0.317, 1024: 2.084}
+    assert bench.previous_duration(text, "python benchmarks/join_latency.py") is not None
