@@ -318,3 +318,33 @@ def test_placement_order_matches_its_definition(seed):
     ranks = core.assign_ranks(joined, survivors, n)
     assert ranks[:len(survivors)] == survivors
     assert ranks[len(survivors):] == [node for node in expected if node not in set(survivors)]
+
+
+def test_torchrun_rdzv_conf_carries_the_label(etcd_endpoint, run_id):
+    """``--rdzv-conf topology=...,rank_order=...`` reaches each agent's descriptor."""
+    pytest.importorskip("torch")
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from rdzv.torch import create_handler
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=1, run_id=run_id, rdzv_backend="etcd3",
+        rdzv_endpoint=etcd_endpoint,
+        rdzv_configs={"topology": "pod1/rack07", "rank_order": "topology"},
+    )
+    handler = create_handler(RendezvousParameters(
+        backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
+        min_nodes=config.min_nodes, max_nodes=config.max_nodes, local_addr="node1",
+        **config.rdzv_configs,
+    ))
+    try:
+        assert handler.next_rendezvous().rank == 0
+        client = EtcdClient(EtcdConfig(endpoints=tuple(parse_endpoints(etcd_endpoint))))
+        try:
+            ((_, value, _),) = client.range_leases(RunKeys("/rdzv", run_id).members(0))
+        finally:
+            client.close()
+        assert core.decode_member(value)[4:] == ("pod1/rack07", "topology")
+    finally:
+        handler.shutdown()
