@@ -471,6 +471,7 @@ class Costs:
     watch: float | None = None
     proposals: float | None = None
     etcd_cpu_s: float | None = None
+    sent_bytes: float | None = None
 
 
 def _costs(backend: str, delta: Metrics, counts: collections.Counter[str]) -> Costs:
@@ -500,6 +501,7 @@ def _costs(backend: str, delta: Metrics, counts: collections.Counter[str]) -> Co
         )
         costs.range_ops = delta.sum("etcd_mvcc_range_total")
         costs.watch = delta.sum("etcd_debugging_mvcc_events_total")
+        costs.sent_bytes = delta.sum("etcd_network_client_grpc_sent_bytes_total")
     else:
         costs.writes = delta.sum(
             "etcd_server_apply_duration_seconds_count",
@@ -578,6 +580,7 @@ class Harness:
         limit_s: float,
         verbose: bool = False,
         rdzv_options: Sequence[tuple[str, str]] = (),
+        other_members: Sequence[str] = (),
     ) -> None:
         self.server = server
         self.procs = procs
@@ -585,6 +588,9 @@ class Harness:
         self.verbose = verbose
         self.rdzv_options = tuple(rdzv_options)
         self._metrics_url = server.get_metrics_url()
+        # Metrics URLs of a cluster's other members: their CPU counts as etcd's too
+        # (requests and events are counted on the member the clients talk to).
+        self._other_members = tuple(other_members)
 
     def run_round(self, backend: str, nodes: int) -> RoundResult:
         store = None
@@ -606,6 +612,8 @@ class Harness:
         def snapshot(name: str) -> None:
             try:
                 snapshots[name] = Metrics.scrape(self._metrics_url)
+                for i, url in enumerate(self._other_members):
+                    snapshots[f"{name}-{i}"] = Metrics.scrape(url)
             except OSError as err:
                 unreachable.append(f"etcd's /metrics did not answer ({err}); did etcd exit?")
 
@@ -637,6 +645,10 @@ class Harness:
             for report in reports:
                 counts.update(report.counts)
             result.costs = _costs(backend, snapshots["after"] - snapshots["before"], counts)
+            for i in range(len(self._other_members)):
+                if result.costs.etcd_cpu_s is not None and f"after-{i}" in snapshots:
+                    delta = snapshots[f"after-{i}"] - snapshots[f"before-{i}"]
+                    result.costs.etcd_cpu_s += delta.sum("process_cpu_seconds_total")
         return result
 
     def _run_in_processes(

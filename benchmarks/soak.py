@@ -362,13 +362,8 @@ class Soak:
         return None if got is None else _state.decode_state(got[0], self.keys.state)
 
     def _world(self, round_number: int) -> list[str] | None:
-        got = self.client.get(self.keys.world(round_number))
-        if got is None:
-            return None
-        world_round, ids = _state.decode_world(got[0], self.keys.world(round_number))
-        if world_round != round_number:
-            self.violation(f"world record of round {round_number} says round {world_round}")
-        return ids
+        got = _state.read_world(self.client, self.keys, round_number)
+        return None if got is None else got[0]
 
     def _wait_for_etcd(self) -> None:
         """Wait until etcd answers the driver again (three connect_timeouts)."""

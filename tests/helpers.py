@@ -102,10 +102,9 @@ def check_worlds(client: EtcdClient, run_id: str, results: list[tuple[str, int, 
     """
     keys = RunKeys("/rdzv", run_id)
     for node_id, round_number, rank, world_size in results:
-        got = client.get(keys.world(round_number))
+        got = _state.read_world(client, keys, round_number)
         assert got is not None, f"round {round_number} returned but has no world record"
-        world_round, world = _state.decode_world(got[0], keys.world(round_number))
-        assert world_round == round_number
+        world = got[0]
         assert len(world) == world_size, (round_number, world, world_size)
         assert min_nodes <= world_size <= max_nodes, (round_number, world_size)
         assert world.index(node_id) == rank, (node_id, rank, world)

@@ -1136,16 +1136,29 @@ _NODE_IDS = st.text(
 )
 _WORLD_ROUNDS = st.one_of(st.integers(0, 5), st.integers(0, INT64_MAX))
 _WORLD_IDS = st.lists(_NODE_IDS, max_size=5, unique=True)
-_WORLDS = st.builds(core.encode_world, _WORLD_ROUNDS, _WORLD_IDS)
+_WORLDS = st.builds(core.encode_world, _WORLD_ROUNDS, st.integers(0, INT64_MAX),
+                    st.integers(0, INT32_MAX))
 _WORLD_BYTES = st.one_of(
     _WORLDS, _mutated(_WORLDS), st.binary(max_size=80),
-    # A valid record with no ids, then any bytes as its ids.
-    st.binary(max_size=60).map(lambda b: core.encode_world(1, []) + b),
+    # A valid header, then any bytes after its master port.
+    st.binary(max_size=60).map(lambda b: core.encode_world(1, 2, 3, "h", 1) + b),
+)
+
+
+def _shard(round_: int, ids: list[str]) -> bytes:
+    return core.encode_rank_shard(round_, [(i, rank) for rank, i in enumerate(ids)], "h", 7)
+
+
+_SHARDS = st.builds(_shard, _WORLD_ROUNDS, _WORLD_IDS)
+_SHARD_BYTES = st.one_of(
+    _SHARDS, _mutated(_SHARDS), st.binary(max_size=80),
+    # A valid shard with no ids, then any bytes as its ids.
+    st.binary(max_size=60).map(lambda b: _shard(1, []) + b),
 )
 
 
 def _world_with_round(text: bytes) -> bytes:
-    parts = core.encode_world(7, ["a", "b"]).split(b" ")
+    parts = core.encode_world(7, 9, 2).split(b" ")
     parts[1] = b"round=" + text
     return b" ".join(parts)
 
@@ -1161,18 +1174,39 @@ def test_world_record_decodes_or_names_the_key(data: bytes, key: Any) -> None:
         assert repr(_key_name(key)) in str(err), f"the key is not named in {str(err)[:300]!r}"
         return
     _outcome("decoded")
-    assert isinstance(decoded, tuple) and len(decoded) == 2
-    round_, ids = decoded
-    assert type(round_) is int and round_ >= 0
+    assert isinstance(decoded, tuple) and len(decoded) == 5
+    round_, cutoff, size, _addr, port = decoded
+    assert all(type(v) is int and v >= 0 for v in (round_, cutoff, size, port))
     assert data.split(b" ")[1] == b"round=%d" % round_, "a round in non-canonical form"
-    assert isinstance(ids, list) and len(set(ids)) == len(ids)
-    assert all(isinstance(i, str) and i and "," not in i and " " not in i for i in ids)
+
+
+@PURE
+@given(round_=_WORLD_ROUNDS, cutoff=st.integers(0, INT64_MAX), size=st.integers(0, INT32_MAX))
+def test_world_record_round_trips(round_: int, cutoff: int, size: int) -> None:
+    record = core.encode_world(round_, cutoff, size, "::1", 29500)
+    assert core.decode_world(record, b"world") == (round_, cutoff, size, "::1", 29500)
+
+
+@PURE
+@given(data=_SHARD_BYTES, key=_KEYS)
+def test_rank_shard_decodes_or_names_the_key(data: bytes, key: Any) -> None:
+    try:
+        round_, ranks, _addr, port = core.decode_rank_shard(data, key)
+    except RendezvousStateError as err:
+        _outcome("refused")
+        assert repr(_key_name(key)) in str(err), f"the key is not named in {str(err)[:300]!r}"
+        return
+    _outcome("decoded")
+    assert type(round_) is int and round_ >= 0 and 0 <= port < 65536
+    assert all(isinstance(i, str) and i and "," not in i for i in ranks)
+    assert all(type(r) is int and r >= 0 for r in ranks.values())
 
 
 @PURE
 @given(round_=_WORLD_ROUNDS, ids=_WORLD_IDS)
-def test_world_record_round_trips(round_: int, ids: list[str]) -> None:
-    assert core.decode_world(core.encode_world(round_, ids), b"world") == (round_, ids)
+def test_rank_shard_round_trips(round_: int, ids: list[str]) -> None:
+    assert core.decode_rank_shard(_shard(round_, ids), b"ranks") == (
+        round_, {i: rank for rank, i in enumerate(ids)}, "h", 7)
 
 
 @pytest.mark.parametrize(

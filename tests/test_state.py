@@ -129,15 +129,21 @@ def test_survivor_whose_rank_no_longer_exists_is_renumbered():
 
 
 def test_world_and_member_codecs():
-    ids = [f"{i:016x}" for i in range(1000)]
-    record = core.encode_world(5, ids, "::1", 29500)
-    assert core.decode_world(record, b"k") == (5, ids)
-    assert core.decode_world_master(record, b"k") == ("::1", 29500)
-    for bad in (b"", b"rdzv1-world round=x master=h,1 ids=", b"junk",
-                b"rdzv1-world round=1 master=h,1 ids=a,a", b"rdzv1-world round=1 master=h ids=a",
-                b"rdzv1-world round=1 ids=a"):
+    record = core.encode_world(5, 812, 1000, "::1", 29500)
+    assert core.decode_world(record, b"k") == (5, 812, 1000, "::1", 29500)
+    for bad in (b"", b"rdzv1-world round=x cutoff=1 size=1 master=h,1", b"junk",
+                b"rdzv1-world round=1 cutoff=1 size=1 master=h",
+                b"rdzv1-world round=1 size=1 master=h,1",
+                b"rdzv1-world round=1 cutoff=1 size=2147483648 master=h,1"):
         with pytest.raises(RendezvousStateError, match="k"):
             core.decode_world(bad, b"k")
+    shard = core.encode_rank_shard(5, [("a", 3), ("b", 0)], "h", 1)
+    assert core.decode_rank_shard(shard, b"k") == (5, {"a": 3, "b": 0}, "h", 1)
+    for bad in (b"rdzv1-ranks round=5 master=h,1 ids=a:1,a:2",
+                b"rdzv1-ranks round=5 master=h,1 ids=a", b"rdzv1-ranks round=5 ids=a:1",
+                b"rdzv1-ranks round=5 master=h,1 ids=a:-1"):
+        with pytest.raises(RendezvousStateError, match="k"):
+            core.decode_rank_shard(bad, b"k")
     assert core.decode_member(core.encode_member("h", "10.0.0.1", 42, 7)) == (
         "h", "10.0.0.1", 42, 7, "", "stable")
     assert core.decode_member(b"rubbish") is None

@@ -104,6 +104,8 @@ cdef class Node:
                                  int min_nodes, int max_nodes, double now) except -1
     cdef bint _prejoin(self, client, StateRecord s, double now) except -1
     cdef bint _freeze(self, client, StateRecord s, double now) except -1
+    cdef bint _write_pages(self, client, list page_txns, long long round,
+                           long long cutoff) except -1
     cdef object _freezer_duties(self, client, StateRecord s)
     cdef int _confirm_or_leave(self, client, StateRecord s, double now) except -1
     cdef int _check_world(self, client, StateRecord s, double now) except -1
@@ -119,7 +121,8 @@ cdef class RunView:
     cdef readonly object keys
     cdef readonly long long round           # the round this node completed
     cdef readonly long long cutoff          # that round's freeze revision
-    cdef readonly frozenset world           # its members' node ids
+    cdef readonly frozenset world           # its members' node ids this node knows
+    cdef readonly long long world_size      # how many members it has
     cdef readonly StateRecord state         # the newest state record seen
     cdef readonly long long state_mod
     cdef readonly bint state_unreadable     # the record vanished or cannot be decoded

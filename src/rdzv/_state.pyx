@@ -44,6 +44,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 import random
 import time
+import zlib
 
 from rdzv.api import (
     RendezvousClosedError,
@@ -273,60 +274,248 @@ def decode_state(data, key=b"state"):
 
 
 # --------------------------------------------------------- world and members
-def encode_world(long long round, list node_ids, str master_addr="", int master_port=0):
-    """Serialize a rank assignment: node ids in rank order, and where rank 0 serves.
+# The world of a frozen round is published in two parts, so that a node reads
+# a few KB at any world size (see docs/PROTOCOL.md, "The world"):
+#
+# * the header at rounds/<r>/world: round, cutoff, size and rank 0's address,
+#   written by the freeze transaction (its existence is what "frozen" means to
+#   a joining node);
+# * rank shards at rounds/<r>/ranks/<cutoff>/<k>: ``node_id:rank`` pairs of the
+#   members whose id hashes to shard k (SHARD_MEMBERS of them on average), and
+#   rank 0's address again. A member reads only its own shard.
+#
+# A world of up to CAS_SHARDS shards is written by the freeze transaction itself.
+# A larger one (about 6,000 members and more) cannot be: etcd takes at most 128
+# operations and 1.5 MiB in one request. Its shards are written before the
+# freeze, in transactions of at most PAGE_TXN_SHARDS puts, each under the
+# condition that none of its shards exists yet. The shards live under the
+# revision the freezer read the members at, which the frozen state record
+# names as its cutoff: shards that no freeze named (a freezer that lost its
+# CAS or died) are never read, and a freezer that finds a shard of its cutoff
+# already written leaves that cutoff to the other and freezes later, so the
+# shards a frozen record names are all of one freezer's.
+
+#: Mean number of members per rank shard: about 1.5 KB, and the fullest of the
+#: 1,563 shards of 10^5 members holds about 95.
+SHARD_MEMBERS = 64
+#: Shards the freeze transaction carries itself (with its 5 other writes, well
+#: under etcd's 128 operations).
+CAS_SHARDS = 96
+#: Shards per transaction written before the freeze (one compare and one put each).
+PAGE_TXN_SHARDS = 120
+
+_RANKS_MAGIC = b"rdzv1-ranks"
+
+
+cpdef long long world_shards(long long world_size):
+    """Number of rank shards of a world of ``world_size`` members."""
+    return max(1, (world_size + SHARD_MEMBERS - 1) // SHARD_MEMBERS)
+
+
+cpdef long long shard_of(str node_id, long long shards):
+    """The rank shard that holds ``node_id`` in a world of ``shards`` shards."""
+    return zlib.crc32(node_id.encode("ascii")) % shards
+
+
+def encode_world(long long round, long long cutoff, long long size, str master_addr="",
+                 int master_port=0):
+    """Serialize a world's header: its round, cutoff, size and rank 0's address.
 
     Args:
         round: the round it belongs to.
-        node_ids: the world, in rank order.
+        cutoff: the revision the members were read at (names the rank shards).
+        size: the number of members.
         master_addr, master_port: rank 0's bootstrap address, from its descriptor.
     """
-    return b"%s round=%d master=%s,%d ids=%s" % (
-        _WORLD_MAGIC, round, master_addr.encode(), master_port,
-        ",".join(node_ids).encode("ascii"))
+    return b"%s round=%d cutoff=%d size=%d master=%s,%d" % (
+        _WORLD_MAGIC, round, cutoff, size, master_addr.encode(), master_port)
 
 
-cdef tuple _decode_world(data, key):
-    name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
-    parts = data.split(b" ") if isinstance(data, bytes) else []
-    if len(parts) != 4 or parts[0] != _WORLD_MAGIC or not parts[1].startswith(b"round=") \
-            or not parts[2].startswith(b"master=") or not parts[3].startswith(b"ids="):
-        raise RendezvousStateError(
-            f"world record at {name!r} cannot be decoded: {bytes(data)[:60]!r}")
-    round_number = _canonical_int(parts[1][6:])
-    if round_number is None or round_number < 0:
-        raise RendezvousStateError(f"world record at {name!r} has a bad round")
-    addr, _, port_text = parts[2][7:].rpartition(b",")
+cdef tuple _split_master(bytes text, str what, str name):
+    addr, _, port_text = text.rpartition(b",")
     port = _canonical_int(port_text)
     if port is None or not 0 <= port < 65536:
-        raise RendezvousStateError(f"world record at {name!r} has a bad master port")
-    ids_text = parts[3][4:]
+        raise RendezvousStateError(f"{what} at {name!r} has a bad master port")
     try:
-        ids = ids_text.decode("ascii").split(",") if ids_text else []
-        master_addr = addr.decode()
+        return addr.decode(), port
     except UnicodeDecodeError:
-        raise RendezvousStateError(f"world record at {name!r} is not valid text") from None
-    if len(set(ids)) != len(ids) or any(not i for i in ids):
-        raise RendezvousStateError(f"world record at {name!r} has empty or repeated ids")
-    return round_number, ids, master_addr, port
+        raise RendezvousStateError(f"{what} at {name!r} is not valid text") from None
+
+
+cdef str _key_text(key):
+    return key.decode(errors="replace") if isinstance(key, bytes) else str(key)
 
 
 def decode_world(data, key=b"world"):
-    """Parse a rank assignment into ``(round, [node_id, ...])``.
+    """Parse a world's header into ``(round, cutoff, size, master_addr, master_port)``.
 
     Raises:
-        RendezvousStateError: the bytes are not a world record (names ``key``).
+        RendezvousStateError: the bytes are not a world header (names ``key``).
     """
-    return _decode_world(data, key)[:2]
+    name = _key_text(key)
+    parts = data.split(b" ") if isinstance(data, bytes) else []
+    fields = (b"round=", b"cutoff=", b"size=", b"master=")
+    if len(parts) != 5 or parts[0] != _WORLD_MAGIC or any(
+            not part.startswith(field) for part, field in zip(parts[1:], fields)):
+        raise RendezvousStateError(
+            f"world record at {name!r} cannot be decoded: {bytes(data)[:60]!r}")
+    numbers = []
+    for part, field in zip(parts[1:4], fields):
+        value = _canonical_int(part[len(field):])
+        if value is None or not 0 <= value <= _INT64_MAX:
+            raise RendezvousStateError(
+                f"world record at {name!r} has a bad {field.rstrip(b"=").decode()}")
+        numbers.append(value)
+    if numbers[2] > _INT32_MAX:
+        raise RendezvousStateError(f"world record at {name!r} has a bad size")
+    return (*numbers, *_split_master(parts[4][7:], "world record", name))
 
 
-def decode_world_master(data, key=b"world"):
-    """Return rank 0's ``(master_addr, master_port)`` from a world record.
+def encode_rank_shard(long long round, list entries, str master_addr="", int master_port=0):
+    """Serialize one rank shard: ``(node_id, rank)`` pairs and rank 0's address.
+
+    Args:
+        round: the round it belongs to.
+        entries: the shard's members and their ranks.
+        master_addr, master_port: rank 0's bootstrap address.
+    """
+    return b"%s round=%d master=%s,%d ids=%s" % (
+        _RANKS_MAGIC, round, master_addr.encode(), master_port,
+        ",".join([f"{node_id}:{rank}" for node_id, rank in entries]).encode("ascii"))
+
+
+def decode_rank_shard(data, key=b"ranks"):
+    """Parse a rank shard into ``(round, {node_id: rank}, master_addr, master_port)``.
 
     Raises:
-        RendezvousStateError: the bytes are not a world record (names ``key``).
+        RendezvousStateError: the bytes are not a rank shard (names ``key``).
     """
-    return _decode_world(data, key)[2:]
+    name = _key_text(key)
+    parts = data.split(b" ") if isinstance(data, bytes) else []
+    if len(parts) != 4 or parts[0] != _RANKS_MAGIC or not parts[1].startswith(b"round=") \
+            or not parts[2].startswith(b"master=") or not parts[3].startswith(b"ids="):
+        raise RendezvousStateError(
+            f"rank shard at {name!r} cannot be decoded: {bytes(data)[:60]!r}")
+    round_number = _canonical_int(parts[1][6:])
+    if round_number is None or round_number < 0:
+        raise RendezvousStateError(f"rank shard at {name!r} has a bad round")
+    master = _split_master(parts[2][7:], "rank shard", name)
+    cdef dict ranks = {}
+    text = parts[3][4:]
+    for entry in (text.split(b",") if text else ()):
+        node_id, sep, rank_text = entry.rpartition(b":")
+        rank = _canonical_int(rank_text)
+        if not sep or not node_id or rank is None or not 0 <= rank <= _INT32_MAX:
+            raise RendezvousStateError(
+                f"rank shard at {name!r} has a bad entry {entry[:40]!r}")
+        try:
+            node = node_id.decode("ascii")
+        except UnicodeDecodeError:
+            raise RendezvousStateError(f"rank shard at {name!r} is not valid text") from None
+        if node in ranks:
+            raise RendezvousStateError(f"rank shard at {name!r} repeats {node!r}")
+        ranks[node] = rank
+    return round_number, ranks, master[0], master[1]
+
+
+def plan_world(keys, long long round, long long cutoff, list world, str master_addr="",
+               int master_port=0, long long lease=0):
+    """The writes that publish ``world`` (node ids in rank order) for a freeze.
+
+    Args:
+        keys: the run's ``RunKeys``.
+        round, cutoff: the round and the revision its members were read at.
+        world: node ids in rank order.
+        master_addr, master_port: rank 0's bootstrap address.
+        lease: the lease the world's keys are put on (0: none).
+
+    Returns:
+        ``(page_txns, freeze_ops)``: transactions ``(compares, puts)`` to run, in
+        order, before the freeze (empty for a world of at most ``CAS_SHARDS``
+        shards), and the operations the freeze transaction itself carries: the
+        header, and the shards when they fit.
+    """
+    cdef long long shards = world_shards(len(world))
+    cdef list entries = [[] for _ in range(shards)]
+    cdef Py_ssize_t rank
+    for rank, node_id in enumerate(world):
+        entries[shard_of(node_id, shards)].append((node_id, rank))
+    puts = [("put", keys.rank_shard(round, cutoff, k),
+             encode_rank_shard(round, entries[k], master_addr, master_port), lease)
+            for k in range(shards)]
+    cdef list freeze_ops = [
+        ("put", keys.world(round),
+         encode_world(round, cutoff, len(world), master_addr, master_port), lease)]
+    if shards <= CAS_SHARDS:
+        return [], freeze_ops + puts
+    page_txns = []
+    for first in range(0, shards, PAGE_TXN_SHARDS):
+        batch = puts[first:first + PAGE_TXN_SHARDS]
+        page_txns.append(([("create", put[1], 0) for put in batch], batch))
+    return page_txns, freeze_ops
+
+
+def world_from(header, shards, keys, long long round):
+    """A frozen round's world from its header and its rank shards.
+
+    Args:
+        header: the bytes at ``keys.world(round)``.
+        shards: ``[(key, value, ...), ...]`` read under ``keys.ranks(round)``
+            (shards of other cutoffs, left by freezers that lost, are skipped).
+        keys: the run's ``RunKeys``.
+        round: the round.
+
+    Returns:
+        ``(node ids in rank order, master_addr, master_port)``.
+
+    Raises:
+        RendezvousStateError: the header or a shard cannot be decoded, or the
+            shards do not give every rank exactly once.
+    """
+    header_key = keys.world(round)
+    got_round, cutoff, size, master_addr, master_port = decode_world(header, header_key)
+    prefix = keys.ranks(round, cutoff)
+    ids = [None] * size
+    seen = 0
+    for item in shards:
+        key, value = item[0], item[1]
+        if not key.startswith(prefix):
+            continue
+        seen += 1
+        shard_round, ranks, _addr, _port = decode_rank_shard(value, key)
+        for node_id, rank in ranks.items():
+            if rank >= size or ids[rank] is not None or shard_round != round:
+                raise RendezvousStateError(
+                    f"rank shard at {_key_text(key)!r} does not fit the world record "
+                    f"{_key_text(header_key)!r} (round {shard_round}, rank {rank} of {size})")
+            ids[rank] = node_id
+    if got_round != round or seen != world_shards(size) or None in ids:
+        raise RendezvousStateError(
+            f"the rank shards under {_key_text(prefix)!r} do not give all {size} ranks "
+            f"of the world record {_key_text(header_key)!r} ({seen} shards)")
+    return ids, master_addr, master_port
+
+
+def read_world(client, keys, long long round):
+    """Read round ``round``'s world (one read-only transaction).
+
+    Args:
+        client: the etcd client (``txn``).
+        keys: the run's ``RunKeys``.
+        round: the round.
+
+    Returns:
+        ``(node ids in rank order, master_addr, master_port)``, or None if the
+        round was never frozen (or its keys are gone).
+
+    Raises:
+        RendezvousStateError: the world's records cannot be decoded.
+    """
+    _ok, _revision, (header, shards) = client.txn(
+        [], [("get", keys.world(round)), ("range", keys.ranks(round), 0)], [])
+    if header is None:
+        return None
+    return world_from(header[0], shards, keys, round)
 
 
 cdef enum:
@@ -1512,6 +1701,7 @@ cdef class Node:
         reads = [("range", members, s.max_nodes)]
         if s.last_final >= 0:
             reads.append(("get", self.keys.world(s.last_final)))
+            reads.append(("range", self.keys.ranks(s.last_final), 0))
         ok, revision, results = client.txn(
             [("mod", self.keys.state, self.state_mod)], reads, [("get", self.keys.state)])
         if not ok:
@@ -1527,26 +1717,32 @@ cdef class Node:
             return False
         previous = []
         if len(results) > 1 and results[1] is not None:
-            previous = decode_world(results[1][0], self.keys.world(s.last_final))[1]
+            previous = world_from(results[1][0], results[2], self.keys, s.last_final)[0]
         world = assign_ranks(listed, previous, s.max_nodes)
         # Rank 0's bootstrap address comes from its own descriptor; it also goes
         # into the round's store, where torch's code looks for it.
         rank0 = decode_member(dict(listed)[world[0]])
         master_addr, master_port = ("", 0) if rank0 is None else (rank0[1], rank0[3])
+        page_txns, extra = plan_world(
+            self.keys, s.round, revision, world, master_addr, master_port, self.data_lease)
+        if not self._write_pages(client, page_txns, s.round, revision):
+            # Another freezer read the members at the same revision and is
+            # writing its shards there: it freezes, or this node does later.
+            self.wake_at = now + self.liveness_interval
+            return False
         cdef bytes kv = self.keys.kv(s.round)
         cdef bytes confirm_key = self.keys.confirmed(s.round) + self.node_id.encode()
-        cdef list extra = [
-            ("put", self.keys.world(s.round),
-             encode_world(s.round, world, master_addr, master_port), self.data_lease),
-            ("put", kv + b"MASTER_ADDR", master_addr.encode(), self.data_lease),
-            ("put", kv + b"MASTER_PORT", str(master_port).encode(), self.data_lease),
-        ]
+        extra.append(("put", kv + b"MASTER_ADDR", master_addr.encode(), self.data_lease))
+        extra.append(("put", kv + b"MASTER_PORT", str(master_port).encode(), self.data_lease))
         cdef bint in_world = self.node_id in world
         if in_world:
             extra.append(("put", confirm_key, b"", self.lease))
         cdef int won = self._cas(client, FREEZE, s,
                                  {"cutoff": revision, "world_size": len(world)}, extra)
         if not won:
+            if page_txns:
+                # Shards no frozen record will name: this freezer wrote them all.
+                client.txn([], [("delete", *self.keys.ranks_between(s.round, revision))], [])
             return False
         self.freezer = True
         self.freeze_round = s.round
@@ -1564,6 +1760,26 @@ cdef class Node:
             self.wake_at = now + self.liveness_interval
         return True
 
+    cdef bint _write_pages(self, client, list page_txns, long long round,
+                           long long cutoff) except -1:
+        """Write a large world's rank shards before the freeze; False if another
+        freezer of the same cutoff got to one of them first.
+
+        Each transaction creates its shards only if none of them exists, so
+        when this returns True every shard under the cutoff is this node's. On
+        False, the shards this node did create are deleted: the other freezer
+        cannot have written all of them, so no freeze will name that cutoff.
+        """
+        cdef bint wrote = False
+        for compares, puts in page_txns:
+            ok, _revision, _results = client.txn(compares, puts, [])
+            if not ok:
+                if wrote:
+                    client.txn([], [("delete", *self.keys.ranks_between(round, cutoff))], [])
+                return False
+            wrote = True
+        return True
+
     cdef object _freezer_duties(self, client, StateRecord s):
         """As the freezer: finalize when all confirmed, restart if one is lost."""
         if s.status != FROZEN or s.round != self.freeze_round:
@@ -1578,17 +1794,21 @@ cdef class Node:
         return None
 
     cdef int _confirm_or_leave(self, client, StateRecord s, double now) except -1:
-        """In a frozen round: read the world and confirm in one transaction.
+        """In a frozen round: read this node's rank shard and confirm, in one
+        transaction.
 
-        The confirmation goes in before the node knows whether it is in the
-        world: surplus nodes are rare, and they withdraw it with their member
-        key when they register as waiting.
+        The shard holds this node's rank if it is in the world, and rank 0's
+        address: a few KB whatever the world's size. The confirmation goes in
+        before the node knows whether it is in the world: surplus nodes are
+        rare, and they withdraw it with their member key when they register as
+        waiting.
         """
-        cdef bytes world_key = self.keys.world(s.round)
+        cdef bytes shard_key = self.keys.rank_shard(
+            s.round, s.cutoff, shard_of(self.node_id, world_shards(s.world_size)))
         cdef bytes me = self.node_id.encode()
         cdef bytes confirm_key = self.keys.confirmed(s.round) + me
         ok, revision, results = client.txn(
-            [], [("get", world_key), ("put", confirm_key, b"", self.lease)], [])
+            [], [("get", shard_key), ("put", confirm_key, b"", self.lease)], [])
         self.stale_keys.append(confirm_key)
         got = results[0]
         if got is None:
@@ -1599,19 +1819,18 @@ cdef class Node:
                 self.observe_state(current[0], current[1])
                 return 0
             raise RendezvousStateError(
-                f"round {s.round} is frozen but {world_key.decode()!r} is missing")
-        round, ids, master_addr, master_port = _decode_world(got[0], world_key)
-        if round != s.round or len(ids) != s.world_size:
+                f"round {s.round} is frozen but its rank shard {shard_key.decode()!r} "
+                "is missing")
+        round, ranks, master_addr, master_port = decode_rank_shard(got[0], shard_key)
+        self.rank = ranks.get(self.node_id, -1)
+        if round != s.round or self.rank >= s.world_size:
             raise RendezvousStateError(
-                f"world record at {world_key.decode()!r} does not match the "
-                f"state record (round {round} vs {s.round}, size {len(ids)} vs "
-                f"{s.world_size})")
-        self.world = ids
+                f"rank shard at {shard_key.decode()!r} does not match the state record "
+                f"(round {round} vs {s.round}, rank {self.rank} of {s.world_size})")
         self.master = (master_addr, master_port)
-        try:
-            self.rank = self.world.index(self.node_id)
-        except ValueError:
-            self.rank = -1
+        # The world's ids this node knows: those of its shard (the freezer
+        # knows them all), which is what the view after the round names.
+        self.world = list(ranks)
         if self.rank < 0:
             # Surplus: joined after the cutoff or beyond max_nodes. Its keys are
             # in stale_keys, so registering as waiting withdraws them.
@@ -1622,16 +1841,26 @@ cdef class Node:
         return 0
 
     cdef int _check_world(self, client, StateRecord s, double now) except -1:
-        """Fallback liveness check of a frozen round's world, by any member."""
+        """Fallback liveness check of a frozen round's world, by any member.
+
+        It reads the whole world (O(N) bytes): it runs only when the freezer
+        has not finalized the round within ``liveness_interval``.
+        """
         self.check_liveness = False
         cdef bytes confirmed = self.keys.confirmed(s.round)
         ok, revision, results = client.txn([], [
             ("count", self.keys.members(s.round), s.cutoff),
-            ("range", confirmed, 0),
+            ("range", confirmed, 0, True),
+            ("get", self.keys.world(s.round)),
+            ("range", self.keys.ranks(s.round, s.cutoff), 0),
         ], [])
+        if results[2] is None:
+            raise RendezvousStateError(
+                f"round {s.round} is frozen but {self.keys.world(s.round).decode()!r} "
+                "is missing")
         # Surplus nodes confirm before they learn they are surplus: count only the
         # world's confirmations.
-        world = set(self.world)
+        world = set(world_from(results[2][0], results[3], self.keys, s.round)[0])
         confirmed_world = sum(
             1 for key, _value, _rev in results[1] if key[len(confirmed):].decode() in world)
         if results[0] < s.world_size:
@@ -1736,7 +1965,8 @@ cdef class RunView:
         keys: the run's ``RunKeys``.
         state: the ``final`` record of the completed round.
         state_mod: its mod_revision.
-        world: the completed round's member node ids.
+        world: the completed round's member node ids that this node knows:
+            all of them (the freezer), or those of its own rank shard.
         check_interval: seconds between reads that check the watch (lease_ttl).
     """
 
@@ -1748,6 +1978,7 @@ cdef class RunView:
         self.round = state.round
         self.cutoff = state.cutoff
         self.world = frozenset(world)
+        self.world_size = state.world_size
         self.state = state
         self.state_mod = state_mod
         self.state_unreadable = False
@@ -1869,7 +2100,7 @@ cdef class RunView:
             self.unlisted = (waiting_count - len(self.waiting)) + (next_count - len(self.next_members))
             # A lost member never comes back (its lease is gone): the named ones
             # stay, and what else is missing is counted without a name.
-            self.unnamed_lost = max(0, len(self.world) - results[3] - len(self.lost))
+            self.unnamed_lost = max(0, self.world_size - results[3] - len(self.lost))
         self.revision = revision
         self.read_revision = revision
         return before != (self.state_mod, self.state_unreadable, frozenset(self.waiting),
@@ -1949,4 +2180,9 @@ cdef class RunView:
             self.lost.add(node_id)
             if self.unnamed_lost > 0:
                 self.unnamed_lost -= 1
+        elif node_id not in self.world and len(self.world) < self.world_size:
+            # A member knows only the ids of its rank shard: whether the node
+            # was in the world (or a surplus node withdrawing) is for a read of
+            # the world's member count to say, at the next poll.
+            self.verified_at = -INFINITY
         return 0

@@ -747,9 +747,9 @@ def read_run_status(
     )
     world: list[str] = []
     if s.status != _state.Status.JOINABLE:
-        world_got = client.get(keys.world(s.round))
-        if world_got is not None:
-            world = _state.decode_world(world_got[0], keys.world(s.round))[1]
+        got_world = _state.read_world(client, keys, s.round)
+        if got_world is not None:
+            world = got_world[0]
     leases: dict[int, int] = {}
     members = _leased_keys(client, keys.members(s.round))
     confirmed = {node for node, _, _ in _leased_keys(client, keys.confirmed(s.round))}

@@ -688,7 +688,7 @@ class EtcdClient:
     def range(self, prefix: bytes, limit: int = 0, keys_only: bool = False) -> list[tuple]:
         """Return ``[(key, value, create_revision), ...]`` under ``prefix``, oldest first."""
         response = self._call(
-            self._kv.Range, self._range_request(prefix, limit, keys_only), "range"
+            self._kv.Range, _range_request(self._rpc, prefix, limit, keys_only), "range"
         )
         return [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
 
@@ -700,7 +700,7 @@ class EtcdClient:
     def range_records(self, prefix: bytes) -> list[tuple[bytes, bytes, int, int]]:
         """Return ``[(key, value, lease_id, mod_revision), ...]`` under ``prefix``,
         oldest first (lease id 0: the key has no lease)."""
-        response = self._call(self._kv.Range, self._range_request(prefix, 0), "range")
+        response = self._call(self._kv.Range, _range_request(self._rpc, prefix, 0), "range")
         return [(kv.key, kv.value, kv.lease, kv.mod_revision) for kv in response.kvs]
 
     def lease_time_to_live(self, lease_id: int) -> int:
@@ -733,66 +733,6 @@ class EtcdClient:
             request.range_end = _prefix_end(key)
         return self._call(self._kv.DeleteRange, request, "delete").deleted
 
-    def _range_request(self, prefix: bytes, limit: int, keys_only: bool = False) -> Any:
-        rpc = self._rpc
-        return rpc.RangeRequest(
-            key=prefix,
-            range_end=_prefix_end(prefix),
-            limit=limit,
-            keys_only=keys_only,
-            sort_order=rpc.RangeRequest.ASCEND,
-            sort_target=rpc.RangeRequest.CREATE,
-        )
-
-    def _op(self, op: Sequence[Any]) -> Any:
-        rpc = self._rpc
-        kind = op[0]
-        if kind == "get":
-            return rpc.RequestOp(request_range=rpc.RangeRequest(key=op[1]))
-        if kind == "count":
-            request = rpc.RangeRequest(key=op[1], range_end=_prefix_end(op[1]), count_only=True)
-            if len(op) > 2:
-                request.max_create_revision = op[2]
-            return rpc.RequestOp(request_range=request)
-        if kind == "range":
-            keys_only = len(op) > 3 and bool(op[3])
-            return rpc.RequestOp(request_range=self._range_request(op[1], op[2], keys_only))
-        if kind == "list":
-            return rpc.RequestOp(request_range=self._range_request(op[1], op[2], True))
-        if kind == "put":
-            return rpc.RequestOp(
-                request_put=rpc.PutRequest(key=op[1], value=op[2], lease=op[3])
-            )
-        if kind == "delete":
-            request = rpc.DeleteRangeRequest(key=op[1])
-            if len(op) > 2:
-                request.range_end = op[2]
-            return rpc.RequestOp(request_delete_range=request)
-        raise ValueError(f"unknown transaction operation {kind!r}")
-
-    def _compare(self, compare: Sequence[Any]) -> Any:
-        rpc = self._rpc
-        kind, key, expected = compare
-        if kind == "mod":
-            return rpc.Compare(
-                key=key,
-                result=rpc.Compare.EQUAL,
-                target=rpc.Compare.MOD,
-                mod_revision=expected,
-            )
-        if kind == "create":
-            return rpc.Compare(
-                key=key,
-                result=rpc.Compare.EQUAL,
-                target=rpc.Compare.CREATE,
-                create_revision=expected,
-            )
-        if kind == "value":
-            return rpc.Compare(
-                key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, value=expected
-            )
-        raise ValueError(f"unknown transaction compare {kind!r}")
-
     def txn(
         self,
         compares: Sequence[Sequence[Any]],
@@ -815,11 +755,7 @@ class EtcdClient:
         """
         if all(op[0] in _READ_OPS for op in (*success, *failure)):
             return self._read_only_txn(compares, success, failure, once)
-        request = self._rpc.TxnRequest(
-            compare=[self._compare(c) for c in compares],
-            success=[self._op(o) for o in success],
-            failure=[self._op(o) for o in failure],
-        )
+        request = txn_request(self._rpc, compares, success, failure)
         response = self._call(self._kv.Txn, request, "transaction", once)
         ops = success if response.succeeded else failure
         results: list[Any] = []
@@ -865,7 +801,7 @@ class EtcdClient:
                     succeeded = succeeded and _compare_holds(kind, kvs, expected)
                 ops = success if succeeded else failure
                 results = [
-                    _range_result(op[0], read(self._op(op).request_range)) for op in ops
+                    _range_result(op[0], read(_op(self._rpc, op).request_range)) for op in ops
                 ]
                 if revision == 0:  # nothing to read at all: the current revision
                     read(self._rpc.RangeRequest(key=b"\0", count_only=True))
@@ -1088,6 +1024,85 @@ class _WatchNotStarted(grpc.RpcError):
 
     def details(self) -> str:
         return str(self)
+
+
+def txn_request(
+    rpc: Any,
+    compares: Sequence[Sequence[Any]],
+    success: Sequence[Sequence[Any]],
+    failure: Sequence[Sequence[Any]] = (),
+) -> Any:
+    """The etcd ``TxnRequest`` a transaction given as tuples is sent as.
+
+    Args:
+        rpc: etcd3's generated protobuf module (``etcd3.etcdrpc``).
+        compares, success, failure: as for ``EtcdClient.txn``.
+    """
+    return rpc.TxnRequest(
+        compare=[_compare(rpc, c) for c in compares],
+        success=[_op(rpc, o) for o in success],
+        failure=[_op(rpc, o) for o in failure],
+    )
+
+
+def _range_request(rpc: Any, prefix: bytes, limit: int, keys_only: bool = False) -> Any:
+    return rpc.RangeRequest(
+        key=prefix,
+        range_end=_prefix_end(prefix),
+        limit=limit,
+        keys_only=keys_only,
+        sort_order=rpc.RangeRequest.ASCEND,
+        sort_target=rpc.RangeRequest.CREATE,
+    )
+
+
+def _op(rpc: Any, op: Sequence[Any]) -> Any:
+    kind = op[0]
+    if kind == "get":
+        return rpc.RequestOp(request_range=rpc.RangeRequest(key=op[1]))
+    if kind == "count":
+        request = rpc.RangeRequest(key=op[1], range_end=_prefix_end(op[1]), count_only=True)
+        if len(op) > 2:
+            request.max_create_revision = op[2]
+        return rpc.RequestOp(request_range=request)
+    if kind == "range":
+        keys_only = len(op) > 3 and bool(op[3])
+        return rpc.RequestOp(request_range=_range_request(rpc, op[1], op[2], keys_only))
+    if kind == "list":
+        return rpc.RequestOp(request_range=_range_request(rpc, op[1], op[2], True))
+    if kind == "put":
+        return rpc.RequestOp(
+            request_put=rpc.PutRequest(key=op[1], value=op[2], lease=op[3])
+        )
+    if kind == "delete":
+        request = rpc.DeleteRangeRequest(key=op[1])
+        if len(op) > 2:
+            request.range_end = op[2]
+        return rpc.RequestOp(request_delete_range=request)
+    raise ValueError(f"unknown transaction operation {kind!r}")
+
+
+def _compare(rpc: Any, compare: Sequence[Any]) -> Any:
+    kind, key, expected = compare
+    if kind == "mod":
+        return rpc.Compare(
+            key=key,
+            result=rpc.Compare.EQUAL,
+            target=rpc.Compare.MOD,
+            mod_revision=expected,
+        )
+    if kind == "create":
+        return rpc.Compare(
+            key=key,
+            result=rpc.Compare.EQUAL,
+            target=rpc.Compare.CREATE,
+            create_revision=expected,
+        )
+    if kind == "value":
+        return rpc.Compare(
+            key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, value=expected
+        )
+    raise ValueError(f"unknown transaction compare {kind!r}")
 
 
 _READ_OPS = ("get", "count", "range", "list")

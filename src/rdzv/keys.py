@@ -6,7 +6,8 @@ Everything of run ``R`` under prefix ``P`` lives below ``P/R/``::
     P/R/rounds/<r>/members/<node>      a node's join of round r      (its lease)
     P/R/rounds/<r>/confirmed/<node>    a world member is alive        (its lease)
     P/R/rounds/<r>/waiting/<node>      a late or surplus node         (its lease)
-    P/R/rounds/<r>/world               node ids in rank order, written at freeze
+    P/R/rounds/<r>/world               the world's header, written by the freeze
+    P/R/rounds/<r>/ranks/<cutoff>/<k>  rank shard k of the world frozen at <cutoff>
     P/R/rounds/<r>/last_call           when the last call ends (wall clock, s) (its lease)
     P/R/rounds/<r>/kv/<key>            the round's store (``EtcdStore``)
 
@@ -114,12 +115,28 @@ class RunKeys:
         return self.round(r) + b"waiting/"
 
     def world(self, r: int) -> bytes:
-        """Key of round ``r``'s rank assignment."""
+        """Key of round ``r``'s world header (size, cutoff, rank 0's address)."""
         return self.round(r) + b"world"
 
     def last_call(self, r: int) -> bytes:
         """Key of the wall-clock time round ``r``'s last call ends (``rdzv status``)."""
         return self.round(r) + b"last_call"
+
+    def ranks(self, r: int, cutoff: int | None = None) -> bytes:
+        """Prefix of round ``r``'s rank shards written for a freeze at revision
+        ``cutoff`` (without one: those of every freeze attempt)."""
+        prefix = self.round(r) + b"ranks/"
+        return prefix if cutoff is None else prefix + b"%d/" % cutoff
+
+    def ranks_between(self, r: int, cutoff: int) -> tuple[bytes, bytes]:
+        """Key range ``[start, end)`` of round ``r``'s rank shards of ``cutoff``
+        (for one range delete)."""
+        start = self.ranks(r, cutoff)
+        return start, start[:-1] + b"0"  # "0" follows the prefix's closing "/"
+
+    def rank_shard(self, r: int, cutoff: int, shard: int) -> bytes:
+        """Key of rank shard ``shard`` of round ``r``'s world frozen at ``cutoff``."""
+        return self.ranks(r, cutoff) + b"%d" % shard
 
     def kv(self, r: int) -> bytes:
         """Prefix of round ``r``'s store."""
