@@ -1060,8 +1060,14 @@ cdef class _PlacementKeys:
             else:
                 out[0] = 0x02
                 o = 1
+            start = o
             o += _address_key(p + m.host, m.host_len, out + o)
-            o += _address_key(p + m.addr, m.addr_len, out + o)
+            if m.addr_len == m.host_len and memcmp(p + m.addr, p + m.host, m.host_len) == 0:
+                # The usual case, local_addr as both: the same key again.
+                memcpy(out + o, out + start, o - start)
+                o += o - start
+            else:
+                o += _address_key(p + m.addr, m.addr_len, out + o)
             pid = <unsigned long long>m.pid
             for i in range(8):
                 out[o + i] = <unsigned char>(pid >> (56 - 8 * i))
@@ -1248,12 +1254,16 @@ def assign_ranks(members, previous, int max_nodes):
     """
     cdef list world = members[:max_nodes] if type(members) is list else list(members)[:max_nodes]
     cdef Py_ssize_t size = len(world)
-    cdef _RankTable old = _RankTable(list(previous))
+    cdef _RankTable old = _RankTable(previous if type(previous) is list else list(previous))
     cdef _PlacementKeys keys = _PlacementKeys(size)
     cdef list ranks = [None] * size
     cdef Py_ssize_t i, rank
     for item in world:
-        node_id, descriptor = item
+        if type(item) is tuple and PyTuple_GET_SIZE(item) == 2:
+            node_id = <object>PyTuple_GET_ITEM(item, 0)
+            descriptor = <object>PyTuple_GET_ITEM(item, 1)
+        else:
+            node_id, descriptor = item
         rank = old.rank(node_id)
         if 0 <= rank < size:
             ranks[rank] = node_id
