@@ -48,9 +48,14 @@ compat: install-test
 # Hundreds of rounds over 32 node processes under random faults (node kills, stalls,
 # closes, etcd leader kills), checked after every round; not part of `make test`.
 # Options: make soak SOAK_ARGS="--rounds 100 --nodes 16 --seed 7 --minutes 10"
-.PHONY: soak
+.PHONY: soak soak-hosts
 soak: install-test
 	$(PY) benchmarks/soak.py $(SOAK_ARGS)
+
+# The same with every node and etcd member on a test host of its own (a network
+# namespace), partitions among the faults; needs root, iproute2 and iptables.
+soak-hosts: install-test
+	$(PY) benchmarks/soak.py --hosts $(SOAK_ARGS)
 
 clean:
 	rm -rf build dist src/*.egg-info src/rdzv/_state.c src/rdzv/*.so

@@ -14,6 +14,19 @@ A fleet of node processes (one rdzv node each) runs round after round against a
 ``close``               a node closes the run; every node must see it closed; a new
                         run (new run id) starts on the same processes
 
+With ``--hosts`` (root, iproute2 and iptables: see ``tests/hosts.py``) every node
+and every etcd member runs on a test host of its own (a network namespace on a
+bridge), and partitions join the faults:
+
+``host_cut``            cut a joining node's host off from etcd and every host
+                        until its lease expired, then heal
+``host_cut_etcd``       the same, from the etcd members only (hosts still reach it)
+``host_deaf``           drop etcd's answers to a joining node's host (its requests
+                        still arrive) until its lease expired, then heal
+``member_cut``          cut an etcd member (the leader half the time) off from the
+                        other members and from half the hosts mid-round; heal it
+                        after the round
+
 After every round the driver checks, against the records etcd holds:
 
 1. agreement: every node that returned from round r has the rank that round r's
@@ -42,6 +55,7 @@ Usage::
     python benchmarks/soak.py                          # 500 rounds, 32 nodes
     python benchmarks/soak.py --rounds 100 --nodes 16 --seed 7
     python benchmarks/soak.py --minutes 10 --rounds 100000
+    python benchmarks/soak.py --hosts --rounds 200      # nodes on test hosts, as root
 """
 
 from __future__ import annotations
@@ -73,6 +87,10 @@ from rdzv.etcd_rendezvous import create_rdzv_handler
 from rdzv.etcd_server import EtcdCluster
 from rdzv.keys import RunKeys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+import hosts  # the test-host harness, tests/hosts.py
+
 FAULTS = (
     "node_kill_idle",
     "node_kill_waiting",
@@ -84,6 +102,7 @@ FAULTS = (
     "member_restart",
     "close",
 )
+HOST_FAULTS = ("host_cut", "host_cut_etcd", "host_deaf", "member_cut")
 # Chance per step of each fault (several may hit one step).
 FAULT_ODDS = {
     "node_kill_idle": 0.12,
@@ -95,6 +114,10 @@ FAULT_ODDS = {
     "leader_kill": 0.04,
     "member_restart": 0.03,
     "close": 0.02,
+    "host_cut": 0.08,
+    "host_cut_etcd": 0.06,
+    "host_deaf": 0.06,
+    "member_cut": 0.08,
 }
 DEFAULT_LEASE_TTL = 3
 LAST_CALL = 0.5
@@ -161,6 +184,7 @@ class Worker:
 
     index: int
     proc: subprocess.Popen
+    host: hosts.Host | None = None
     node_id: str = ""
     pending: bool = False
     stalled: bool = False
@@ -190,8 +214,22 @@ class Soak:
         self.nodes = args.nodes
         self.min_nodes = max(2, args.nodes // 4)
         self.max_nodes = max(self.min_nodes, args.nodes - args.nodes // 8)
-        self.cluster = EtcdCluster(size=3)
-        self.cluster.start()
+        self.net: hosts.Network | None = None
+        self.free_hosts: list[hosts.Host] = []
+        self.cut_member: hosts.Host | None = None
+        if args.hosts:
+            self.net = hosts.Network()
+            etcd_hosts = [self.net.add_host(f"e{i}") for i in range(3)]
+            self.etcd_hosts = etcd_hosts
+            self.cluster = self.net.etcd_cluster(etcd_hosts)
+        else:
+            self.cluster = EtcdCluster(size=3)
+        try:
+            self.cluster.start()
+        except BaseException:
+            if self.net is not None:
+                self.net.close()
+            raise
         self.endpoint = self.cluster.get_endpoint()
         self.client = self.cluster.get_rdzv_client(connect_timeout=30)
         self.etcd_version = self.client.status().version
@@ -224,13 +262,18 @@ class Soak:
 
     # ------------------------------------------------------------ processes
     def start_worker(self) -> Worker:
+        host = None
+        launcher: list[str] = []
+        if self.net is not None:
+            host = self.free_hosts.pop() if self.free_hosts else self.net.add_host()
+            launcher = host.launcher()
         proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", self.endpoint,
+            [*launcher, sys.executable, os.path.abspath(__file__), "--worker", self.endpoint,
              str(self.min_nodes), str(self.max_nodes), str(self.args.lease_ttl)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.worker_log,
             text=True, start_new_session=True,
         )
-        worker = Worker(self.next_index, proc)
+        worker = Worker(self.next_index, proc, host)
         self.next_index += 1
         self.workers[worker.index] = worker
         threading.Thread(target=self._read, args=(worker,), daemon=True).start()
@@ -269,6 +312,8 @@ class Soak:
         worker.signal(signal.SIGKILL)
         worker.proc.wait()
         del self.workers[worker.index]
+        if worker.host is not None:
+            self.free_hosts.append(worker.host)
 
     def alive(self) -> list[Worker]:
         return list(self.workers.values())
@@ -342,7 +387,9 @@ class Soak:
             # allows the error; counted apart from the faults injected.
             self.etcd_slow += 1
         elif not (
-            (kind == "RendezvousConnectionError" and since_etcd_fault < 30)
+            # A node stalled or cut off past its lease may also fail reaching etcd.
+            (kind in ("RendezvousConnectionError", "RendezvousTimeoutError") and worker.stalled)
+            or (kind == "RendezvousConnectionError" and since_etcd_fault < 30)
             or (kind == "RendezvousTimeoutError" and since_etcd_fault < NODE_TIMEOUT + 30)
         ):
             self.violation(f"node {worker.index}: unexpected {kind}: {answer['message']}")
@@ -377,7 +424,7 @@ class Soak:
 
     def _lease_alive(self, node_id: str) -> bool:
         # TTL is whole seconds left, 0 in the last one; -1 once the lease is gone.
-        return self.client.etcd3.get_lease_info(int(node_id, 16)).TTL >= 0
+        return self.client.lease_time_to_live(int(node_id, 16)) >= 0
 
     # --------------------------------------------------------------- checks
     def check_round(self, round_number: int) -> None:
@@ -546,6 +593,57 @@ class Soak:
             while self._lease_alive(stalled_id) and time.monotonic() < deadline:
                 time.sleep(0.1)
             victim.signal(signal.SIGCONT)
+        if self.net is not None:
+            self.partitions()
+
+    def partitions(self) -> None:
+        """Faults of the hosts mode: partitions of node hosts and etcd members."""
+        assert self.net is not None
+        rng = self.rng
+        floor = self.min_nodes + 3
+        if self.cut_member is None and self.down_member is None \
+                and rng.random() < FAULT_ODDS["member_cut"]:
+            self.fault("member_cut")
+            self.etcd_fault_at = time.monotonic()
+            time.sleep(rng.uniform(0, 0.2))
+            leader = self.cluster.leader()
+            others = [i for i in range(3) if i != leader]
+            member = self.etcd_hosts[leader if rng.random() < 0.5 else rng.choice(others)]
+            node_hosts = [w.host for w in self.alive() if w.host is not None]
+            half = rng.sample(node_hosts, len(node_hosts) // 2)
+            self.net.cut(member, [*(h for h in self.etcd_hosts if h is not member), *half])
+            self.cut_member = member
+        for kind in ("host_cut", "host_cut_etcd", "host_deaf"):
+            joining = [w for w in self.pending() if w.node_id and not w.stalled]
+            if not joining or len(self.alive()) <= floor or rng.random() >= FAULT_ODDS[kind]:
+                continue
+            self.fault(kind)
+            victim = rng.choice(joining)
+            assert victim.host is not None
+            time.sleep(rng.uniform(0, 0.1))
+            victim_id = victim.node_id
+            self.lapsed.add(victim_id)
+            victim.stalled = True
+            if kind == "host_cut":
+                self.net.isolate(victim.host)
+            elif kind == "host_cut_etcd":
+                self.net.cut(victim.host, self.etcd_hosts)
+            else:
+                self.net.cut(victim.host, self.etcd_hosts, direction="in")
+            deadline = time.monotonic() + self.args.lease_ttl + 10
+            while self._lease_alive(victim_id) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self.net.heal(victim.host)
+
+    def heal_etcd(self) -> None:
+        """Bring back the etcd member killed or cut off during the step."""
+        if self.down_member is not None:
+            self.cluster.members[self.down_member].restart()
+            self.down_member = None
+        if self.cut_member is not None:
+            assert self.net is not None
+            self.net.heal(self.cut_member)
+            self.cut_member = None
 
     def close_run(self, recovery: bool = False) -> None:
         """A node closes the run: every live node must see it closed (guarantee 6).
@@ -627,18 +725,14 @@ class Soak:
                     self._wait_for_etcd()
                 else:
                     self.violation(str(err))
-                if self.down_member is not None:
-                    self.cluster.members[self.down_member].restart()
-                    self.down_member = None
+                self.heal_etcd()
                 self.close_run(recovery=True)
                 last_round = -1
                 continue
             last_round = max(self.reported)
             self.step_seconds[",".join(sorted(set(self.step_faults))) or "none"].append(
                 time.monotonic() - step_start)
-            if self.down_member is not None:
-                self.cluster.members[self.down_member].restart()
-                self.down_member = None
+            self.heal_etcd()
             if args.verbose:
                 print(f"step {self.step}: round {last_round} of run {self.runs}, "
                       f"{len(self.alive())} nodes, faults {self.step_faults}", flush=True)
@@ -657,6 +751,8 @@ class Soak:
                 pass
         self.client.close()
         self.cluster.stop()
+        if self.net is not None:
+            self.net.close()
         if self.worker_log is not subprocess.DEVNULL:
             self.worker_log.close()
 
@@ -667,7 +763,8 @@ class Soak:
         print(f"rdzv soak, {datetime.date.today().isoformat()}: seed {args.seed}, "
               f"{self.nodes} node processes (min_nodes={self.min_nodes}, "
               f"max_nodes={self.max_nodes}), lease_ttl={self.args.lease_ttl} s, "
-              f"last_call_timeout={LAST_CALL} s")
+              f"last_call_timeout={LAST_CALL} s"
+              + (", every node and etcd member on a test host of its own" if self.net else ""))
         print(f"rdzv {_version('rdzv')}, etcd {self.etcd_version}, grpcio "
               f"{_version('grpcio')}, protobuf {_version('protobuf')}, Python "
               f"{platform.python_version()}, {platform.system()} {platform.machine()}, "
@@ -678,7 +775,7 @@ class Soak:
             print(f"world size       min {min(self.world_sizes)}, median "
                   f"{statistics.median(self.world_sizes):g}, max {max(self.world_sizes)}")
         print(f"faults injected  {sum(self.faults.values())}")
-        for kind in FAULTS:
+        for kind in FAULTS + (HOST_FAULTS if self.net else ()):
             print(f"  {kind:<20} {self.faults[kind]}")
         print(f"errors returned  {sum(self.errors.values())}  (then joined again: "
               f"{self.retries}; with no fault injected, machine too busy: "
@@ -715,12 +812,17 @@ def main() -> int:
                         help="stop after this many minutes even if --rounds is not reached")
     parser.add_argument("--lease-ttl", type=int, default=DEFAULT_LEASE_TTL,
                         help=f"the nodes' lease_ttl in seconds ({DEFAULT_LEASE_TTL})")
+    parser.add_argument("--hosts", action="store_true",
+                        help="nodes and etcd members on test hosts, partitions among the "
+                        "faults (root, iproute2, iptables)")
     parser.add_argument("-v", "--verbose", action="store_true", help="a line per step")
     parser.add_argument("--worker-log", metavar="FILE",
                         help="append the nodes' stderr (rdzv's warnings) to FILE")
     args = parser.parse_args()
     if args.nodes < 4:
         parser.error("--nodes must be at least 4")
+    if args.hosts and hosts.unavailable():
+        parser.error(f"--hosts: {hosts.unavailable()}")
     # SIGTERM (and SIGINT, which background jobs ignore) end the soak early, with
     # its report and without leaving node processes or etcd behind.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -264,6 +264,32 @@ def test_host_cut_off_during_a_round(net, etcd, observer, start, phase):
     check_worlds(observer, run_id, _results(again), 4, 4)
 
 
+
+# ------------------------------------------------- a host cut off between rounds
+def test_host_cut_off_between_rounds(net, etcd, observer, start):
+    """Survivors polling num_nodes_waiting() are told within about lease_ttl that
+    a member of their completed round is cut off, and re-form without it."""
+    run_id = str(uuid.uuid4())
+    *survivors, cut = start(net.hosts[:4], etcd.get_endpoint(), run_id, 3, 4, **FAST)
+    first = _join_all([*survivors, cut])
+    check_worlds(observer, run_id, _results(first), 4, 4)
+    net.isolate(net.hosts[3])
+    cut_at = time.monotonic()
+    for node in survivors:
+        wait_for(lambda node=node: node.ask("waiting")["waiting"] > 0,
+                 timeout=LEASE_TTL + SLACK + 1, what="the survivors to count the lost member")
+    told = time.monotonic() - cut_at
+    answers = _join_all(survivors)
+    reformed = time.monotonic() - cut_at
+    assert all("rank" in a for a in answers), answers
+    assert {a["round"] for a in answers} == {first[0]["round"] + 1}, answers
+    check_worlds(observer, run_id, _results(answers), 3, 3, dead=frozenset({cut.node_id}))
+    assert told < LEASE_TTL + SLACK, told
+    assert reformed < LEASE_TTL + LAST_CALL + SLACK, reformed
+    net.heal(net.hosts[3])
+    again = _rejoin_later(cut, survivors, answers[0]["round"])
+    check_worlds(observer, run_id, _results(again), 4, 4)
+
 # --------------------------------------------------------- one-way partition
 def test_host_that_gets_no_answers_from_etcd(net, etcd, observer, start):
     """etcd's answers to one host are dropped (its requests still arrive): it
