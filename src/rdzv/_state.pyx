@@ -1817,6 +1817,9 @@ cdef class Node:
             s.round, s.cutoff, shard_of(self.node_id, world_shards(s.world_size)))
         cdef bytes me = self.node_id.encode()
         cdef bytes confirm_key = self.keys.confirmed(s.round) + me
+        # The round this node joined early is open and frozen already (its
+        # opening may have gone unseen): there is nothing left to open.
+        self.open_at = INFINITY
         ok, revision, results = client.txn(
             [], [("get", shard_key), ("put", confirm_key, b"", self.lease)], [])
         self.stale_keys.append(confirm_key)
@@ -1891,6 +1894,12 @@ cdef class Node:
                 ops.append(("delete", key))
         ok, revision, results = client.txn([], ops, [])
         self.phase = WAITING
+        # A waiting node has no timer of its own: it wakes for the state record
+        # and its world's departures. A last call or an opening it armed as a
+        # joiner is not its business any more (left set, its driver would spin).
+        self.wake_at = INFINITY
+        self.open_at = INFINITY
+        self.freeze_pending = False
         self.waiting_round = s.round
         self.watch_revision = revision
         self.stale_keys = [self.keys.waiting(s.round) + me]
