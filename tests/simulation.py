@@ -1,0 +1,824 @@
+"""A deterministic simulation of whole runs: the real compiled node machines on a
+model of etcd, under seeded faults, with the guarantees checked after every step.
+
+The model keeps the etcd semantics the protocol relies on and nothing else:
+one revision counter, transactions with compares (all their writes at one
+revision, the revision moving only when something changed), ranges in creation
+order, leases that expire on a virtual clock and take their keys with them in
+one revision, and watches that deliver every event from a start revision, in
+order, after a delay. A node is driven the way ``EtcdRendezvousHandler``
+drives it: a state watch from creation, the freezer's watch of its round with
+a read after it starts, a late node's watch of the members it waits on, a
+re-read of the state record every ``lease_ttl`` while a call waits, and a
+withdrawal when a call times out.
+
+Faults, drawn from the seed: answers lost after the transaction committed (the
+client's retry runs it again), watch events delayed, a state watch that goes
+quiet, nodes killed (their lease expires), nodes stopped for longer or shorter
+than their lease TTL and then resumed, late nodes. After the faults stop, a
+quiet period checks progress: every live node completes a round.
+
+Checked after every step (the guarantees of ``docs/PROTOCOL.md``): one world
+per round, ranks ``0..n-1``, ``min_nodes <= n <= max_nodes``, only joiners of a
+round in its world, no world member's key gone when its round turns final,
+closed is terminal, and no ``RendezvousStateError`` ever.
+
+Replay one seed with its trace: ``python tests/simulation.py --seed N -v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import random
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import rdzv._state as core
+
+from rdzv.api import RendezvousClosedError, RendezvousStateError
+from rdzv.client import LeaseLostError
+from rdzv.keys import RunKeys
+
+Status = core.Status
+Step = core.Step
+
+
+#: Rounds after which a run that cannot settle (see ``Simulation._converges``)
+#: ends early: its later rounds repeat what the checker has seen.
+_ROUNDS_UNCHECKED = 12
+
+
+class SimulationFailure(AssertionError):
+    """A guarantee did not hold; the message names the seed that replays it."""
+
+
+# ----------------------------------------------------------------- the etcd model
+@dataclass
+class _Entry:
+    value: bytes
+    create: int
+    mod: int
+    lease: int
+
+
+@dataclass
+class _Watch:
+    key: bytes
+    end: bytes | None  # None: the key alone
+    sink: Any  # callable(list of (is_put, key, value, mod_revision))
+    no_put: bool = False
+    quiet: bool = False  # a stream that stopped delivering without breaking
+    cancelled: bool = False
+
+    def matches(self, key: bytes) -> bool:
+        if self.end is None:
+            return key == self.key
+        return self.key <= key < self.end
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+class SimEtcd:
+    """etcd as the protocol sees it, on a virtual clock."""
+
+    def __init__(self) -> None:
+        self.revision = 1
+        self.kv: dict[bytes, _Entry] = {}
+        self.leases: dict[int, float] = {}  # id -> expiry
+        self.watches: list[_Watch] = []
+        self.history: list[tuple[int, bool, bytes, bytes]] = []
+        self.on_commit: list[Any] = []  # callables(revision, events)
+        self._lease_ids = itertools.count(0x1000)
+
+    # leases
+    def grant(self) -> int:
+        lease = next(self._lease_ids)
+        self.leases[lease] = float("inf")
+        return lease
+
+    def keep_alive_until(self, lease: int, expiry: float) -> bool:
+        """Keep-alives reach etcd until ``expiry`` (inf: for as long as it runs)."""
+        if lease not in self.leases:
+            return False
+        self.leases[lease] = expiry
+        return True
+
+    def expire(self, now: float) -> None:
+        if self.next_expiry > now:
+            return
+        for lease, expiry in sorted(self.leases.items()):
+            if expiry <= now:
+                self.revoke(lease)
+
+    @property
+    def next_expiry(self) -> float:
+        return min(self.leases.values(), default=float("inf"))
+
+    def revoke(self, lease: int) -> None:
+        self.leases.pop(lease, None)
+        doomed = sorted(k for k, e in self.kv.items() if e.lease == lease)
+        if doomed:
+            self._commit([(False, k, b"") for k in doomed])
+
+    # reads
+    def _get(self, key: bytes) -> tuple[bytes, int, int] | None:
+        entry = self.kv.get(key)
+        return None if entry is None else (entry.value, entry.mod, entry.create)
+
+    def _under(self, prefix: bytes, end: bytes | None = None) -> list[tuple[bytes, _Entry]]:
+        end = end or _prefix_end(prefix)
+        return [(k, e) for k, e in self.kv.items() if prefix <= k < end]
+
+    # transactions
+    def txn(self, compares, success, failure) -> tuple[bool, int, list[Any]]:
+        ok = all(self._holds(c) for c in compares)
+        ops = success if ok else failure
+        for op in ops:
+            if op[0] == "put" and op[3] and op[3] not in self.leases:
+                raise LeaseLostError("etcdserver: requested lease not found")
+        results: list[Any] = []
+        events: list[tuple[bool, bytes, bytes]] = []
+        staged = dict(self.kv)
+        revision = self.revision + 1
+        for op in ops:
+            kind = op[0]
+            if kind == "get":
+                entry = staged.get(op[1])
+                results.append(None if entry is None else (entry.value, entry.mod, entry.create))
+            elif kind == "count":
+                cap = op[2] if len(op) > 2 and op[2] else None
+                end = _prefix_end(op[1])
+                results.append(sum(
+                    1 for k, e in staged.items()
+                    if op[1] <= k < end and (cap is None or e.create <= cap)))
+            elif kind == "range":
+                end = _prefix_end(op[1])
+                found = sorted(((e.create, k, e) for k, e in staged.items() if op[1] <= k < end))
+                if op[2]:
+                    found = found[:op[2]]
+                keys_only = len(op) > 3 and bool(op[3])
+                results.append([(k, b"" if keys_only else e.value, e.create)
+                                for _c, k, e in found])
+            elif kind == "put":
+                old = staged.get(op[1])
+                create = old.create if old is not None else revision
+                staged[op[1]] = _Entry(op[2], create, revision, op[3])
+                events.append((True, op[1], op[2]))
+                results.append(None)
+            elif kind == "delete":
+                end = op[2] if len(op) > 2 else None
+                doomed = [k for k in staged if (k == op[1] if end is None else op[1] <= k < end)]
+                for k in sorted(doomed):
+                    del staged[k]
+                    events.append((False, k, b""))
+                results.append(len(doomed))
+            else:
+                raise ValueError(f"unknown operation {kind!r}")
+        if events:
+            self.kv = staged
+            self._commit(events, applied=True)
+        return ok, self.revision, results
+
+    def _holds(self, compare) -> bool:
+        kind, key, expected = compare
+        entry = self.kv.get(key)
+        if kind == "mod":
+            return (entry.mod if entry else 0) == expected
+        if kind == "create":
+            return (entry.create if entry else 0) == expected
+        if kind == "value":
+            return entry is not None and entry.value == expected
+        raise ValueError(f"unknown compare {kind!r}")
+
+    def _commit(self, events, applied: bool = False) -> None:
+        self.revision += 1
+        rev = self.revision
+        if not applied:
+            for is_put, key, _value in events:
+                if not is_put:
+                    self.kv.pop(key, None)
+        stamped = [(is_put, key, value, rev) for is_put, key, value in events]
+        for is_put, key, value, _ in stamped:
+            self.history.append((rev, is_put, key, value))
+        for hook in self.on_commit:
+            hook(rev, stamped)
+        for watch in list(self.watches):
+            if watch.cancelled:
+                continue
+            mine = [e for e in stamped if watch.matches(e[1]) and not (watch.no_put and e[0])]
+            if mine and not watch.quiet:
+                watch.sink(mine)
+
+    def watch(self, key: bytes, start: int, sink, prefix: bool = False,
+              no_put: bool = False) -> _Watch:
+        """Watch from revision ``start`` (history first, then live events)."""
+        w = _Watch(key, _prefix_end(key) if prefix else None, sink, no_put)
+        first = bisect.bisect_left(self.history, (start,))
+        past = [(is_put, k, v, rev) for rev, is_put, k, v in self.history[first:]
+                if w.matches(k) and not (no_put and is_put)]
+        if past:
+            sink(past)
+        self.watches.append(w)
+        return w
+
+    def cancel(self, w: _Watch | None) -> None:
+        if w is not None:
+            w.cancelled = True
+            if w in self.watches:
+                self.watches.remove(w)
+
+
+class SimClient:
+    """The client interface the node machine calls, on the model.
+
+    With probability ``lost_answers`` a transaction's answer is lost after it
+    committed, and the client's retry runs it again: the caller sees the second
+    answer, as with the real client's retry after a deadline.
+    """
+
+    def __init__(self, etcd: SimEtcd, rng: random.Random, lost_answers: float) -> None:
+        self.etcd = etcd
+        self.rng = rng
+        self.lost_answers = lost_answers
+        self.requests = 0
+
+    def txn(self, compares, success, failure, once: bool = False):
+        self.requests += 1
+        answer = self.etcd.txn(compares, success, failure)
+        if not once and self.rng.random() < self.lost_answers:
+            self.requests += 1
+            answer = self.etcd.txn(compares, success, failure)
+        return answer
+
+    def get(self, key: bytes):
+        self.requests += 1
+        return self.etcd._get(key)
+
+
+# ---------------------------------------------------------------- the driver
+@dataclass
+class Outcome:
+    node_id: str
+    round: int
+    rank: int
+    world: list[str]
+    world_size: int
+    at: float
+
+
+@dataclass(order=True)
+class _Delivery:
+    at: float
+    seq: int
+    item: tuple = field(compare=False)
+    watch: Any = field(compare=False)
+
+
+class SimNode:
+    """One node process: a session (lease), a node machine, its watches and
+    calls, driven like the handler drives them."""
+
+    def __init__(self, sim: Simulation, name: str) -> None:
+        self.sim = sim
+        self.name = name
+        self.alive = True
+        self.stopped_until = 0.0
+        self.completed = 0
+        self.completed_round = -1
+        self.world: list[str] = []
+        self.training = False
+        self.spins = 0
+        self.calls = 0
+        self.in_call = False
+        self.next_call_at = sim.now
+        self.deadline = 0.0
+        self.next_check = 0.0
+        self.inbox: list[_Delivery] = []
+        self.state_watch: _Watch | None = None
+        self.round_watch: tuple[int, _Watch] | None = None
+        self.waiting_watch: tuple[int, _Watch] | None = None
+        self.port = 0
+        self._new_session()
+
+    # sessions and watches
+    def _new_session(self) -> None:
+        sim = self.sim
+        self.lease = sim.etcd.grant()
+        self.node_id = f"{self.lease:x}"
+        self.port += 1
+        self.core = core.Node(
+            self.node_id, sim.keys, sim.min_nodes, sim.max_nodes, self.lease,
+            self._descriptor(), sim.last_call_timeout, float(sim.lease_ttl))
+        for attr in ("round_watch", "waiting_watch"):
+            self._cancel(attr)
+        self._watch_state()
+
+    def _descriptor(self) -> bytes:
+        return core.encode_member(f"host{self.name}", f"10.0.0.{self.name}", 1000, self.port)
+
+    def _sink(self, tag: str, watch_box: list):
+        def deliver(events):
+            delay = self.sim.rng.expovariate(1 / self.sim.mean_delivery)
+            at = max(self.sim.now + delay, self.inbox[-1].at if self.inbox else 0.0)
+            self.inbox.append(_Delivery(at, next(self.sim.seq), (tag, events), watch_box[0]))
+        return deliver
+
+    def _watch(self, tag: str, key: bytes, start: int, **kwargs) -> _Watch:
+        box: list = [None]
+        box[0] = self.sim.etcd.watch(key, start, self._sink(tag, box), **kwargs)
+        if self.sim.rng.random() < self.sim.quiet_watches:
+            box[0].quiet = True
+            self.sim.trace(f"{self.name}: its {tag} watch goes quiet")
+        return box[0]
+
+    def _watch_state(self, read=None) -> None:
+        sim = self.sim
+        revision, got = read if read is not None else (sim.etcd.revision,
+                                                        self.client.get(sim.keys.state))
+        try:
+            if got is None:
+                self.core.observe_state(None, 0)
+            else:
+                self.core.observe_state(got[0], got[1])
+        except RendezvousStateError:
+            self.core.forget_state()
+        self.sim.etcd.cancel(self.state_watch)
+        self.state_watch = self._watch("state", sim.keys.state, revision + 1)
+
+    @property
+    def client(self) -> SimClient:
+        return self.sim.client
+
+    def _cancel(self, attr: str) -> None:
+        current = getattr(self, attr, None)
+        if current is not None:
+            setattr(self, attr, None)
+            self.sim.etcd.cancel(current[1])
+
+    def _sync_watches(self) -> None:
+        node, keys, etcd = self.core, self.sim.keys, self.sim.etcd
+        if node.freezer:
+            if self.round_watch is None or self.round_watch[0] != node.freeze_round:
+                self._cancel("round_watch")
+                r = node.freeze_round
+                self.round_watch = (r, self._watch("round", keys.round(r), etcd.revision + 1,
+                                                   prefix=True))
+                confirmed, members = keys.confirmed(r), keys.members(r)
+                _, _, (got_confirmed, got_members) = self.client.txn(
+                    [], [("range", confirmed, 0, True), ("range", members, 0, True)], [])
+                self.inbox.append(_Delivery(self.sim.now, next(self.sim.seq), (
+                    "round-snapshot", r,
+                    [k[len(confirmed):].decode() for k, _, _ in got_confirmed],
+                    [k[len(members):].decode() for k, _, _ in got_members]), None))
+        else:
+            self._cancel("round_watch")
+        if node.phase == core.Phase.WAITING:
+            if self.waiting_watch is None or self.waiting_watch[0] != node.waiting_round:
+                self._cancel("waiting_watch")
+                self.waiting_watch = (node.waiting_round, self._watch(
+                    "waiting", keys.members(node.waiting_round), node.watch_revision + 1,
+                    prefix=True, no_put=True))
+        else:
+            self._cancel("waiting_watch")
+
+    def _drain(self) -> None:
+        node = self.core
+        while self.inbox and self.inbox[0].at <= self.sim.now:
+            # As in the handler, events a cancelled watch queued are still read.
+            delivery = self.inbox.pop(0)
+            tag = delivery.item[0]
+            if tag == "state":
+                for is_put, _key, value, revision in delivery.item[1]:
+                    node.observe_state(value if is_put else None, revision)
+            elif tag == "round":
+                node.observe_round_events(delivery.item[1])
+            elif tag == "round-snapshot":
+                node.observe_round_snapshot(*delivery.item[1:])
+            elif tag == "waiting":
+                node.observe_member_deleted()
+
+    def _check_state_watch(self) -> None:
+        """The handler's periodic re-read: a watch that missed a change is replaced."""
+        read = (self.sim.etcd.revision, self.client.get(self.sim.keys.state))
+        got = read[1]
+        seen = self.core.state_mod
+        if seen < 0 or (got[1] if got is not None else 0) <= seen:
+            return
+        self._drain()
+        if got[1] <= self.core.state_mod:
+            return
+        self.sim.trace(f"{self.name}: state watch missed revision {got[1]}; watching again")
+        self._watch_state(read)
+
+    # calls
+    @property
+    def wake_at(self) -> float:
+        if not self.alive:
+            return float("inf")
+        if self.in_call:
+            at = min(self.deadline, self.core.next_wake, self.next_check,
+                     self.inbox[0].at if self.inbox else float("inf"))
+        else:
+            at = self.next_call_at
+        return max(at, self.stopped_until)
+
+    def notice(self, events) -> None:
+        """The launcher's monitor loop, for a node that trains: re-rendezvous on
+        what torch's agent reacts to, seen within one poll interval: late nodes
+        or the next round's members (``num_nodes_waiting()`` > 0), a member of
+        its world gone (its workers' collectives fail), the run moving on or
+        closing. Read from the model's commits: it costs the simulated etcd
+        nothing."""
+        keys = self.sim.keys
+        r = self.completed_round
+        waiting, following, members = keys.waiting(r), keys.members(r + 1), keys.members(r)
+        for is_put, key, value, _rev in events:
+            if is_put and key.startswith((waiting, following)):
+                break
+            if not is_put and key.startswith(members) and key[len(members):].decode() in self.world:
+                break
+            if key == keys.state and is_put:
+                record = core.decode_state(value, key)
+                if record.status == Status.CLOSED or record.round > r + 1:
+                    break
+        else:
+            return
+        sim = self.sim
+        self.training = False
+        self.next_call_at = sim.now + sim.rng.uniform(0.0, sim.poll_interval) \
+            + sim.rng.uniform(0.0, sim.call_gap)
+
+    def step(self) -> None:
+        sim = self.sim
+        if not self.in_call:
+            if sim.now < self.next_call_at:
+                return
+            if self.lease not in sim.etcd.leases:
+                sim.trace(f"{self.name}: lease {self.node_id} expired; new session")
+                self._new_session()
+            self.in_call = True
+            self.calls += 1
+            self.port += 1
+            self.core.begin(self._descriptor())
+            self.deadline = sim.now + sim.timeout
+            self.next_check = sim.now + sim.lease_ttl
+        self._drain()
+        if self.lease not in sim.etcd.leases:
+            # The session sees its lease gone (a keep-alive answered TTL 0).
+            sim.trace(f"{self.name}: lost its lease during a call")
+            self._end_call(None)
+            self._new_session()
+            return
+        node = self.core
+        try:
+            if sim.now >= self.next_check:
+                self.next_check = sim.now + sim.lease_ttl
+                self._check_state_watch()
+            step = node.advance(self.client, sim.now)
+        except RendezvousClosedError:
+            sim.closed_seen.add(self.name)
+            self._withdraw()
+            self._end_call(None, closed=True)
+            return
+        except LeaseLostError:
+            sim.trace(f"{self.name}: lease lost in a request")
+            self._end_call(None)
+            self._new_session()
+            return
+        except RendezvousStateError as err:
+            raise sim.failure(f"{self.name}: RendezvousStateError: {err}") from None
+        if step == Step.STEP_DONE:
+            self._sync_watches()
+            outcome = Outcome(self.node_id, node.completed_round, node.rank, list(node.world),
+                              node.state.world_size, sim.now)
+            sim.record(self, outcome)
+            self.completed += 1
+            self.completed_round = outcome.round
+            self.world = outcome.world
+            self._end_call(outcome)
+            return
+        self._sync_watches()
+        if node.next_wake <= sim.now:
+            # The handler drains its inbox with a timeout <= 0 and calls
+            # advance() again at once: once is a step, five times is a spin.
+            self.spins += 1
+            if self.spins >= 5:
+                raise sim.failure(
+                    f"{self.name}: advance() asked five times in a row to wait until a "
+                    f"time that has passed (t={node.next_wake:.4f}, phase {node.phase}): "
+                    "the driver would spin")
+        else:
+            self.spins = 0
+        if sim.now >= self.deadline:
+            sim.trace(f"{self.name}: call timed out in round {node.joined_round}")
+            sim.timeouts.append((self.name, sim.now))
+            self._withdraw()
+            self._end_call(None)
+
+    def _withdraw(self) -> None:
+        ops = self.core.cleanup_ops()
+        if ops:
+            try:
+                self.client.txn([], ops, [], once=True)
+            except LeaseLostError:
+                pass
+        self.core.left()
+        self._cancel("round_watch")
+        self._cancel("waiting_watch")
+
+    def _end_call(self, outcome: Outcome | None, closed: bool = False) -> None:
+        self.in_call = False
+        if closed:
+            self.alive = False  # a closed run: this node's launcher exits
+            return
+        if outcome is not None:
+            # Training until the monitor loop sees a reason to re-rendezvous;
+            # its first poll sees what happened before.
+            self.training = True
+            self.next_call_at = float("inf")
+            etcd = self.sim.etcd
+            now = [(True, k, e.value, e.mod) for k, e in etcd.kv.items()]
+            members = self.sim.keys.members(outcome.round)
+            gone = [(False, members + i.encode(), b"", 0) for i in outcome.world
+                    if members + i.encode() not in etcd.kv]
+            self.notice(now + gone)
+            return
+        self.next_call_at = self.sim.now + self.sim.rng.uniform(0.0, self.sim.call_gap)
+
+    def resume(self) -> None:
+        """Back from a stop: keep-alives flow again if etcd still has the lease."""
+        self.sim.etcd.keep_alive_until(self.lease, float("inf"))
+
+
+# -------------------------------------------------------------- the simulation
+class Simulation:
+    """One seeded run: nodes, faults, the checker.
+
+    Args:
+        seed: everything random is drawn from it.
+        verbose: print the trace as it happens.
+    """
+
+    def __init__(self, seed: int, verbose: bool = False) -> None:
+        self.seed = seed
+        self.verbose = verbose
+        rng = self.rng = random.Random(seed)
+        self.now = 0.0
+        self.seq = itertools.count()
+        self.keys = RunKeys("/sim", f"run{seed}")
+        self.lease_ttl = rng.choice((2, 3, 5))
+        self.nodes_at_start = rng.randint(1, 6)
+        self.max_nodes = rng.randint(1, 6)
+        self.min_nodes = rng.randint(1, self.max_nodes)
+        self.last_call_timeout = rng.choice((0.0, 0.3, 1.0, 2.0))
+        self.timeout = 30.0
+        self.call_gap = rng.choice((0.05, 0.3))
+        self.poll_interval = rng.choice((0.1, 0.5))
+        self.mean_delivery = rng.choice((0.0005, 0.005, 0.05))
+        self.quiet_watches = rng.choice((0.0, 0.0, 0.05))
+        self.fault_rate = rng.choice((0.0, 0.5, 1.5))  # faults per virtual second
+        self.fault_until = rng.uniform(0.5, 6.0)
+        self.settle = self.lease_ttl * 2 + self.last_call_timeout + 3.0
+        self.end = self.fault_until + self.settle + 4.0
+        self.close_at = self.end - self.lease_ttl - 2.0 if rng.random() < 0.2 else None
+        self.etcd = SimEtcd()
+        self.client = SimClient(self.etcd, rng, rng.choice((0.0, 0.02, 0.1)))
+        self.etcd.on_commit.append(self._check_commit)
+        self.etcd.on_commit.append(self._notify_training)
+        self.nodes: list[SimNode] = []
+        self.stopped: list[SimNode] = []
+        self.outcomes: dict[int, list[tuple[str, Outcome]]] = {}
+        self.worlds: dict[int, list[str]] = {}
+        self.joiners: dict[int, set[str]] = {}
+        self.confirms: dict[int, set[str]] = {}
+        self.finals: dict[int, int] = {}
+        self.closed_at_revision: int | None = None
+        self.closed_seen: set[str] = set()
+        self.timeouts: list[tuple[str, float]] = []
+        self.log: deque[str] = deque(maxlen=60)
+        self.steps = 0
+        self.faults: dict[str, int] = {}
+        self._names = itertools.count()
+
+    # bookkeeping
+    def trace(self, text: str) -> None:
+        line = f"t={self.now:9.4f} rev={self.etcd.revision:5d} {text}"
+        self.log.append(line)
+        if self.verbose:
+            print(line)
+
+    def failure(self, what: str) -> SimulationFailure:
+        tail = "\n".join(self.log)
+        return SimulationFailure(
+            f"seed {self.seed}: {what}\nreplay: python tests/simulation.py --seed {self.seed} -v"
+            f"\nlast events:\n{tail}")
+
+    def add_node(self) -> SimNode:
+        node = SimNode(self, str(next(self._names)))
+        self.nodes.append(node)
+        self.trace(f"{node.name}: starts as node {node.node_id}")
+        return node
+
+    def record(self, node: SimNode, outcome: Outcome) -> None:
+        self.trace(f"{node.name}: round {outcome.round} rank {outcome.rank} of "
+                   f"{outcome.world_size}")
+        r = outcome.round
+        if r not in self.finals:
+            raise self.failure(f"{node.name} completed round {r}, which never turned final")
+        world = self.worlds.setdefault(r, outcome.world)
+        if outcome.world != world:
+            raise self.failure(f"two worlds for round {r}: {world} and {outcome.world}")
+        if outcome.world_size != len(world):
+            raise self.failure(f"round {r}: world_size {outcome.world_size} != {len(world)}")
+        if not 0 <= outcome.rank < len(world) or world[outcome.rank] != outcome.node_id:
+            raise self.failure(f"round {r}: {outcome.node_id} got rank {outcome.rank} "
+                               f"in {world}")
+        if not self.min_nodes <= len(world) <= self.max_nodes:
+            raise self.failure(f"round {r}: world of {len(world)} outside "
+                               f"[{self.min_nodes}, {self.max_nodes}]")
+        if not set(world) <= self.joiners.get(r, set()):
+            raise self.failure(f"round {r}: world {world} has nodes that never joined it "
+                               f"(joined: {sorted(self.joiners.get(r, ()))})")
+        self.outcomes.setdefault(r, []).append((node.name, outcome))
+
+    def _check_commit(self, revision: int, events) -> None:
+        keys = self.keys
+        for is_put, key, value, _rev in events:
+            if not key.startswith(keys.run):
+                continue
+            rest = key[len(keys.run):]
+            if is_put and rest.startswith(b"rounds/"):
+                r = int(rest.split(b"/")[1])
+                for kind, seen in ((b"/members/", self.joiners), (b"/confirmed/", self.confirms)):
+                    if kind in rest:
+                        seen.setdefault(r, set()).add(rest.split(kind)[1].decode())
+            if key == keys.state:
+                if self.closed_at_revision is not None:
+                    raise self.failure(f"the state record changed after the close: {value!r}")
+                if not is_put:
+                    raise self.failure("the state record was deleted")
+                record = core.decode_state(value, key)
+                if record.status == Status.CLOSED:
+                    self.closed_at_revision = revision
+                elif record.status == Status.FINAL:
+                    self._check_final(record, revision)
+
+    def _notify_training(self, revision: int, events) -> None:
+        for node in self.nodes:
+            if node.training and node.alive:
+                node.notice(events)
+
+    def _check_final(self, record, revision: int) -> None:
+        r = record.round
+        header = self.etcd._get(self.keys.world(r))
+        if header is None:
+            raise self.failure(f"round {r} turned final without a world record")
+        shards = [(k, e.value) for k, e in self.etcd.kv.items()
+                  if k.startswith(self.keys.ranks(r))]
+        ids = core.world_from(header[0], shards, self.keys, r)[0]
+        # A member confirms with a put on its lease, so only a member alive after
+        # the freeze can; one that dies later is the next round's business.
+        unconfirmed = sorted(set(ids) - self.confirms.get(r, set()))
+        if unconfirmed:
+            raise self.failure(f"round {r} turned final without confirmations of {unconfirmed}")
+        previous = self.worlds.setdefault(r, ids)
+        if previous != ids:
+            raise self.failure(f"two worlds for round {r}: {previous} and {ids}")
+        self.finals[r] = revision
+
+    # faults
+    def _fault(self) -> None:
+        rng = self.rng
+        live = [n for n in self.nodes if n.alive and self.now >= n.stopped_until]
+        kind = rng.choice(("kill", "stop", "stop", "join", "join"))
+        if kind == "join" or not live:
+            self.add_node()
+            kind = "join"
+        elif kind == "kill":
+            victim = rng.choice(live)
+            victim.alive = False
+            self.etcd.keep_alive_until(victim.lease, self.now + self.lease_ttl)
+            self.trace(f"{victim.name}: killed")
+        else:
+            victim = rng.choice(live)
+            victim.stopped_until = self.now + rng.uniform(0.2, 2.0) * self.lease_ttl
+            self.etcd.keep_alive_until(victim.lease, self.now + self.lease_ttl)
+            self.stopped.append(victim)
+            self.trace(f"{victim.name}: stopped until t={victim.stopped_until:.3f}")
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+
+    # the loop
+    def run(self) -> Simulation:
+        rng = self.rng
+        for _ in range(self.nodes_at_start):
+            self.add_node()
+        next_fault = rng.expovariate(self.fault_rate) if self.fault_rate else float("inf")
+        closed = False
+        while self.now < self.end:
+            if len(self.finals) >= _ROUNDS_UNCHECKED and not self._converges():
+                break  # churning by design (see _converges): enough rounds checked
+            for node in [n for n in self.stopped if n.stopped_until <= self.now]:
+                self.stopped.remove(node)
+                node.resume()
+            self.etcd.expire(self.now)
+            if self.close_at is not None and not closed and self.now >= self.close_at:
+                closed = True
+                closer = core.Node("closer", self.keys, self.min_nodes, self.max_nodes, 0,
+                                   b"", self.last_call_timeout, float(self.lease_ttl))
+                closer.close(self.client)
+                self.trace("the run is closed")
+            if self.now >= next_fault and self.now < self.fault_until:
+                self._fault()
+                next_fault = self.now + rng.expovariate(self.fault_rate)
+            wakes = [(n.wake_at, n) for n in self.nodes if n.alive]
+            ready = [n for at, n in wakes if at <= self.now]
+            if ready:
+                node = rng.choice(ready)
+                node.step()
+                self.steps += 1
+                if self.steps > 200_000:
+                    raise self.failure("no end in sight: more than 200,000 steps")
+                self.now += rng.expovariate(1 / 0.0005)
+                continue
+            upcoming = [at for at, _n in wakes]
+            upcoming.append(self.etcd.next_expiry)
+            upcoming += [n.stopped_until for n in self.stopped]
+            upcoming.append(next_fault if next_fault < self.fault_until else self.end)
+            if self.close_at is not None and not closed:
+                upcoming.append(self.close_at)
+            self.now = max(self.now + 1e-6, min(t for t in upcoming if t > self.now - 1e-9))
+        self._check_progress()
+        return self
+
+    def _converges(self) -> bool:
+        """Whether the run's settings let it settle in one world: with a last call
+        shorter than the spread of the nodes' calls, latecomers miss each round
+        and start the next one, by design, for as long as the run lasts."""
+        return self.last_call_timeout > self.poll_interval + self.call_gap + 0.2
+
+    def _check_progress(self) -> None:
+        """After the faults and a settling time, the run has converged: with at
+        least ``min_nodes`` nodes up, every node that stayed up trains in the
+        latest completed round's world, unless that world is full (surplus nodes
+        wait, by design). After a close, every such node has seen it."""
+        steady = [n for n in self.nodes if n.alive or n.name in self.closed_seen]
+        steady = [n for n in steady if n.stopped_until < self.fault_until]
+        if self.closed_at_revision is not None:
+            missed = [n.name for n in steady if n.name not in self.closed_seen]
+            if missed:
+                raise self.failure(f"nodes {missed} never saw the run closed")
+            return
+        if len(steady) < self.min_nodes:
+            return
+        if len(self.finals) >= _ROUNDS_UNCHECKED and not self._converges():
+            return
+        if not self.finals:
+            raise self.failure(
+                f"no progress: {len(steady)} nodes up, min_nodes={self.min_nodes}, and no "
+                "round completed")
+        last = max(self.finals)
+        world = self.worlds[last]
+        if len(world) == self.max_nodes or not self._converges():
+            return
+        outside = [n.name for n in steady if n.in_call or n.completed_round != last]
+        if outside:
+            raise self.failure(
+                f"no convergence: round {last} (world of {len(world)}, max_nodes="
+                f"{self.max_nodes}) is the latest, but nodes {outside} are not in it")
+
+
+def run_seed(seed: int, verbose: bool = False) -> Simulation:
+    """Run one seed; raise ``SimulationFailure`` if a guarantee broke."""
+    return Simulation(seed, verbose).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=None, help="replay this seed")
+    parser.add_argument("--first", type=int, default=0, help="first seed of a sweep")
+    parser.add_argument("--count", type=int, default=1000, help="seeds in a sweep")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the trace")
+    args = parser.parse_args(argv)
+    seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.count)
+    failures = steps = rounds = 0
+    for seed in seeds:
+        try:
+            sim = run_seed(seed, args.verbose)
+        except SimulationFailure as err:
+            failures += 1
+            print(err)
+            continue
+        steps += sim.steps
+        rounds += len(sim.finals)
+    print(f"{len(seeds)} seeds, {failures} failed, {steps} steps, {rounds} rounds completed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
