@@ -646,9 +646,18 @@ class Harness:
                 counts.update(report.counts)
             result.costs = _costs(backend, snapshots["after"] - snapshots["before"], counts)
             for i in range(len(self._other_members)):
-                if result.costs.etcd_cpu_s is not None and f"after-{i}" in snapshots:
+                if f"after-{i}" in snapshots and backend in ("raw", "rdzv"):
+                    # Requests, events and bytes are counted by the member that
+                    # served them; writes and applied Txns by every member alike.
                     delta = snapshots[f"after-{i}"] - snapshots[f"before-{i}"]
-                    result.costs.etcd_cpu_s += delta.sum("process_cpu_seconds_total")
+                    member = _costs(backend, delta, counts)
+                    member_applied = delta.sum(
+                        "etcd_server_apply_duration_seconds_count", op="Txn", version="v3")
+                    costs = result.costs
+                    costs.etcd_cpu_s = (costs.etcd_cpu_s or 0.0) + (member.etcd_cpu_s or 0.0)
+                    costs.reads = (costs.reads or 0.0) + (member.reads or 0.0) + member_applied
+                    costs.watch = (costs.watch or 0.0) + (member.watch or 0.0)
+                    costs.sent_bytes = (costs.sent_bytes or 0.0) + (member.sent_bytes or 0.0)
         return result
 
     def _run_in_processes(

@@ -150,11 +150,13 @@ class Point:
 
 
 def run_point(server: Any, backend: str, nodes: int, procs: int, repeats: int, limit: float,
-              other_members: Sequence[str] = ()) -> Point:
+              other_members: Sequence[str] = (),
+              options: Sequence[tuple[str, str]] = ()) -> Point:
     """Floor, ``repeats`` rdzv rounds of N nodes in ``procs`` processes, floor."""
     endpoint = server.get_endpoint()
     floors = floor(endpoint, nodes)
-    harness = jl.Harness(server, procs, limit, other_members=other_members)
+    harness = jl.Harness(server, procs, limit, rdzv_options=options,
+                         other_members=other_members)
     rounds = []
     for _ in range(repeats):
         result = harness.run_round("rdzv", nodes)
@@ -238,6 +240,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="single, cluster or both")
     parser.add_argument("--limit", type=float, default=240.0,
                         help="seconds a round may take before it counts as timed out")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        type=lambda t: tuple(t.split("=", 1)),
+                        help="a rendezvous option for every handler, e.g. lease_ttl=30")
     parser.add_argument("--append", action="store_true", help=f"append to {RESULTS}")
     args = parser.parse_args(argv)
     for backend in args.backends:
@@ -263,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 versions = jl.environment(view, os.getloadavg())
             for nodes in args.nodes:
                 point = run_point(view, backend, nodes, args.procs, args.repeats, args.limit,
-                                  others)
+                                  others, args.option)
                 points.append(point)
                 print(table([point]), file=sys.stderr, flush=True)
     section = "\n".join([
@@ -277,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- Nodes: N/{args.procs} handlers in each of {args.procs} processes; single = one "
         "etcd, cluster = 3 members on this machine; floor = N concurrent puts and one "
         "watch on one grpc.aio channel, 3 runs before and 3 after the rounds (fastest shown)",
+        f"- rdzv options: {', '.join(f'{k}={v}' for k, v in args.option) or 'defaults'}",
         "",
         table(points),
         *slopes(points),
