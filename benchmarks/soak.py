@@ -369,6 +369,9 @@ class Soak:
         self.errors[kind + (" (lost lease)" if lost_lease else "")] += 1
         worker.node_id = answer.get("node_id", worker.node_id)
         self.known.add(worker.node_id)
+        # It asked under this id: a node that renewed its lease at the start of
+        # the call can be in a world under it, then be cut off before answering.
+        self.asked.add(worker.node_id)
         if kind == "RendezvousClosedError":
             return
         since_etcd_fault = time.monotonic() - self.etcd_fault_at

@@ -55,6 +55,10 @@ HOW_TO_RUN = (
     "(apt-get install -y iproute2 iptables)"
 )
 _FIRST_HOST = 10
+_PROBE = (
+    "ip link add rzprobe0 type veth peer name rzprobe1 && "
+    "printf '*filter\\nCOMMIT\\n' | iptables-restore"
+)
 _COMMAND_TIMEOUT_S = 20.0
 # The /24s tried, in a random order: 10.200.0.0/16 .. 10.254.255.0/24.
 _SUBNET_SPACE = [(a, b) for a in range(200, 255) for b in range(256)]
@@ -66,9 +70,21 @@ def unavailable() -> str | None:
     if os.geteuid() != 0:
         missing.append("root")
     missing += [tool for tool in TOOLS if shutil.which(tool) is None]
-    if not missing:
-        return None
-    return f"test hosts need {', '.join(missing)}: {HOW_TO_RUN}"
+    if missing:
+        return f"test hosts need {', '.join(missing)}: {HOW_TO_RUN}"
+    # Root in a container may still be refused namespaces, veths or netfilter:
+    # try them in a throwaway network namespace, gone when the probe exits.
+    probe = subprocess.run(
+        ["unshare", "--net", "--", "sh", "-c", _PROBE], capture_output=True, text=True,
+        timeout=_COMMAND_TIMEOUT_S,
+    )
+    if probe.returncode != 0:
+        return (
+            "test hosts need network namespaces, veth pairs and iptables, which this "
+            f"machine refused ({probe.stderr.strip() or probe.returncode}): {HOW_TO_RUN}, "
+            "on a kernel that allows them"
+        )
+    return None
 
 
 def _run(
