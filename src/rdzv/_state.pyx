@@ -1972,8 +1972,10 @@ cdef class RunView:
       (the node died, hung or was cut off) or they shut down. They are counted
       on purpose: torch's agent re-rendezvous when the count is > 0, and a lost
       member is exactly when the job must re-form without it;
-    * and whether the state record moved on: closed, or a later round that
-      this node is not part of yet (the count is then at least 1).
+    * and whether the state record moved on to a later round that this node
+      is not part of yet (the count is then at least 1).
+
+    A closed run counts 0 (see ``num_waiting``).
 
     Once the record moved past the completed round the count cannot fall back
     to 0, so the view narrows its watch to the state record alone (it still
@@ -2036,7 +2038,14 @@ cdef class RunView:
             self.state.round != self.round or self.state.status != FINAL)
 
     cpdef long long num_waiting(self):
-        """How many nodes wait for this node to re-rendezvous (see the class doc)."""
+        """How many nodes wait for this node to re-rendezvous (see the class doc).
+
+        None once the run is closed: it has no next round, so a re-rendezvous
+        could only fail, and members that finished early and shut down (closing
+        the run, as torch's launcher does) must not stop those still working.
+        """
+        if self.closed:
+            return 0
         cdef long long count = (len(self.waiting) + len(self.next_members) + len(self.lost)
                                 + self.unlisted + self.unnamed_lost)
         if self.moved_on and count < 1:
