@@ -124,6 +124,10 @@ def test_rank_order_topology_places_everyone():
     descriptor = core.encode_member("n6", "n6", 1, 0, "rack2", "topology")
     joined.append(("id04", descriptor))
     assert hosts_in_rank_order(joined, ["id02", "id00"]) == ["n1", "n2", "n5", "n6", "n9"]
+    # One survivor asking is enough, as one newcomer is.
+    assert hosts_in_rank_order(joined, ["id04", "id02"]) == ["n1", "n2", "n5", "n6", "n9"]
+    joined[4] = ("id04", core.encode_member("n6", "n6", 1, 0, "rack2"))
+    assert hosts_in_rank_order(joined, ["id04", "id02"]) == ["n6", "n9", "n1", "n2", "n5"]
 
 
 def test_topology_labels_are_checked():

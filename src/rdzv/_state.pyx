@@ -1092,9 +1092,15 @@ cdef class _PlacementKeys:
     cdef int note(self, descriptor) except -1:
         """Look at a member that needs no key: only whether it asks for topology order."""
         cdef _Member m
-        if type(descriptor) is bytes and _parse_member(
-                <const unsigned char*>PyBytes_AS_STRING(descriptor),
-                PyBytes_GET_SIZE(descriptor), &m) and m.topology_first:
+        cdef const unsigned char* p
+        cdef Py_ssize_t n, tail = len(_ORDER_FIELD)
+        if type(descriptor) is not bytes:
+            return 0
+        p = <const unsigned char*>PyBytes_AS_STRING(descriptor)
+        n = PyBytes_GET_SIZE(descriptor)
+        # The order field comes last: only a descriptor ending with it is parsed.
+        if n > tail and memcmp(p + n - tail, <const char*>_ORDER_FIELD, tail) == 0 and \
+                _parse_member(p, n, &m) and m.topology_first:
             self.topology_first = True
         return 0
 
@@ -1147,8 +1153,11 @@ cdef _PlacementKeys _placement_keys(list members):
 # (cached) hashes, borrowed from the caller's list for the call.
 ctypedef struct _Slot:
     PyObject* node_id
-    Py_hash_t hash
-    Py_ssize_t rank
+    unsigned int tag    # the low bits of the id's hash
+    int rank
+
+cdef extern from *:
+    void __builtin_prefetch(const void* address) nogil
 
 
 @cython.final
@@ -1173,19 +1182,22 @@ cdef class _RankTable:
             while self.slots[i].node_id is not NULL:
                 i = (i + 1) & self.mask
             self.slots[i].node_id = <PyObject*>node_id
-            self.slots[i].hash = h
-            self.slots[i].rank = rank
+            self.slots[i].tag = <unsigned int>h
+            self.slots[i].rank = <int>rank
             rank += 1
 
     def __dealloc__(self):
         free(self.slots)
 
-    cdef Py_ssize_t rank(self, str node_id) except -2:
-        """``node_id``'s rank in the previous world, or -1."""
-        cdef Py_hash_t h = hash(node_id)
+    cdef inline void prefetch(self, Py_hash_t h) noexcept:
+        """Start loading the slot where ``h``'s search begins (looked up later)."""
+        __builtin_prefetch(&self.slots[h & self.mask])
+
+    cdef Py_ssize_t rank(self, str node_id, Py_hash_t h) except -2:
+        """``node_id``'s rank in the previous world, or -1; ``h`` is its hash."""
         cdef Py_ssize_t i = h & self.mask
         while self.slots[i].node_id is not NULL:
-            if self.slots[i].hash == h and (
+            if self.slots[i].tag == <unsigned int>h and (
                     self.slots[i].node_id == <PyObject*>node_id
                     or <str>self.slots[i].node_id == node_id):
                 return self.slots[i].rank
@@ -1258,18 +1270,33 @@ def assign_ranks(members, previous, int max_nodes):
     cdef _PlacementKeys keys = _PlacementKeys(size)
     cdef list ranks = [None] * size
     cdef Py_ssize_t i, rank
-    for item in world:
-        if type(item) is tuple and PyTuple_GET_SIZE(item) == 2:
-            node_id = <object>PyTuple_GET_ITEM(item, 0)
-            descriptor = <object>PyTuple_GET_ITEM(item, 1)
-        else:
-            node_id, descriptor = item
-        rank = old.rank(node_id)
-        if 0 <= rank < size:
-            ranks[rank] = node_id
-            keys.note(descriptor)
-        else:
-            keys.add(node_id, descriptor)
+    cdef Py_hash_t* hashes = <Py_hash_t*>malloc((size if size > 0 else 1) * sizeof(Py_hash_t))
+    if hashes is NULL:
+        raise MemoryError()
+    try:
+        # Hashes first, each slot's load started: the lookups then mostly hit
+        # the cache instead of waiting on memory one by one.
+        for i in range(size):
+            item = world[i]
+            node_id = <object>PyTuple_GET_ITEM(item, 0) if type(item) is tuple and \
+                PyTuple_GET_SIZE(item) == 2 else item[0]
+            hashes[i] = hash(node_id)
+            old.prefetch(hashes[i])
+        for i in range(size):
+            item = world[i]
+            if type(item) is tuple and PyTuple_GET_SIZE(item) == 2:
+                node_id = <object>PyTuple_GET_ITEM(item, 0)
+                descriptor = <object>PyTuple_GET_ITEM(item, 1)
+            else:
+                node_id, descriptor = item
+            rank = old.rank(node_id, hashes[i])
+            if 0 <= rank < size:
+                ranks[rank] = node_id
+                keys.note(descriptor)
+            else:
+                keys.add(node_id, descriptor)
+    finally:
+        free(hashes)
     if keys.topology_first:
         keys = _placement_keys(world)
         keys.sort(size)
