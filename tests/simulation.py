@@ -91,6 +91,7 @@ class SimEtcd:
         self.revision = 1
         self.kv: dict[bytes, _Entry] = {}
         self.leases: dict[int, float] = {}  # id -> expiry
+        self._ending: dict[int, float] = {}  # the leases whose keep-alives stopped
         self.watches: list[_Watch] = []
         self.history: list[tuple[int, bool, bytes, bytes]] = []
         self.on_commit: list[Any] = []  # callables(revision, events)
@@ -107,21 +108,24 @@ class SimEtcd:
         if lease not in self.leases:
             return False
         self.leases[lease] = expiry
+        if expiry == float("inf"):
+            self._ending.pop(lease, None)
+        else:
+            self._ending[lease] = expiry
         return True
 
     def expire(self, now: float) -> None:
-        if self.next_expiry > now:
-            return
-        for lease, expiry in sorted(self.leases.items()):
+        for lease, expiry in sorted(self._ending.items()):
             if expiry <= now:
                 self.revoke(lease)
 
     @property
     def next_expiry(self) -> float:
-        return min(self.leases.values(), default=float("inf"))
+        return min(self._ending.values(), default=float("inf"))
 
     def revoke(self, lease: int) -> None:
         self.leases.pop(lease, None)
+        self._ending.pop(lease, None)
         doomed = sorted(k for k, e in self.kv.items() if e.lease == lease)
         if doomed:
             self._commit([(False, k, b"") for k in doomed])
@@ -144,7 +148,7 @@ class SimEtcd:
                 raise LeaseLostError("etcdserver: requested lease not found")
         results: list[Any] = []
         events: list[tuple[bool, bytes, bytes]] = []
-        staged = dict(self.kv)
+        staged = self.kv  # nothing below can fail: the writes apply in place
         revision = self.revision + 1
         for op in ops:
             kind = op[0]
@@ -172,8 +176,10 @@ class SimEtcd:
                 events.append((True, op[1], op[2]))
                 results.append(None)
             elif kind == "delete":
-                end = op[2] if len(op) > 2 else None
-                doomed = [k for k in staged if (k == op[1] if end is None else op[1] <= k < end)]
+                if len(op) > 2:
+                    doomed = [k for k in staged if op[1] <= k < op[2]]
+                else:
+                    doomed = [op[1]] if op[1] in staged else []
                 for k in sorted(doomed):
                     del staged[k]
                     events.append((False, k, b""))
@@ -181,7 +187,6 @@ class SimEtcd:
             else:
                 raise ValueError(f"unknown operation {kind!r}")
         if events:
-            self.kv = staged
             self._commit(events, applied=True)
         return ok, self.revision, results
 
@@ -209,10 +214,10 @@ class SimEtcd:
         for hook in self.on_commit:
             hook(rev, stamped)
         for watch in list(self.watches):
-            if watch.cancelled:
+            if watch.quiet:
                 continue
             mine = [e for e in stamped if watch.matches(e[1]) and not (watch.no_put and e[0])]
-            if mine and not watch.quiet:
+            if mine:
                 watch.sink(mine)
 
     def watch(self, key: bytes, start: int, sink, prefix: bool = False,
