@@ -501,7 +501,7 @@ class SimNode:
         if step == Step.STEP_DONE:
             self._sync_watches()
             outcome = Outcome(self.node_id, node.completed_round, node.rank, list(node.world),
-                              node.state.world_size, sim.now)
+                              node.completed.world_size, sim.now)
             sim.record(self, outcome)
             self.completed += 1
             self.completed_round = outcome.round

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -350,3 +351,41 @@ def test_many_nodes_in_one_process_share_their_streams(etcd_endpoint, run_id, ha
     assert_one_world(infos, 64)
     # The round's own threads are gone; what is left is the connection's.
     assert threading.active_count() - baseline <= 8, [t.name for t in threading.enumerate()]
+
+
+def test_back_to_back_rounds_of_many_runs_keep_every_member(etcd_endpoint, handlers):
+    """Guarantee 1 when members ask for the next round at once: a member that
+    confirmed round r and sees round r+1 open before it saw r final still
+    returns round r (the record's last_final says r completed). Before, it
+    joined r+1 instead, and the others timed out waiting for it later on."""
+    runs, nodes, rounds = 16, 3, 10
+    results: dict[tuple[int, int], list] = {}
+
+    def node(run: int, i: int, handler) -> None:
+        got = results.setdefault((run, i), [])
+        for _ in range(rounds):
+            try:
+                info = handler.next_rendezvous()
+            except Exception as err:  # the assertion below shows it
+                got.append(err)
+                return
+            got.append((handler.round, info.rank, info.world_size))
+
+    threads = []
+    for run in range(runs):
+        run_id = f"back-to-back-{uuid.uuid4()}"
+        run_handlers = [make_handler(etcd_endpoint, run_id, nodes, nodes, timeout=20)
+                        for _ in range(nodes)]
+        handlers.extend(run_handlers)
+        threads += [threading.Thread(target=node, args=(run, i, h))
+                    for i, h in enumerate(run_handlers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for run in range(runs):
+        sequences = [results[(run, i)] for i in range(nodes)]
+        assert all(len(s) == rounds and isinstance(s[0], tuple) for s in sequences), sequences
+        for per_round in zip(*sequences, strict=True):
+            assert len({r for r, _, _ in per_round}) == 1, sequences
+            assert sorted(rank for _, rank, _ in per_round) == list(range(nodes)), sequences

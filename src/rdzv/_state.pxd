@@ -79,6 +79,10 @@ cdef class Node:
     cdef readonly long long joined_round
     cdef readonly long long join_revision
     cdef readonly long long completed_round
+    cdef readonly StateRecord completed     # the final record of completed_round
+    cdef readonly long long completed_mod
+    cdef StateRecord confirmed_state        # the frozen record this node confirmed in
+    cdef long long confirmed_mod
     cdef readonly int rank
     cdef readonly list world
     cdef readonly long long waiting_round

@@ -1371,6 +1371,10 @@ cdef class Node:
         self.state = None
         self.state_mod = -1
         self.completed_round = -1
+        self.completed = None
+        self.completed_mod = 0
+        self.confirmed_state = None
+        self.confirmed_mod = 0
         self.stale_keys = []
         self.backoff = Backoff()
         self.freezer = False
@@ -1519,11 +1523,18 @@ cdef class Node:
                 step = self._freezer_duties(client, s)
                 if step is not None:
                     continue
+            if (s is not None and self.phase == CONFIRMED and s.round > self.joined_round
+                    and s.last_final == self.joined_round):
+                # The round this node confirmed in completed, and the next one
+                # opened before this node saw it final (a fast member asked for
+                # the next round at once): the record's last_final says so.
+                c = self.confirmed_state
+                self._done(StateRecord(c.round, FINAL, c.min_nodes, c.max_nodes, c.cutoff,
+                                       c.world_size, c.last_final), self.confirmed_mod)
+                return STEP_DONE
             if s is None or s.status == FINAL:
                 if s is not None and self.phase == CONFIRMED and self.joined_round == s.round:
-                    self.phase = DONE
-                    self.completed_round = s.round
-                    self.wake_at = INFINITY
+                    self._done(s, self.state_mod)
                     return STEP_DONE
                 if s is None or self.completed_round == s.round:
                     # A new run, or a member of the last round asking for the next.
@@ -1559,6 +1570,14 @@ cdef class Node:
                     continue
                 return STEP_WAIT
             raise RendezvousStateError(f"unexpected status {s.status}")
+
+    def _done(self, StateRecord final, long long mod_revision):
+        """Record that this node's round is complete; ``final`` is its final record."""
+        self.phase = DONE
+        self.completed_round = final.round
+        self.completed = final
+        self.completed_mod = mod_revision
+        self.wake_at = INFINITY
 
     # ----------------------------------------------------------- operations
     cdef int _cas(self, client, int event, StateRecord s, dict changes=None,
@@ -1794,6 +1813,8 @@ cdef class Node:
             self.confirmed.add(self.node_id)
             self.rank = world.index(self.node_id)
             self.phase = CONFIRMED
+            self.confirmed_state = self.state
+            self.confirmed_mod = self.state_mod
             self.wake_at = now + self.liveness_interval
         return True
 
@@ -1877,6 +1898,8 @@ cdef class Node:
             self.phase = IDLE
             return 0
         self.phase = CONFIRMED
+        self.confirmed_state = s
+        self.confirmed_mod = self.state_mod
         self.wake_at = now + self.liveness_interval
         return 0
 

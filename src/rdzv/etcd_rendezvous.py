@@ -503,7 +503,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 raise
             self._sync_watches()
             self._start_view()
-            world_size = node.state.world_size
+            world_size = node.completed.world_size
             rank = node.rank
             logger.info(
                 "run %r round %d complete in %.3f s: rank %d of %d",
@@ -657,7 +657,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
         node = self._node
         with self._view_lock:
             self._view = _state.RunView(
-                self._keys, node.state, node.state_mod, node.world, float(self._lease_ttl)
+                self._keys, node.completed, node.completed_mod, node.world,
+                float(self._lease_ttl),
             )
             self._view_rewatch = False
 
