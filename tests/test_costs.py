@@ -19,6 +19,7 @@ COUNTERS = (
     "etcd_debugging_mvcc_events_total",
     'grpc_server_handled_total{grpc_code="OK",grpc_method="Range"',
     'grpc_server_handled_total{grpc_code="OK",grpc_method="Txn"',
+    "etcd_network_client_grpc_sent_bytes_total",
 )
 
 
@@ -32,8 +33,8 @@ def read_counters(metrics_url: str) -> dict[str, float]:
     return values
 
 
-@pytest.mark.parametrize("n", [8, 32])
-def test_round_costs_are_constant_per_node(etcd_server, run_id, n):
+def round_counters(etcd_server, run_id: str, n: int) -> dict[str, float]:
+    """What one round of ``n`` nodes in threads cost etcd, counter by counter."""
     endpoint = etcd_server.get_endpoint()
     # Counted from before the handlers exist: creating one reads the state record
     # and starts its watch.
@@ -46,19 +47,36 @@ def test_round_costs_are_constant_per_node(etcd_server, run_id, n):
         for handler in handlers:
             handler.shutdown()
     assert_one_world(infos, n)
-    delta = {name: after[name] - before[name] for name in COUNTERS}
+    return {name: after[name] - before[name] for name in COUNTERS}
+
+
+@pytest.mark.parametrize("n", [8, 32])
+def test_round_costs_are_constant_per_node(etcd_server, run_id, n):
+    delta = round_counters(etcd_server, run_id, n)
     writes = delta["etcd_mvcc_put_total"] + delta["etcd_mvcc_delete_total"]
     read_only_txns = delta[COUNTERS[5]] - delta["etcd_mvcc_txn_total"]
     reads = delta[COUNTERS[4]] + read_only_txns
     events = delta["etcd_debugging_mvcc_events_total"]
-    # Per node: join, confirm; the round itself: freeze, final, world, MASTER_ADDR/PORT.
-    print(n, writes, reads, events)
+    sent = delta["etcd_network_client_grpc_sent_bytes_total"]
+    print(n, writes, reads, events, sent / n)
     # Per node: join, confirm. Per round: state created or opened, frozen, final,
     # the world record, MASTER_ADDR/PORT.
     assert writes <= 2 * n + 8, (writes, delta)
-    # Per node: the state record, when the handler is created (the world record
+    # Per node: the state record, when the handler is created (its rank shard
     # comes back from the confirmation). Per round: the freezer's read of the members.
     assert reads <= n + 8, (reads, delta)
     # Per node: the round opening, frozen and final on its state watch, and its
     # confirmation to the freezer.
     assert events <= 4 * n + 8, (events, delta)
+    # Per node, whatever N: the answers to its own requests, its state watch's
+    # events and its rank shard (a few KB), never the whole world; the freezer's
+    # read of the members (about 110 bytes each) spread over the round.
+    assert sent <= 4096 * n, (sent / n, delta)
+
+
+def test_bytes_per_node_stay_a_few_kb(etcd_server, run_id):
+    """At 256 nodes the whole world is 4.3 KB (17 bytes a member): a node that
+    read it would be over the bound; one that reads its rank shard is not."""
+    n = 256
+    sent = round_counters(etcd_server, run_id, n)["etcd_network_client_grpc_sent_bytes_total"]
+    assert sent <= 4096 * n, sent / n
