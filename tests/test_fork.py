@@ -9,6 +9,7 @@ given a deadline, so a hang fails the test instead of stalling it.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 import uuid
@@ -167,3 +168,38 @@ def test_parents_handler_in_the_child_fails_at_once(
     assert observer.lease_time_to_live(parent.lease_id) > 0
     assert store.get("before") == b"fork"
     assert parent.next_rendezvous().world_size == 1
+
+
+def test_torch_handler_of_the_parent_in_the_child_fails_at_once(
+    etcd_endpoint: str, run_id: str, observer: EtcdClient
+) -> None:
+    torch_api = pytest.importorskip(
+        "torch.distributed.elastic.rendezvous.api", reason="needs torch: pip install 'rdzv[torch]'"
+    )
+    from rdzv.torch import create_handler
+
+    parent = create_handler(torch_api.RendezvousParameters(
+        "etcd3", etcd_endpoint, run_id, 1, 1, timeout=20
+    ))
+    try:
+        parent.next_rendezvous()
+
+        def shut_down_the_parents_handler() -> str:
+            # torch's launcher calls shutdown() on its way out; in a child that
+            # must neither close the parent's run nor warn that closing failed.
+            warnings: list[logging.LogRecord] = []
+            handler = logging.Handler(logging.WARNING)
+            handler.emit = warnings.append  # type: ignore[method-assign]
+            logging.getLogger("rdzv").addHandler(handler)
+            start = time.monotonic()
+            with pytest.raises(torch_api.RendezvousError, match="forked from it") as caught:
+                parent.shutdown()
+            assert time.monotonic() - start < 1
+            assert not warnings, [w.getMessage() for w in warnings]
+            return type(caught.value.__cause__).__name__
+
+        assert _in_child(shut_down_the_parents_handler) == "ForkedProcessError"
+        assert not parent.is_closed()
+        assert observer.lease_time_to_live(parent.handler.lease_id) > 0
+    finally:
+        assert parent.shutdown() is True

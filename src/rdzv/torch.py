@@ -92,6 +92,7 @@ except ImportError as _err:
     ) from _err
 
 from rdzv import api
+from rdzv.client import ForkedProcessError
 from rdzv.etcd_rendezvous import EtcdRendezvousHandler, create_rdzv_handler
 from rdzv.etcd_store import EtcdStore, StoreTimeoutError
 
@@ -363,19 +364,28 @@ class TorchEtcdRendezvousHandler(_torch_api.RendezvousHandler):
         Returns:
             True if the run was closed; False (with a warning) if closing failed.
             The node's resources are released either way.
+
+        Raises:
+            RendezvousError: (torch's) this process was forked after the handler
+                was created; the run, lease and connection are left to the parent.
         """
         if self._shut_down:
             return self._closed
-        self._shut_down = True
+        forked = False
         try:
             self._handler.set_closed()
             self._closed = True
+        except ForkedProcessError:
+            forked = True  # nothing here is this process's to close or release
+            raise
         except api.RendezvousError as err:
             logger.warning(
                 "could not close run %r on shutdown: %s", self._handler.get_run_id(), err
             )
         finally:
-            self._handler.shutdown()
+            if not forked:
+                self._shut_down = True
+                self._handler.shutdown()
         return self._closed
 
     def __repr__(self) -> str:
