@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 
-.PHONY: install install-test demo test bench compat clean
+.PHONY: install install-test demo test bench bench-recovery compat clean
 
 # protobuf releases `make compat` checks etcd3 against (the newest is what `make test` gets).
 PROTOBUF_VERSIONS := 3.20.3 4.21.12 4.25.8 5.29.5 6.33.0
@@ -34,6 +34,12 @@ bench: install-test
 	@echo "make bench: about 8 minutes on 2 cores (every backend at N = 8, 64, 256); progress follows"
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) benchmarks/join_latency.py
+
+# A hung and a crashed host under real torchrun: rdzv vs torch's c10d and etcd-v2
+# (3 agents, median of 3; about 15 minutes). Appends its table to RESULTS.md.
+bench-recovery: install-test
+	$(PIP) install --quiet -e '.[bench]'
+	$(PY) benchmarks/recovery.py --append
 
 # The compatibility tests and a real rendezvous on each older protobuf, each
 # installed to a folder of its own that shadows the venv's copy.

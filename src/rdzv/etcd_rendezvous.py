@@ -754,6 +754,10 @@ class EtcdRendezvousHandler(RendezvousHandler):
             self._view_jobs.put(("done", view, read, watch))
         except RendezvousError as err:
             self._view_jobs.put(("failed", view, err))
+        except Exception as err:  # the handler was shut down meanwhile (channel closed)
+            if not self._shutdown:
+                raise
+            logger.debug("run %r: view read after shutdown: %s", self._run_id, err)
 
     def _new_view_watch(self, spec: Any, start: int) -> tuple[Any, Watch, Inbox, int]:
         inbox = Inbox()

@@ -351,6 +351,18 @@ class TorchEtcdRendezvousHandler(_torch_api.RendezvousHandler):
         return self._handler.num_nodes_waiting()
 
     @_rendezvous_errors
+    def waiting_nodes(self) -> list[str]:
+        """Return the ids of the nodes waiting for the next round or already in it
+        (see ``EtcdRendezvousHandler.waiting_nodes``)."""
+        return self._handler.waiting_nodes()
+
+    @_rendezvous_errors
+    def lost_members(self) -> list[str]:
+        """Return the ids of the last round's members whose lease expired or who
+        shut down (see ``EtcdRendezvousHandler.lost_members``)."""
+        return self._handler.lost_members()
+
+    @_rendezvous_errors
     def shutdown(self) -> bool:
         """Close the run, then release this node's lease, watches and connection.
 
