@@ -1516,6 +1516,11 @@ cdef class Node:
                     self.observe_state(got[0], got[1])
                 continue
             s = self.state
+            if s is not None and s.round >= self.joined_round:
+                # The opening timer lives only while the round this node joined
+                # early is not open; however the node learns that it opened (a
+                # freeze, a confirmation, a re-read), the timer is done.
+                self.open_at = INFINITY
             if s is not None and s.status == CLOSED:
                 raise RendezvousClosedError(
                     f"the rendezvous of run {self.keys.run_id!r} is closed")
@@ -1865,9 +1870,6 @@ cdef class Node:
             s.round, s.cutoff, shard_of(self.node_id, world_shards(s.world_size)))
         cdef bytes me = self.node_id.encode()
         cdef bytes confirm_key = self.keys.confirmed(s.round) + me
-        # The round this node joined early is open and frozen already (its
-        # opening may have gone unseen): there is nothing left to open.
-        self.open_at = INFINITY
         ok, revision, results = client.txn(
             [], [("get", shard_key), ("put", confirm_key, b"", self.lease)], [])
         self.stale_keys.append(confirm_key)
@@ -1945,10 +1947,9 @@ cdef class Node:
         ok, revision, results = client.txn([], ops, [])
         self.phase = WAITING
         # A waiting node has no timer of its own: it wakes for the state record
-        # and its world's departures. A last call or an opening it armed as a
-        # joiner is not its business any more (left set, its driver would spin).
+        # and its world's departures. A last call it armed as a joiner is not
+        # its business any more (left set, its driver would spin).
         self.wake_at = INFINITY
-        self.open_at = INFINITY
         self.freeze_pending = False
         self.waiting_round = s.round
         self.watch_revision = revision
