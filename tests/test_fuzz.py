@@ -190,6 +190,15 @@ _OPTION_VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]]
     "key": (st.none(), _PATHISH),
     "username": (st.none(), st.one_of(st.text(max_size=8), _JUNK)),
     "password": (st.none(), st.one_of(st.text(max_size=8), _JUNK)),
+    "topology": (
+        st.sampled_from([None, "", "pod1/rack07/leaf2", "r1", "dc-é/rack_2"]),
+        st.one_of(st.sampled_from(["a b", "a,b", "/a", "a//b", "x\x00", "r" * 257, "rack\n"]),
+                  _JUNK),
+    ),
+    "rank_order": (
+        st.sampled_from(list(core.RANK_ORDERS)),
+        st.one_of(st.sampled_from(["Stable", "", "random", " topology"]), _JUNK),
+    ),
 }
 # Names that RendezvousParameters takes as arguments, not as options.
 _ARGUMENT_NAMES = {"self", "backend", "endpoint", "run_id", "min_nodes", "max_nodes",
@@ -442,6 +451,8 @@ _RULES: dict[str, Callable[[Any], bool]] = {
     "key": lambda v: v is None or _readable_file(v),
     "username": lambda v: v is None or (isinstance(v, str) and v != ""),
     "password": lambda v: v is None or (isinstance(v, str) and v != ""),
+    "topology": lambda v: v in (None, "") or core.topology_problem(v) is None,
+    "rank_order": lambda v: isinstance(v, str) and v in core.RANK_ORDERS,
 }
 
 
