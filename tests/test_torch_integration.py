@@ -432,6 +432,43 @@ def test_third_agent_scales_the_job_up(job: Any) -> None:
 
 @needs_torch
 @pytest.mark.timeout(240)
+def test_hung_agent_is_dropped_without_a_restart(job: Any) -> None:
+    """A hung host (its agent and workers SIGSTOPped: no socket closes, the others'
+    collectives would block until gloo's timeout, 60 s here) is reported by
+    num_nodes_waiting() within lease_ttl + 1 s: the survivors' agents re-form the
+    job without it as a membership change (--max-restarts=0, restart count 0)."""
+    shrink = job("2:3", ["shrink", "2"], rdzv_conf="last_call_timeout=1,lease_ttl=3")
+    for _ in range(3):
+        shrink.start_agent()
+    running = shrink.wait_for_records("running-g3-*.json", 6)
+    victim_pid = next(r["agent_pid"] for r in running if r["group_rank"] == 1)
+    victim = next(a for a in shrink.agents if a.pid == victim_pid)
+    survivors = [a for a in shrink.agents if a is not victim]
+    victim_workers = [r["pid"] for r in running if r["agent_pid"] == victim_pid]
+    open(os.path.join(shrink.out_dir, "release"), "w").close()
+    hung_at = time.monotonic()
+    for pid in (victim_pid, *victim_workers):
+        os.killpg(pid, signal.SIGSTOP)
+    try:
+        shrink.wait_all(survivors)
+        elapsed = time.monotonic() - hung_at
+    finally:
+        for pid in (victim_pid, *victim_workers):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    results = shrink.results()
+    _assert_world(results, 2)
+    assert victim_pid not in {r["agent_pid"] for r in results}
+    assert {r["restart_count"] for r in results} == {0}, results
+    # Well before the 60 s the survivors' collectives would have waited.
+    assert elapsed < 30, elapsed
+
+
+@needs_torch
+@pytest.mark.timeout(240)
 def test_killed_agent_leaves_and_the_rest_finish(job: Any) -> None:
     shrink = job(
         "2:3", ["shrink", "2"], max_restarts=1, rdzv_conf="last_call_timeout=1,lease_ttl=3"
