@@ -27,7 +27,6 @@ them less than wall time would.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import random
 import statistics
@@ -35,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from join_latency import _cpu_model, _git_commit
+from join_latency import append_section
 
 from rdzv import _state
 
@@ -116,19 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = run(args.repeats, args.seed)
     print("\n".join(lines))
     if args.append:
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        head = [
-            "",
-            f"## `assign_ranks.py`: rank assignment, {now}",
-            "",
-            f"- Machine: {_cpu_model()}, {os.cpu_count()} cores; rdzv at commit {_git_commit()}",
-            f"- {HOSTS_PER_RACK} hosts per rack, {RACKS_PER_POD} racks per pod, labels "
+        append_section("`assign_ranks.py`: rank assignment", [
+            f"{HOSTS_PER_RACK} hosts per rack, {RACKS_PER_POD} racks per pod, labels "
             "`pod<p>/rack<r>`, hosts `gpu-r<r>-n<i>`, joined in random order",
-            "",
-        ]
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
-            f.write("\n".join(head + lines) + "\n")
+        ], lines)
     return 0
 
 

@@ -868,6 +868,20 @@ def _ram_gib() -> str:
         return "unknown"
 
 
+def append_section(title: str, notes: Sequence[str], lines: Sequence[str]) -> None:
+    """Append a dated section to ``benchmarks/RESULTS.md``: ``## title, <date>``,
+    the machine and commit, ``notes`` as list items, then ``lines``."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = [
+        "", f"## {title}, {now}", "",
+        f"- Machine: {_cpu_model()}, {os.cpu_count()} cores; rdzv at commit {_git_commit()}",
+        *(f"- {note}" for note in notes), "",
+    ]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    with open(path, "a") as f:
+        f.write("\n".join([*head, *lines]) + "\n")
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(

@@ -31,14 +31,12 @@ of ranks). Every backend's ranks are observed through its own handlers:
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from join_latency import _cpu_model, _git_commit, _prepare_process
+from join_latency import _prepare_process, append_section
 
 from rdzv import RendezvousParameters, create_rdzv_handler
 from rdzv.etcd_server import EtcdServer
@@ -192,19 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = table(worlds)
     print("\n".join(lines))
     if args.append:
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        head = [
-            "",
-            f"## `ranks_moved.py`: ranks moved and racks split, {now}",
-            "",
-            f"- Machine: {_cpu_model()}, {os.cpu_count()} cores; rdzv at commit {_git_commit()}",
-            "- 64 hosts `127.0.0.1`-`127.0.0.64`, racks of 8 (`pod1/rack1` ... `pod2/rack8`); "
+        append_section("`ranks_moved.py`: ranks moved and racks split", [
+            "64 hosts `127.0.0.1`-`127.0.0.64`, racks of 8 (`pod1/rack1` ... `pod2/rack8`); "
             "torch `etcd` numbers nodes in join order, so its figures change from run to run",
-            "",
-        ]
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
-            f.write("\n".join(head + lines) + "\n")
+        ], lines)
     return 0
 
 
