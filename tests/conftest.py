@@ -8,12 +8,15 @@ members restarts it before returning.
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from helpers import ProcessNode
 from rdzv.api import RendezvousError
 from rdzv.etcd_server import EtcdCluster, EtcdServer
 
@@ -54,3 +57,14 @@ def etcd_cluster() -> Iterator[EtcdCluster]:
     """A 3-member etcd cluster, started the first time a test asks for it."""
     with EtcdCluster(size=3) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ProcessNode]]:
+    """Node processes a test starts; each is resumed if stopped, then closed."""
+    created: list[ProcessNode] = []
+    yield created
+    for node in created:
+        if node.proc.poll() is None:
+            os.killpg(node.proc.pid, signal.SIGCONT)
+        node.close()

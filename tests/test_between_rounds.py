@@ -15,9 +15,6 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
-
-import pytest
 
 from helpers import ProcessNode, ThreadNode, assert_one_world, make_handler, run_round, wait_for
 from rdzv.etcd_server import EtcdServer
@@ -39,16 +36,6 @@ def etcd_requests(metrics_url: str) -> dict[str, float]:
             method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
             counts[method] = counts.get(method, 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ProcessNode]]:
-    created: list[ProcessNode] = []
-    yield created
-    for node in created:
-        if node.proc.poll() is None:
-            os.killpg(node.proc.pid, signal.SIGCONT)
-        node.close()
 
 
 def _round_with_a_process(endpoint, run_id, handlers, processes):

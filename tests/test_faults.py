@@ -65,16 +65,6 @@ def server() -> Iterator[EtcdServer]:
         yield etcd_server
 
 
-@pytest.fixture
-def processes() -> Iterator[list[ProcessNode]]:
-    created: list[ProcessNode] = []
-    yield created
-    for node in created:
-        if node.proc.poll() is None:
-            os.killpg(node.proc.pid, signal.SIGCONT)
-        node.close()
-
-
 def _client(group: EtcdServer | EtcdCluster) -> EtcdClient:
     return group.get_rdzv_client()
 
