@@ -140,6 +140,22 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def _workers_of(out_dir: str) -> list[int]:
+    """Pids of the worker processes started with ``--worker out_dir``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--worker" in args and os.fsencode(out_dir) in args:
+            pids.append(int(entry))
+    return pids
+
+
 class Job:
     """Three torchrun agents of one run, their logs and their workers' records."""
 
@@ -190,8 +206,14 @@ class Job:
         return "\n".join(tails)
 
     def stop(self) -> None:
-        """Kill every agent and worker of the job (stopped ones too)."""
+        """Kill every agent and worker of the job (stopped ones too).
+
+        Workers run in sessions of their own, and one that never got as far as
+        its record (blocked in a rendezvous that a torch backend never re-formed)
+        is found by its command line, which names this job's folder.
+        """
         pids = [a.pid for a in self.agents] + [r["pid"] for r in self.running()]
+        pids += _workers_of(self.out_dir)
         for pid in pids:
             _signal_group(pid, signal.SIGKILL)
             _signal_group(pid, signal.SIGCONT)
