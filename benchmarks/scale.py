@@ -125,22 +125,11 @@ class _ClusterView:
 
 
 @dataclasses.dataclass
-class Point:
+class Point(jl.Summary):
     """All rounds of one backend at one N, and the floor around them."""
 
-    backend: str
-    nodes: int
-    procs: int
-    rounds: list[jl.RoundResult]
-    floors: list[float]
-
-    @property
-    def times(self) -> list[float]:
-        return [r.seconds for r in self.rounds if r.seconds is not None]
-
-    @property
-    def problem(self) -> str | None:
-        return next((r.problem for r in self.rounds if r.problem), None)
+    procs: int = 1
+    floors: list[float] = dataclasses.field(default_factory=list)
 
     def per_node(self, field: str, cost: bool = True) -> float | None:
         values = [getattr(r.costs if cost else r, field) for r in self.rounds
@@ -166,7 +155,7 @@ def run_point(server: Any, backend: str, nodes: int, procs: int, repeats: int, l
         if result.problem:
             break
     floors += floor(endpoint, nodes)
-    return Point(backend, nodes, procs, rounds, floors)
+    return Point(backend, nodes, rounds, procs=procs, floors=floors)
 
 
 # ----------------------------------------------------------------------------- table
