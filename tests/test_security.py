@@ -33,7 +33,7 @@ from certs import Certificates, write_certificates
 from helpers import ThreadNode, assert_one_world, make_handler, run_round, wait_for
 from rdzv._etcd3_compat import load_etcd3
 from rdzv.api import RendezvousConnectionError
-from rdzv.client import EtcdClient, EtcdConfig, _prefix_end
+from rdzv.client import EtcdClient, EtcdConfig, _is_tls_failure, _prefix_end
 from rdzv.etcd_server import EtcdServer
 
 USER = "trainer"
@@ -445,3 +445,20 @@ def test_config_repr_hides_the_password(certs):
     for text in (repr(config), str(config), config.describe()):
         assert PASSWORD not in text
     assert USER in repr(config)
+
+
+@pytest.mark.parametrize(
+    "detail, tls",
+    [
+        ("Ssl handshake failed: SSL_ERROR_SSL: error:1000007d:SSL routines", True),
+        ("failed to connect to all addresses; Handshake failed", True),
+        ("Socket closed; Unwrap failed (TSI_DATA_CORRUPTED)", True),
+        ("x509: certificate signed by unknown authority", True),
+        # gRPC's TCP connect step, cut off (a child just after a fork): retried.
+        ("connections to all backends failing; last error: UNKNOWN: "
+         "ipv4:127.0.0.1:2379: tcp handshaker shutdown", False),
+        ("failed to connect to all addresses; Connection refused", False),
+    ],
+)
+def test_tls_failures_are_told_from_connection_failures(detail, tls):
+    assert _is_tls_failure(detail) is tls
