@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every input rdzv takes from a user or from etcd (issue 5).
+"""Property-based fuzzing of every input rdzv takes from a user or from etcd.
 
 Inputs: ``RendezvousParameters`` (endpoint, run id, node bounds, local_addr and every
 option of ``RENDEZVOUS_OPTIONS`` with random types and values), endpoint strings, run

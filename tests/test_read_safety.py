@@ -2,7 +2,7 @@
 
 etcd 3.5.0 to 3.5.4 (the embedded etcd is 3.5.1) panic with "unexpected error
 during txn" when a read-only transaction's request is cancelled while etcd is
-reading: the client's deadline passed, or its process died (etcd issue 14110).
+reading: the client's deadline passed, or its process died (etcd bug 14110).
 rdzv sends its read-only transactions as range requests, where a cancelled read
 is only an error. These tests drive exactly that condition: large reads under
 deadlines shorter than the read takes.

@@ -747,7 +747,7 @@ class EtcdClient:
 
         A transaction that only reads is not sent as one: etcd 3.5.0 to 3.5.4
         panic when a read-only transaction's request is cancelled while it runs
-        (the client's deadline passed or its process died; etcd issue 14110,
+        (the client's deadline passed or its process died; etcd bug 14110,
         fixed in 3.5.5), and the etcd that rdzv ships is 3.5.1. It runs as plain
         range requests instead, all at the revision of the first, which is the
         snapshot the transaction would have read; a cancelled range is only an
