@@ -11,6 +11,15 @@ The public names mirror torch's module paths, so code written for
 ``rdzv.torch`` (the only module that imports torch) plugs rdzv into torchrun.
 """
 
+import os as _os
+
+# gRPC gives a forked child a poller of its own only with its fork support on;
+# without it a child can be left with the parent's epoll set and fail its first
+# connection ("epoll_ctl failed: file descriptor was created pre fork"). It is
+# read when grpc is imported, so it is set before rdzv imports grpc; a value of
+# the user's wins.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "1")
+
 from rdzv.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
