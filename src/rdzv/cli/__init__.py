@@ -1289,7 +1289,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- bench
 def _find_benchmark() -> Path:
     """``benchmarks/join_latency.py`` of the current directory or of this checkout."""
-    candidates = [Path.cwd() / _BENCHMARK, Path(__file__).resolve().parents[2] / _BENCHMARK]
+    candidates = [Path.cwd() / _BENCHMARK, Path(__file__).resolve().parents[3] / _BENCHMARK]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
