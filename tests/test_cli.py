@@ -435,8 +435,8 @@ def test_log_level_works_before_and_after_the_command(etcd_endpoint, run_id):
 def _bench(cwd: Any, *args: str) -> subprocess.CompletedProcess[str]:
     """``rdzv bench ARGS`` in ``cwd``, with the benchmark's path set to ``fake_bench.py``."""
     code = (
-        "import sys; from rdzv import cli; cli._BENCHMARK = cli.Path('fake_bench.py'); "
-        "sys.exit(cli.main(sys.argv[1:]))"
+        "import sys; from rdzv import cli; from rdzv.cli import bench; "
+        "bench._BENCHMARK = bench.Path('fake_bench.py'); sys.exit(cli.main(sys.argv[1:]))"
     )
     return subprocess.run(
         [sys.executable, "-c", code, "bench", *args],
