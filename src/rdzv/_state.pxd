@@ -133,7 +133,7 @@ cdef class RunView:
     cdef readonly long long revision        # every change up to here is applied
     cdef readonly long long read_revision   # revision of the last read
     cdef readonly long long watched_revision  # a watch delivered everything up to here
-    cdef readonly double verified_at        # when a read last confirmed the view
+    cdef readonly double verified_at        # when a read or a live connection last confirmed it
     cdef readonly double check_interval
     cdef set waiting                        # late and surplus nodes of the round
     cdef set next_members                   # nodes that joined the round after it

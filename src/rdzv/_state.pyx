@@ -2012,9 +2012,11 @@ cdef class RunView:
     A node spends hours between rounds, and torch's agent asks it every
     ``--monitor-interval`` whether to re-rendezvous. The view answers without
     asking etcd: one read (``read_ops``) when it is first asked, then one watch
-    (``watch_spec``) from that read on, and a read every ``check_interval``
-    seconds that confirms the watch missed nothing. A node that is never asked
-    (no launcher polling) pays nothing. It counts:
+    (``watch_spec``) from that read on. The watch is trusted for as long as
+    etcd keeps answering on its connection (``confirm``: the driver knows when);
+    when nothing confirmed it for ``check_interval`` seconds, a read checks that
+    the watch missed nothing (``check_due``). A node that is never asked (no
+    launcher polling) pays nothing. It counts:
 
     * late and surplus nodes waiting for the next round (``waiting/`` keys of
       the completed round),
@@ -2039,7 +2041,8 @@ cdef class RunView:
         state_mod: its mod_revision.
         world: the completed round's member node ids that this node knows:
             all of them (the freezer), or those of its own rank shard.
-        check_interval: seconds between reads that check the watch (lease_ttl).
+        check_interval: the longest a view goes unconfirmed before a read checks
+            it (lease_ttl).
     """
 
     def __init__(self, keys, StateRecord state, long long state_mod, world,
@@ -2150,8 +2153,17 @@ cdef class RunView:
         return ops
 
     def check_due(self, double now):
-        """True when a read should confirm the view (``check_interval`` passed)."""
+        """True when a read should check the view: nothing confirmed it for
+        ``check_interval`` seconds, or a change only a read can judge came."""
         return now - self.verified_at >= self.check_interval
+
+    def confirm(self, double at):
+        """etcd answered at ``at`` on the connection that carries the watch, and
+        had answered there without a gap since the view was last checked: the
+        watch is alive, so it delivered (or has in flight) every change until
+        then, and no read is needed. Never earlier than the last check."""
+        if self.read_revision and at > self.verified_at:
+            self.verified_at = at
 
     def observe_read(self, long long revision, results, double now, bint force=False):
         """Feed the results of ``read_ops`` at ``revision``; True if they corrected it.

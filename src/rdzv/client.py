@@ -263,6 +263,14 @@ def _prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+# gRPC pings on every connection: etcd refuses them more often than every 5 s
+# (--grpc-keepalive-min-time).
+_PING_EVERY_MS = 6_000
+_PING_TIMEOUT_MS = 2_000
+#: Seconds within which the pings find a connection dead that answers nothing.
+DEAD_CONNECTION_WITHIN = (_PING_EVERY_MS + _PING_TIMEOUT_MS) / 1000
+
+
 class HeldLease:
     """A lease kept alive on a connection while any of its clients holds it.
 
@@ -420,10 +428,9 @@ class EtcdClient:
             "port": port,
             "grpc_options": [
                 # A member behind a partition answers nothing, not even a reset:
-                # pings find it out within 8 s. etcd refuses pings more often than
-                # every 5 s (--grpc-keepalive-min-time).
-                ("grpc.keepalive_time_ms", 6_000),
-                ("grpc.keepalive_timeout_ms", 2_000),
+                # pings find it out within DEAD_CONNECTION_WITHIN.
+                ("grpc.keepalive_time_ms", _PING_EVERY_MS),
+                ("grpc.keepalive_timeout_ms", _PING_TIMEOUT_MS),
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1_000),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),

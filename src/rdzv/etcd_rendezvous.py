@@ -29,7 +29,13 @@ from rdzv.api import (
     RendezvousTimeoutError,
     free_port,
 )
-from rdzv.client import EtcdClient, EtcdConfig, LeaseLostError, seconds_option
+from rdzv.client import (
+    DEAD_CONNECTION_WITHIN,
+    EtcdClient,
+    EtcdConfig,
+    LeaseLostError,
+    seconds_option,
+)
 from rdzv.etcd_store import EtcdStore
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 from rdzv.session import RunLeases, Session
@@ -677,10 +683,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
         """The view of the run, with what its watch and reads delivered applied.
 
         Starts, in the background, what the view needs: its first read and its
-        watch, a read every ``lease_ttl`` that checks it, a new watch when its
-        range changes, and a read and a new watch when the watch broke or
-        missed changes. Only the first call after a round waits for etcd (its
-        read, at most ``_FIRST_READ_WAIT`` s); the others never do.
+        watch, a new watch when its range changes, a read and a new watch when
+        the watch broke or missed changes, and a read when nothing confirmed
+        the watch for ``lease_ttl`` (see ``_confirm_view``). Only the first
+        call after a round waits for etcd (its read, at most
+        ``_FIRST_READ_WAIT`` s); the others never do.
         """
         with self._view_lock:
             view = self._view
@@ -701,6 +708,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             # often ahead of the watch only because its events are in flight.
             for item in self._view_jobs.drain(0):
                 self._view_job_done(view, item, now)
+            self._confirm_view(view)
             spec = view.watch_spec()
             if spec is None:
                 self._cancel_view_watch()
@@ -727,6 +735,24 @@ class EtcdRendezvousHandler(RendezvousHandler):
                         self._view_job_done(view, item, time.monotonic())
             self._view_last_call = now
             return view
+
+    def _confirm_view(self, view: Any) -> None:
+        """Confirm the view's watch by the node's lease keep-alives, which cost
+        nothing more: answered without a gap since the view was last checked,
+        on the connection that carries the watch, they show that the watch's
+        stream is alive (a connection that died or hung would have stopped
+        answering them, and a stream that broke would have said so). Then no
+        read is needed. With several endpoints the keep-alives and the watch
+        may go to different members, and only gRPC's pings find a dead one:
+        they confirm the watch only if they do so within ``lease_ttl``.
+        """
+        if self._view_watch is None or self._view_rewatch:
+            return
+        if len(self._client.config.endpoints) > 1 and self._lease_ttl < DEAD_CONNECTION_WITHIN:
+            return
+        since, last = self._session.answered_span
+        if since <= view.verified_at:
+            view.confirm(last)
 
     def _view_job(self, view: Any, read_ops: list | None, spec: Any, start: int) -> None:
         """In the background: read what the view holds, and/or watch its range.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 
 from rdzv.api import RendezvousError
@@ -50,6 +51,7 @@ class Session:
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._lost_lock = threading.Lock()
+        self._answered_since = self._last_answered = time.monotonic()
         self._kept = client.keep_alive(
             self.lease_id, ttl, keepalive_interval, self._stop, self._answered, self._silent
         )
@@ -88,8 +90,19 @@ class Session:
         if self._on_lost is not None:
             self._on_lost()
 
+    @property
+    def answered_span(self) -> tuple[float, float]:
+        """``(since, last)``: the ``time.monotonic()`` times since which etcd
+        answered every keep-alive, no two answers further apart than two
+        keep-alive intervals, and of the last answer. A gap (etcd or the
+        connection down, this process stopped) starts a new span."""
+        return self._answered_since, self._last_answered
+
     def _answered(self, ttl: int) -> None:
-        # A renewal is recorded by the hub (``last_answer``); only a refusal matters.
+        now = time.monotonic()
+        if now - self._last_answered > 2 * self.keepalive_interval:
+            self._answered_since = now
+        self._last_answered = now
         if ttl <= 0:
             self.mark_lost(
                 f"lease {self.lease_id:x} expired (keep-alives stalled past its "
