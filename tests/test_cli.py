@@ -21,6 +21,7 @@ from helpers import ThreadNode, assert_one_world, make_handler, run_round, wait_
 from rdzv import cli
 from rdzv.api import RendezvousClosedError
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
+from rdzv.inspect import read_run_status
 
 RDZV = [sys.executable, "-m", "rdzv"]
 SUBCOMMANDS = ("server", "join", "status", "close", "demo", "bench")
@@ -53,7 +54,7 @@ def read_status(endpoint: str, run_id: str) -> dict[str, Any]:
     """What ``rdzv status --json`` prints, read in this process (for polling)."""
     client = EtcdClient(EtcdConfig(endpoints=tuple(parse_endpoints(endpoint))))
     try:
-        return cli.read_run_status(client, run_id)
+        return read_run_status(client, run_id).to_dict()
     finally:
         client.close()
 

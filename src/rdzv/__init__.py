@@ -8,6 +8,8 @@ The public names mirror torch's module paths, so code written for
 - ``rdzv.etcd_server``: ``EtcdServer`` (and ``EtcdCluster``) for local etcd;
 - ``rdzv.etcd_store``: ``EtcdStore``, the store of a completed round.
 
+``rdzv.inspect`` reads a run's status (what ``rdzv status`` shows).
+
 ``rdzv.torch`` (the only module that imports torch) plugs rdzv into torchrun.
 """
 

@@ -43,15 +43,13 @@ from rdzv.cli._common import (
     _Parser,
     _wrap,
 )
-from rdzv.cli.status import NodeStatus, read_run_status, render_run_status
+from rdzv.cli.status import render_run_status
 
 __all__ = [
     "ExitCode",
-    "NodeStatus",
     "UsageError",
     "build_parser",
     "main",
-    "read_run_status",
     "render_run_status",
 ]
 

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-from rdzv import _state
 from rdzv.api import RendezvousError, RendezvousParameters
 from rdzv.cli._common import (
     _PROGRESS_INTERVAL_S,
@@ -29,13 +28,13 @@ from rdzv.cli._common import (
 )
 from rdzv.client import EtcdClient, EtcdConfig
 from rdzv.etcd_rendezvous import DEFAULT_TIMEOUT, create_rdzv_handler
-from rdzv.keys import RunKeys
+from rdzv.inspect import RunState, read_round_progress
 
 logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _join_progress(params: RendezvousParameters, keys: RunKeys) -> Iterator[None]:
+def _join_progress(params: RendezvousParameters, prefix: str) -> Iterator[None]:
     """While a join waits, show on a terminal how far its round is.
 
     A thread with its own connection reads the state record and one count every
@@ -58,7 +57,7 @@ def _join_progress(params: RendezvousParameters, keys: RunKeys) -> Iterator[None
         try:
             while not stop.is_set():
                 try:
-                    text = _describe_round(client, keys)
+                    text = _describe_round(client, params.run_id, prefix)
                 except RendezvousError as err:
                     text = f"cannot read the run's state: {err}"
                 left = max(0.0, deadline - time.monotonic())
@@ -78,25 +77,21 @@ def _join_progress(params: RendezvousParameters, keys: RunKeys) -> Iterator[None
         progress.clear()
 
 
-def _describe_round(client: EtcdClient, keys: RunKeys) -> str:
+def _describe_round(client: EtcdClient, run_id: str, prefix: str) -> str:
     """One line on the run's current round, from the state record and one count."""
-    got = client.get(keys.state)
-    if got is None:
+    p = read_round_progress(client, run_id, prefix)
+    if p.state is RunState.NONE:
         return "opening the run"
-    s = _state.decode_state(got[0], keys.state)
-    if s.status == _state.Status.JOINABLE:
-        joined = client.count(keys.members(s.round))
-        expected = (str(s.max_nodes) if s.min_nodes == s.max_nodes
-                    else f"{s.max_nodes} (min {s.min_nodes})")
-        return f"round {s.round}: {joined}/{expected} nodes joined"
-    if s.status == _state.Status.FROZEN:
-        confirmed = client.count(keys.confirmed(s.round))
-        return f"round {s.round}: world fixed, {confirmed}/{s.world_size} confirmed"
-    if s.status == _state.Status.FINAL:
-        waiting = client.count(keys.waiting(s.round))
-        return (f"round {s.round} is complete ({s.world_size} nodes); {waiting} "
-                f"waiting for round {s.round + 1}")
-    return f"run is {_state.status_name(s.status)}"
+    if p.state is RunState.JOINABLE:
+        expected = (str(p.max_nodes) if p.min_nodes == p.max_nodes
+                    else f"{p.max_nodes} (min {p.min_nodes})")
+        return f"round {p.round}: {p.count}/{expected} nodes joined"
+    if p.state is RunState.FROZEN:
+        return f"round {p.round}: world fixed, {p.count}/{p.world_size} confirmed"
+    if p.state is RunState.FINAL:
+        return (f"round {p.round} is complete ({p.world_size} nodes); {p.count} "
+                f"waiting for round {p.round + 1}")
+    return f"run is {p.state.value}"
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
@@ -105,11 +100,11 @@ def _cmd_join(args: argparse.Namespace) -> int:
         args, *args.nnodes, timeout=args.timeout, last_call_timeout=args.last_call_timeout,
         topology=args.topology,
     )
-    keys = RunKeys(_params_prefix(params), params.run_id)
+    prefix = _params_prefix(params)
     with _usage_errors():
         handler = create_rdzv_handler(params)
     try:
-        with _join_progress(params, keys):
+        with _join_progress(params, prefix):
             info = handler.next_rendezvous()
         print(json.dumps({
             "rank": info.rank,
