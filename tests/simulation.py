@@ -319,7 +319,8 @@ class SimNode:
         self.port += 1
         self.core = core.Node(
             self.node_id, sim.keys, sim.min_nodes, sim.max_nodes, self.lease,
-            self._descriptor(), sim.last_call_timeout, float(sim.lease_ttl))
+            self._descriptor(), sim.last_call_timeout, float(sim.lease_ttl),
+            random.Random(f"{sim.seed}/{self.lease}"))
         for attr in ("round_watch", "waiting_watch"):
             self._cancel(attr)
         self._watch_state()

@@ -54,6 +54,7 @@ cdef class Backoff:
     cdef double initial
     cdef double cap
     cdef double current
+    cdef object rng                         # random.Random: the jitter's source
 
 
 cdef class Node:
@@ -88,6 +89,9 @@ cdef class Node:
     cdef readonly long long waiting_round
     cdef readonly double wake_at
     cdef readonly double open_at
+    cdef readonly double retry_at           # after a lost CAS: back off until then (or inf)
+    cdef double now                         # the driver's clock at this step
+    cdef double wall_offset                 # wall clock minus the driver's clock
     cdef readonly bint freeze_pending
     cdef readonly bint freezer
     cdef readonly set confirmed

@@ -43,7 +43,6 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 import random
-import time
 import zlib
 
 from rdzv.api import (
@@ -1317,16 +1316,19 @@ cdef class Backoff:
     Args:
         initial: first delay in seconds.
         cap: largest delay in seconds.
+        rng: the ``random.Random`` the jitter is drawn from (a simulation
+            passes a seeded one); None: a generator of its own, seeded by the OS.
     """
 
-    def __init__(self, double initial=50e-6, double cap=0.05):
+    def __init__(self, double initial=50e-6, double cap=0.05, rng=None):
         self.initial = initial
         self.cap = cap
         self.current = initial
+        self.rng = random.Random() if rng is None else rng
 
     def next_delay(self):
         """Return the next delay (full jitter) and grow the ceiling."""
-        cdef double delay = random.uniform(0.0, self.current)
+        cdef double delay = self.rng.uniform(0.0, self.current)
         self.current = min(self.current * 2.0, self.cap)
         return delay
 
@@ -1350,10 +1352,13 @@ cdef class Node:
         last_call_timeout: seconds between the min-th join and the freeze.
         liveness_interval: how long a confirmed member waits for ``final``
             before it checks the world's liveness itself.
+        rng: the ``random.Random`` its backoff draws from (the handler's is
+            seeded by the OS, a simulation's by its seed); None: its own.
     """
 
     def __init__(self, str node_id, keys, int min_nodes, int max_nodes, long long lease,
-                 bytes descriptor, double last_call_timeout, double liveness_interval):
+                 bytes descriptor, double last_call_timeout, double liveness_interval,
+                 rng=None):
         if not 1 <= min_nodes <= max_nodes:
             raise ValueError(
                 f"need 1 <= min_nodes <= max_nodes, got {min_nodes} and {max_nodes}")
@@ -1376,7 +1381,8 @@ cdef class Node:
         self.confirmed_state = None
         self.confirmed_mod = 0
         self.stale_keys = []
-        self.backoff = Backoff()
+        self.backoff = Backoff(rng=rng)
+        self.wall_offset = 0.0
         self.freezer = False
         self.freeze_round = -1
         self.confirmed = set()
@@ -1399,18 +1405,21 @@ cdef class Node:
     @property
     def next_wake(self):
         """The earliest time at which ``advance`` has something to do unprompted."""
-        return min(self.wake_at, self.open_at)
+        return min(self.wake_at, self.open_at, self.retry_at)
 
-    def begin(self, descriptor=None):
+    def begin(self, descriptor=None, double wall_offset=0.0):
         """Start a new ``next_rendezvous()`` call.
 
         Args:
             descriptor: this node's descriptor for the rounds of this call
                 (``encode_member``; it carries the port the node would serve as
                 rank 0, so a fresh one each call); None keeps the last one.
+            wall_offset: wall-clock time minus the driver's clock (``now``), for
+                the one time the node publishes: when a last call ends.
         """
         if descriptor is not None:
             self.descriptor = descriptor
+        self.wall_offset = wall_offset
         self.phase = IDLE
         self.joined_round = -1
         self.join_revision = 0
@@ -1418,6 +1427,7 @@ cdef class Node:
         self.waiting_round = -1
         self.wake_at = INFINITY
         self.open_at = INFINITY
+        self.retry_at = INFINITY
         self.freeze_pending = False
         self.check_liveness = False
         self.watch_revision = 0
@@ -1494,7 +1504,7 @@ cdef class Node:
 
         May run transactions through ``client``. On ``STEP_WAIT`` the driver
         blocks until the state record changes, a watched event arrives, or
-        ``wake_at`` passes, then calls ``advance`` again.
+        ``next_wake`` passes, then calls ``advance`` again.
 
         Raises:
             RendezvousClosedError: the run is closed.
@@ -1502,7 +1512,13 @@ cdef class Node:
         """
         cdef int attempts = 0
         cdef StateRecord s
+        self.now = now
         while True:
+            if self.retry_at != INFINITY:
+                if now < self.retry_at:
+                    # A compare-and-swap lost to an identical record: back off.
+                    return STEP_WAIT
+                self.retry_at = INFINITY
             attempts += 1
             if attempts > _MAX_CAS_ATTEMPTS:
                 raise RendezvousStateError(
@@ -1637,7 +1653,7 @@ cdef class Node:
         else:
             self.observe_state(got[0], got[1])
         if same:
-            time.sleep(self.backoff.next_delay())
+            self.retry_at = self.now + self.backoff.next_delay()
         return 0
 
     cdef object _join_txn(self, client, long long round):
@@ -1706,7 +1722,7 @@ cdef class Node:
         """
         if count != min_nodes or count >= max_nodes:
             return 0
-        deadline = time.time() + (self.wake_at - now)
+        deadline = self.wall_offset + self.wake_at
         client.txn([("create", self.keys.world(round), 0)],
                    [("put", self.keys.last_call(round), b"%.3f" % deadline, self.lease)], [])
         return 0

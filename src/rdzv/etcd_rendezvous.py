@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
@@ -234,6 +235,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             self._descriptor() if descriptor is None else descriptor,
             self._last_call_timeout,
             float(self._lease_ttl),
+            random.Random(int.from_bytes(os.urandom(8), "big")),
         )
         node.use_run_leases(self._keys.data_lease, self._keys.state_lease)
         return node
@@ -473,7 +475,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             start = time.monotonic()
             deadline = start + self._timeout
             node = self._node
-            node.begin(self._descriptor())
+            node.begin(self._descriptor(), time.time() - start)
             next_check = start + self._lease_ttl
             try:
                 while True:
