@@ -65,7 +65,8 @@ from rdzv.api import (
     RendezvousStateError,
 )
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
-from rdzv.etcd_rendezvous import _FOREIGN_OPTIONS, RENDEZVOUS_OPTIONS, create_rdzv_handler
+from rdzv.config import FOREIGN_OPTIONS, RENDEZVOUS_OPTIONS
+from rdzv.etcd_rendezvous import create_rdzv_handler
 
 EXAMPLES = int(os.environ.get("RDZV_FUZZ_EXAMPLES", "200"))
 _QUIET = {
@@ -204,7 +205,7 @@ _OPTION_VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]]
 _ARGUMENT_NAMES = {"self", "backend", "endpoint", "run_id", "min_nodes", "max_nodes",
                    "local_addr"}
 _OTHER_OPTIONS = st.dictionaries(
-    st.one_of(st.sampled_from(sorted(_FOREIGN_OPTIONS)), st.text(min_size=1, max_size=12))
+    st.one_of(st.sampled_from(sorted(FOREIGN_OPTIONS)), st.text(min_size=1, max_size=12))
     .filter(lambda k: k not in _ARGUMENT_NAMES and k not in RENDEZVOUS_OPTIONS),
     _JUNK,
     min_size=1,
@@ -467,7 +468,7 @@ def _broken_rule(case: Case) -> str | None:
               "min_nodes": case.min_nodes, "max_nodes": case.max_nodes,
               "local_addr": case.local_addr, **config}
     for name, value in values.items():
-        rule = _RULES.get(name, lambda _, name=name: name in _FOREIGN_OPTIONS)
+        rule = _RULES.get(name, lambda _, name=name: name in FOREIGN_OPTIONS)
         if not rule(value):
             return f"{name}={value!r}"[:200]
     if case.max_nodes < case.min_nodes:
@@ -538,7 +539,7 @@ def _cases(draw: Any) -> Case:
     if "other" in wild:
         config.update(draw(_OTHER_OPTIONS))
     elif draw(st.booleans()):
-        config[draw(st.sampled_from(sorted(_FOREIGN_OPTIONS)))] = draw(_JUNK)
+        config[draw(st.sampled_from(sorted(FOREIGN_OPTIONS)))] = draw(_JUNK)
     return Case(**args, config=config, wild=tuple(sorted(wild)))
 
 

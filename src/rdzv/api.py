@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from rdzv.config import check_node_bounds
+
 __all__ = [
     "RendezvousClosedError",
     "RendezvousConnectionError",
@@ -204,6 +206,10 @@ class RendezvousParameters:
         max_nodes: maximum number of nodes admitted to a round.
         local_addr: address this node advertises (rank 0's ``MASTER_ADDR``).
         **kwargs: backend-specific options, read with ``get`` and friends.
+
+    Raises:
+        ValueError: the backend name is empty, or the bounds break the rule
+            ``1 <= min_nodes <= max_nodes <= 1000000`` (``check_node_bounds``).
     """
 
     def __init__(
@@ -218,18 +224,7 @@ class RendezvousParameters:
     ) -> None:
         if not backend:
             raise ValueError("The rendezvous backend name must be a non-empty string.")
-        for name, value in (("min_nodes", min_nodes), ("max_nodes", max_nodes)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}.")
-        if min_nodes < 1:
-            raise ValueError(
-                f"The minimum number of rendezvous nodes ({min_nodes}) must be greater than zero."
-            )
-        if max_nodes < min_nodes:
-            raise ValueError(
-                f"The maximum number of rendezvous nodes ({max_nodes}) must be greater "
-                f"than or equal to the minimum number of rendezvous nodes ({min_nodes})."
-            )
+        check_node_bounds(min_nodes, max_nodes)
         self.backend = backend
         self.endpoint = endpoint
         self.run_id = run_id

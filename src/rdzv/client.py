@@ -1,4 +1,6 @@
-"""The one way rdzv talks to etcd: configuration, connection, retries, errors.
+"""The one way rdzv talks to etcd: connection, retries, errors.
+
+Where etcd is and how to reach it (``EtcdConfig``) is read by ``rdzv.config``.
 
 ``EtcdClient`` wraps an ``etcd3`` client (imported through ``_etcd3_compat`` so
 that any protobuf works) and speaks raw etcd v3 requests. Transactions are given
@@ -38,7 +40,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -47,13 +48,33 @@ from rdzv import _mux
 from rdzv._etcd3_compat import load_etcd3
 from rdzv._mux import KeepAliveHub, KeptLease, WatchHandle, WatchMux, WatchRefused
 from rdzv._state import Backoff
-from rdzv.api import RendezvousConnectionError, RendezvousError, RendezvousParameters
+from rdzv.api import RendezvousConnectionError, RendezvousError
+from rdzv.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_PORT,
+    MAX_SECONDS,
+    EtcdConfig,
+    host_text,
+    parse_endpoints,
+    seconds_option,
+)
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_PORT",
+    "MAX_SECONDS",
+    "EtcdClient",
+    "EtcdConfig",
+    "ForkedProcessError",
+    "HeldLease",
+    "LeaseLostError",
+    "parse_endpoints",
+    "seconds_option",
+    "txn_request",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 2379
-DEFAULT_CONNECT_TIMEOUT = 5.0
-_PROTOCOLS = ("http", "https")
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _ATTEMPT_TIMEOUT = 2.0
 # etcd's "require leader" metadata (clientv3.WithRequireLeader): a member cut off
@@ -70,186 +91,6 @@ class LeaseLostError(RendezvousError):
     found" (it expired), or a ``bounded`` client's horizon passed while the
     request was being retried. Retrying cannot help; the node must start over
     with a new lease."""
-
-
-def parse_endpoints(endpoint: str) -> list[tuple[str, int]]:
-    """Parse ``host[:port][,host[:port]...]`` into ``[(host, port), ...]``.
-
-    A leading ``http://`` or ``https://`` on an entry is accepted and ignored (the
-    ``protocol`` parameter decides). IPv6 hosts go in brackets: ``[::1]:2379``.
-
-    Raises:
-        ValueError: the string is empty, or an entry has a bad host or port.
-    """
-    if not isinstance(endpoint, str) or not endpoint.strip():
-        raise ValueError(
-            "The rendezvous endpoint must be 'host[:port]' or a comma-separated list "
-            f"of them (default port {DEFAULT_PORT}), got {endpoint!r}."
-        )
-    result = []
-    for raw in endpoint.split(","):
-        entry = raw.strip()
-        for scheme in ("http://", "https://"):
-            entry = entry.removeprefix(scheme)
-        entry = entry.rstrip("/")
-        host, port_text = entry, ""
-        if entry.startswith("["):
-            close = entry.find("]")
-            if close < 0:
-                raise ValueError(f"Endpoint {raw.strip()!r} opens '[' without closing it.")
-            host, rest = entry[1:close], entry[close + 1:]
-            if rest and not rest.startswith(":"):
-                raise ValueError(f"Endpoint {raw.strip()!r}: expected ':port' after ']'.")
-            port_text = rest[1:]
-        elif entry.count(":") == 1:
-            host, port_text = entry.split(":")
-        elif entry.count(":") > 1:
-            raise ValueError(
-                f"Endpoint {raw.strip()!r}: write IPv6 addresses in brackets, "
-                f"e.g. '[::1]:{DEFAULT_PORT}'."
-            )
-        if not host or not _printable_ascii_or_idna(host) or any(c in "/@?#" for c in host):
-            raise ValueError(
-                f"Endpoint {raw.strip()!r} has no valid host; expected 'host[:port]'."
-            )
-        port = DEFAULT_PORT
-        if port_text:
-            if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-                raise ValueError(
-                    f"Endpoint {raw.strip()!r} has port {port_text!r}; "
-                    "expected a number from 1 to 65535."
-                )
-            port = int(port_text)
-        result.append((host, port))
-    return result
-
-
-@dataclass(frozen=True)
-class EtcdConfig:
-    """How to reach etcd: endpoints, transport security and credentials.
-
-    Attributes:
-        endpoints: ``[(host, port), ...]``; the client fails over between them.
-        protocol: ``"http"`` or ``"https"``.
-        cacert: CA bundle that signs the server certificate (https).
-        cert: client certificate for mutual TLS.
-        key: private key of ``cert``.
-        username: etcd user, if etcd authentication is on.
-        password: that user's password; never logged or shown in errors.
-        connect_timeout: seconds a request keeps retrying an unreachable etcd.
-    """
-
-    endpoints: tuple[tuple[str, int], ...]
-    protocol: str = "http"
-    cacert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-
-    def __post_init__(self) -> None:
-        if self.protocol not in _PROTOCOLS:
-            raise ValueError(
-                f"The rendezvous protocol must be one of {', '.join(_PROTOCOLS)}, "
-                f"got {self.protocol!r}."
-            )
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("Give both 'cert' and 'key' for mutual TLS, or neither.")
-        if self.protocol == "http" and (self.cacert or self.cert):
-            raise ValueError(
-                "'cacert', 'cert' and 'key' need protocol=https; got protocol=http."
-            )
-        if (self.username is None) != (self.password is None):
-            raise ValueError("Give both 'username' and 'password' for etcd auth, or neither.")
-        if not 0 < self.connect_timeout <= MAX_SECONDS:
-            raise ValueError(
-                f"'connect_timeout' must be a positive number of seconds, at most "
-                f"{MAX_SECONDS:.0f} (a year), got {self.connect_timeout!r}."
-            )
-        for name in ("cacert", "cert", "key"):
-            _check_readable_file(name, getattr(self, name))
-        for name in ("username", "password"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                shown = "a value" if name == "password" else repr(value)
-                raise ValueError(f"'{name}' must be a non-empty string, got {shown}.")
-
-    @classmethod
-    def from_params(cls, params: RendezvousParameters) -> EtcdConfig:
-        """Build the configuration from rendezvous parameters."""
-        protocol = params.get("protocol", "http")
-        if not isinstance(protocol, str):
-            raise ValueError(f"The rendezvous protocol must be a string, got {protocol!r}.")
-        return cls(
-            endpoints=tuple(parse_endpoints(params.endpoint)),
-            protocol=protocol.lower(),
-            cacert=params.get("cacert"),
-            cert=params.get("cert"),
-            key=params.get("key"),
-            username=params.get("username"),
-            password=params.get("password"),
-            connect_timeout=seconds_option(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
-        )
-
-    def describe(self) -> str:
-        """The endpoints as the user wrote them, for messages (no credentials)."""
-        return ",".join(
-            f"{self.protocol}://{_host_text(host)}:{port}" for host, port in self.endpoints
-        )
-
-
-#: The longest duration any option may have: a year, well inside what
-#: threading and gRPC deadlines can represent.
-MAX_SECONDS = 365 * 24 * 3600.0
-
-
-def seconds_option(params: RendezvousParameters, name: str, default: float) -> float:
-    """Read option ``name`` as a positive, finite number of seconds (at most a year).
-
-    Raises:
-        ValueError: the value is not a number (int, float or numeric text), or is
-            not in (0, MAX_SECONDS].
-    """
-    value = params.get(name, default)
-    number = None
-    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except (ValueError, OverflowError):
-            number = None
-    if number is None or not 0 < number <= MAX_SECONDS:
-        raise ValueError(
-            f"The rendezvous option '{name}' must be a positive number of seconds, at most "
-            f"{MAX_SECONDS:.0f} (a year), got {value!r}."
-        )
-    return number
-
-
-def _check_readable_file(name: str, path: object) -> None:
-    """Refuse a TLS file option that is not the path of a readable file."""
-    if path is None:
-        return
-    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
-        raise ValueError(f"'{name}' must be the path of a PEM file, got {path!r}.")
-    text = os.fspath(path)
-    if not text or "\0" in text or not os.path.isfile(text) or not os.access(text, os.R_OK):
-        raise ValueError(f"'{name}' must be the path of a readable PEM file, got {text!r}.")
-
-
-def _printable_ascii_or_idna(host: str) -> bool:
-    """A host name gRPC can resolve: printable, no spaces, encodable as IDNA/ASCII."""
-    if any(not c.isprintable() or c.isspace() for c in host):
-        return False
-    try:
-        host.encode("idna" if not host.isascii() else "ascii")
-    except UnicodeError:
-        return False
-    return True
-
-
-def _host_text(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -514,7 +355,7 @@ class EtcdClient:
     def _target(self) -> tuple[str, int]:
         endpoints = self.config.endpoints
         if len(endpoints) == 1:
-            return _host_text(endpoints[0][0]), endpoints[0][1]
+            return host_text(endpoints[0][0]), endpoints[0][1]
         # etcd3 formats "{host}:{port}"; a gRPC "ipv4:"/"ipv6:" target lists every
         # address and lets gRPC fail over between them.
         hosts = [h for h, _ in endpoints]
@@ -527,9 +368,9 @@ class EtcdClient:
                 "Several etcd endpoints must all be IPv4 or all IPv6 addresses "
                 f"(gRPC fails over between addresses, not names); got {self.config.describe()}."
             )
-        head = ",".join(f"{_host_text(h)}:{p}" for h, p in endpoints[:-1])
+        head = ",".join(f"{host_text(h)}:{p}" for h, p in endpoints[:-1])
         last_host, last_port = endpoints[-1]
-        return f"{scheme}{head},{_host_text(last_host)}", last_port
+        return f"{scheme}{head},{host_text(last_host)}", last_port
 
     # ---------------------------------------------------------------- errors
     def _connection_error(self, what: str, err: BaseException) -> RendezvousConnectionError:

@@ -8,13 +8,11 @@ and the deadlines, and turns a completed round into a ``RendezvousInfo``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import socket
 import threading
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from rdzv import _state
@@ -30,20 +28,29 @@ from rdzv.api import (
     RendezvousTimeoutError,
     free_port,
 )
-from rdzv.client import (
-    DEAD_CONNECTION_WITHIN,
-    EtcdClient,
-    EtcdConfig,
-    LeaseLostError,
-    seconds_option,
+from rdzv.client import DEAD_CONNECTION_WITHIN, EtcdClient, LeaseLostError
+from rdzv.config import (
+    DEFAULT_CLOSED_RUN_GRACE,
+    DEFAULT_LAST_CALL_TIMEOUT,
+    DEFAULT_LEASE_TTL,
+    DEFAULT_RUN_IDLE_TIMEOUT,
+    DEFAULT_STORE_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    RENDEZVOUS_OPTIONS,
+    RendezvousOptions,
+    check_rank_order,
+    node_topology,
+    slurm_topology,
 )
 from rdzv.etcd_store import EtcdStore
-from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
+from rdzv.keys import DEFAULT_PREFIX, RunKeys
 from rdzv.session import RunLeases, Session
 from rdzv.watch import Inbox, Watch
 
 __all__ = [
     "BACKEND_NAMES",
+    "DEFAULT_LEASE_TTL",
+    "DEFAULT_TIMEOUT",
     "RENDEZVOUS_OPTIONS",
     "EtcdRendezvousHandler",
     "create_rdzv_handler",
@@ -53,73 +60,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 600.0
-DEFAULT_LAST_CALL_TIMEOUT = 30.0
-DEFAULT_LEASE_TTL = 10
-DEFAULT_STORE_TIMEOUT = 300.0
-#: As torch's etcd backend, whose runs expire two hours after their last write.
-DEFAULT_RUN_IDLE_TIMEOUT = 7200.0
-DEFAULT_CLOSED_RUN_GRACE = 600.0
-#: etcd's own limit on a lease's time-to-live (about 285 years).
-MAX_LEASE_TTL = 9_000_000_000
 #: The backend names rdzv answers to: ``etcd3`` is torchrun's ``--rdzv-backend``;
 #: ``etcd`` lets code written for torch's etcd handler port unchanged.
 BACKEND_NAMES = ("etcd3", "etcd-v3", "etcd")
-MIN_KEEPALIVE_INTERVAL = 0.05
-MAX_DEFAULT_KEEPALIVE = 60.0
 # How long the first num_nodes_waiting() after a round (or after a silence)
 # waits for the view's read (one attempt's deadline); past it, it answers from
 # the view.
 _FIRST_READ_WAIT = 2.0
-
-#: Options read from ``RendezvousParameters`` (``--rdzv-conf`` keys), with what they mean.
-RENDEZVOUS_OPTIONS: dict[str, str] = {
-    "timeout": f"seconds a node waits for a round before RendezvousTimeoutError "
-    f"(default {DEFAULT_TIMEOUT:g})",
-    "last_call_timeout": "seconds between the min_nodes-th join and the round's completion "
-    f"when fewer than max_nodes joined (default {DEFAULT_LAST_CALL_TIMEOUT:g})",
-    "etcd_prefix": f"key prefix shared by all runs (default {DEFAULT_PREFIX!r})",
-    "protocol": "'http' or 'https' (default 'http')",
-    "cacert": "CA bundle that signs etcd's certificate (https)",
-    "cert": "client certificate for mutual TLS",
-    "key": "private key of 'cert'",
-    "username": "etcd user (or env RDZV_ETCD_USERNAME)",
-    "password": "etcd password (or env RDZV_ETCD_PASSWORD); never logged",
-    "lease_ttl": f"seconds after which a dead node's keys vanish (default {DEFAULT_LEASE_TTL})",
-    "keepalive_interval": "seconds between lease keep-alives (default lease_ttl / 4, "
-    "at most 60)",
-    "connect_timeout": "seconds a request retries an unreachable etcd before "
-    "RendezvousConnectionError (default 5)",
-    "store_timeout": f"default timeout of the round's store (default {DEFAULT_STORE_TIMEOUT:g})",
-    "closed_run_grace": "seconds a closed run's keys stay in etcd after its last node is gone, "
-    "for late nodes to learn it is closed (whole seconds, rounded up; default "
-    f"{DEFAULT_CLOSED_RUN_GRACE:g}; at most run_idle_timeout)",
-    "run_idle_timeout": "seconds after its last node is gone that a run that was never closed "
-    "(its job killed) is removed from etcd (whole seconds, rounded up; default "
-    f"{DEFAULT_RUN_IDLE_TIMEOUT:g})",
-    "topology": "this node's place in the cluster, a path from coarse to fine such as "
-    "'pod1/rack07' (or env RDZV_TOPOLOGY, else taken from SLURM_TOPOLOGY_ADDR); "
-    "a group's nodes get contiguous ranks",
-    "rank_order": "'stable' (default: survivors keep their ranks, newcomers fill the free "
-    "ranks in topology order) or 'topology' (every round ranked in topology order)",
-}
-
-# Keys that torch's launcher or other backends put in the configuration; they
-# mean nothing to this backend and are accepted silently.
-_FOREIGN_OPTIONS = frozenset(
-    {
-        "is_host",
-        "rank",
-        "join_timeout",
-        "read_timeout",
-        "close_timeout",
-        "heartbeat",
-        "keep_alive_interval",
-        "keep_alive_max_attempt",
-        "store_type",
-        "use_libuv",
-    }
-)
 
 
 class EtcdRendezvousHandler(RendezvousHandler):
@@ -172,7 +119,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
     ) -> None:
         if topology is not None:
             _state.check_topology(topology)
-        _check_rank_order(rank_order)
+        check_rank_order(rank_order)
         self._topology = topology or ""
         self._rank_order = rank_order
         self._client = client
@@ -894,77 +841,6 @@ def _compacted(err: BaseException) -> bool:
     return isinstance(err, WatchRefused) and "compacted" in str(err)
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_rank_order(value: Any) -> str:
-    if value not in _state.RANK_ORDERS:
-        raise ValueError(
-            f"The rendezvous option 'rank_order' must be one of "
-            f"{', '.join(_state.RANK_ORDERS)}, got {value!r}."
-        )
-    return value
-
-
-def slurm_topology(addr: str, pattern: str | None = None) -> str | None:
-    """The topology label that Slurm's topology address gives, or None.
-
-    Slurm's topology/tree plugin sets ``SLURM_TOPOLOGY_ADDR`` to the switches
-    from the top level down to the leaf and then the node's own name, joined by
-    periods (``s1.s7.node12``), and ``SLURM_TOPOLOGY_ADDR_PATTERN`` to what
-    each element is (``switch.switch.node``). The label is the switches only,
-    as a path: ``s1/s7``. Without the plugin the address is the node's name
-    alone and there is no label.
-
-    Args:
-        addr: the value of ``SLURM_TOPOLOGY_ADDR``.
-        pattern: the value of ``SLURM_TOPOLOGY_ADDR_PATTERN``, if set.
-
-    Returns:
-        The label, or None when the address names no switch.
-    """
-    parts = addr.split(".")
-    if pattern:
-        kinds = pattern.split(".")
-        switches = next((i for i, kind in enumerate(kinds) if kind != "switch"), len(kinds))
-    else:
-        switches = len(parts) - 1
-    return "/".join(parts[:switches]) or None
-
-
-def node_topology(option: Any = None, environ: Mapping[str, str] | None = None) -> str | None:
-    """This node's topology label: the option, else ``RDZV_TOPOLOGY``, else Slurm's.
-
-    An empty option or variable counts as not given.
-
-    Args:
-        option: the ``topology`` rendezvous option, if given.
-        environ: the environment to read (``os.environ`` if None).
-
-    Returns:
-        The label, or None if no source gives one.
-
-    Raises:
-        ValueError: the label is malformed; the message names its source.
-    """
-    env = os.environ if environ is None else environ
-    if option not in (None, ""):
-        return _state.check_topology(option, "topology")
-    if env.get("RDZV_TOPOLOGY"):
-        return _state.check_topology(env["RDZV_TOPOLOGY"], "RDZV_TOPOLOGY")
-    addr = env.get("SLURM_TOPOLOGY_ADDR")
-    if addr:
-        label = slurm_topology(addr, env.get("SLURM_TOPOLOGY_ADDR_PATTERN"))
-        if label is not None:
-            return _state.check_topology(label, "SLURM_TOPOLOGY_ADDR")
-    return None
-
-
 def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
     """Create an etcd v3 rendezvous handler from parameters.
 
@@ -985,76 +861,8 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
             f"{', '.join(repr(name) for name in BACKEND_NAMES)} (torchrun: "
             "--rdzv-backend=etcd3)."
         )
-    unknown = set(params.config) - set(RENDEZVOUS_OPTIONS) - _FOREIGN_OPTIONS
-    if unknown:
-        raise ValueError(
-            f"Unknown rendezvous option(s) {', '.join(sorted(unknown))}; "
-            f"the etcd rendezvous accepts {', '.join(sorted(RENDEZVOUS_OPTIONS))}."
-        )
-    if not isinstance(params.run_id, str) or not params.run_id:
-        raise ValueError(f"The run id must be a non-empty string, got {params.run_id!r}.")
-    for name, value in (("min_nodes", params.min_nodes), ("max_nodes", params.max_nodes)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}.")
-    if params.max_nodes > 1_000_000:
-        raise ValueError(f"max_nodes={params.max_nodes} is more than 1000000 nodes.")
-    credentials = {}
-    for env, name in (("RDZV_ETCD_USERNAME", "username"), ("RDZV_ETCD_PASSWORD", "password")):
-        if params.get(name) is None and os.environ.get(env):
-            credentials[name] = os.environ[env]
-    if credentials:
-        # A copy: the caller's parameters never hold a password from the environment.
-        params = RendezvousParameters(
-            params.backend, params.endpoint, params.run_id, params.min_nodes,
-            params.max_nodes, params.local_addr, **{**params.config, **credentials},
-        )
-    config = EtcdConfig.from_params(params)
-    prefix = normalize_prefix(params.get("etcd_prefix", DEFAULT_PREFIX))
-    RunKeys(prefix, params.run_id)  # validates the run id before any I/O
-    lease_ttl_value = params.get("lease_ttl", DEFAULT_LEASE_TTL)
-    lease_ttl = None
-    if isinstance(lease_ttl_value, (int, str)) and not isinstance(lease_ttl_value, bool):
-        text = str(lease_ttl_value).strip()
-        if text.isascii() and text.isdigit() and len(text) <= 10:
-            lease_ttl = int(text)
-    if lease_ttl is None or not 2 <= lease_ttl <= MAX_LEASE_TTL:
-        raise ValueError(
-            "The rendezvous option 'lease_ttl' must be a whole number of seconds from 2 "
-            f"to {MAX_LEASE_TTL} (about 285 years, etcd's limit), got {lease_ttl_value!r}."
-        )
-    keepalive = seconds_option(
-        params, "keepalive_interval", min(lease_ttl / 4, MAX_DEFAULT_KEEPALIVE)
-    )
-    if keepalive < MIN_KEEPALIVE_INTERVAL:
-        raise ValueError(
-            f"keepalive_interval must be at least {MIN_KEEPALIVE_INTERVAL} s, got {keepalive:g} s."
-        )
-    if keepalive >= lease_ttl:
-        raise ValueError(
-            f"keepalive_interval ({keepalive:g} s) must be shorter than lease_ttl "
-            f"({lease_ttl} s), or the lease expires between keep-alives."
-        )
-    timeout = seconds_option(params, "timeout", DEFAULT_TIMEOUT)
-    last_call = seconds_option(params, "last_call_timeout", DEFAULT_LAST_CALL_TIMEOUT)
-    store_timeout = seconds_option(params, "store_timeout", DEFAULT_STORE_TIMEOUT)
-    grace = math.ceil(seconds_option(params, "closed_run_grace", DEFAULT_CLOSED_RUN_GRACE))
-    idle = math.ceil(seconds_option(params, "run_idle_timeout", DEFAULT_RUN_IDLE_TIMEOUT))
-    if grace > idle:
-        raise ValueError(
-            f"closed_run_grace ({grace} s) must not be longer than run_idle_timeout "
-            f"({idle} s): an abandoned run's state record would go before its rounds."
-        )
-    local_addr = params.local_addr
-    if local_addr is not None and (
-        not isinstance(local_addr, str)
-        or not local_addr
-        or any(not c.isprintable() or c.isspace() or c == "," for c in local_addr)
-        or not _encodable(local_addr)
-    ):
-        raise ValueError(f"local_addr must be a host name or address, got {local_addr!r}.")
-    topology = node_topology(params.get("topology"))
-    rank_order = _check_rank_order(params.get("rank_order", _state.RANK_ORDERS[0]))
-    client = EtcdClient(config)
+    options = RendezvousOptions.from_params(params)
+    client = EtcdClient(options.etcd)
     try:
         return EtcdRendezvousHandler(
             client,
@@ -1062,17 +870,17 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
             backend=params.backend,
             min_nodes=params.min_nodes,
             max_nodes=params.max_nodes,
-            timeout=timeout,
-            last_call_timeout=last_call,
-            etcd_prefix=prefix,
-            lease_ttl=lease_ttl,
-            keepalive_interval=keepalive,
-            local_addr=local_addr,
-            store_timeout=store_timeout,
-            closed_run_grace=grace,
-            run_idle_timeout=idle,
-            topology=topology,
-            rank_order=rank_order,
+            timeout=options.timeout,
+            last_call_timeout=options.last_call_timeout,
+            etcd_prefix=options.etcd_prefix,
+            lease_ttl=options.lease_ttl,
+            keepalive_interval=options.keepalive_interval,
+            local_addr=options.local_addr,
+            store_timeout=options.store_timeout,
+            closed_run_grace=options.closed_run_grace,
+            run_idle_timeout=options.run_idle_timeout,
+            topology=options.topology,
+            rank_order=options.rank_order,
         )
     except BaseException:
         client.close()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import operator
 import os
 import threading
@@ -34,7 +33,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rdzv._state import Backoff
-from rdzv.client import MAX_SECONDS, EtcdClient
+from rdzv.client import EtcdClient
+from rdzv.config import parse_seconds
 
 __all__ = ["EtcdStore", "StoreTimeoutError"]
 
@@ -56,27 +56,6 @@ class StoreTimeoutError(TimeoutError):
     The counterpart of c10d's ``DistStoreError`` on a timed-out ``get``/``wait``;
     the message names the missing keys and the timeout.
     """
-
-
-def _to_seconds(timeout: TimeoutType, what: str) -> float:
-    if isinstance(timeout, datetime.timedelta):
-        seconds = timeout.total_seconds()
-    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        try:
-            seconds = float(timeout)
-        except OverflowError:
-            seconds = math.inf
-    else:
-        raise TypeError(
-            f"The {what} must be a datetime.timedelta or a number of seconds, "
-            f"got {timeout!r}."
-        )
-    if not 0 < seconds <= MAX_SECONDS:
-        raise ValueError(
-            f"The {what} must be a positive duration of at most {MAX_SECONDS:.0f} s "
-            f"(a year), got {timeout!r}."
-        )
-    return seconds
 
 
 def _to_bytes(value: ValueType, what: str) -> bytes:
@@ -136,7 +115,7 @@ class EtcdStore:
         self._client = client
         self._prefix = raw if raw.endswith(b"/") else raw + b"/"
         self._lease = lease
-        self._timeout = _to_seconds(timeout, "store timeout")
+        self._timeout = parse_seconds(timeout, "The store timeout")
 
     # ------------------------------------------------------------- settings
     @property
@@ -158,7 +137,7 @@ class EtcdStore:
         Raises:
             ValueError: the timeout is not positive and finite.
         """
-        self._timeout = _to_seconds(timeout, "store timeout")
+        self._timeout = parse_seconds(timeout, "The store timeout")
 
     # ---------------------------------------------------------------- keys
     def _key(self, key: KeyType) -> bytes:
@@ -283,7 +262,7 @@ class EtcdStore:
                 keys still missing.
             RendezvousConnectionError: etcd cannot be reached.
         """
-        seconds = self._timeout if timeout is None else _to_seconds(timeout, "wait timeout")
+        seconds = self._timeout if timeout is None else parse_seconds(timeout, "The wait timeout")
         full = [self._key(k) for k in _key_list(keys, "wait")]
         self._wait_for(full, seconds)
 
