@@ -33,8 +33,9 @@ from certs import Certificates, write_certificates
 from helpers import ThreadNode, assert_one_world, make_handler, run_round, wait_for
 from rdzv._etcd3_compat import load_etcd3
 from rdzv.api import RendezvousConnectionError
-from rdzv.client import EtcdClient, EtcdConfig, _is_tls_failure, _prefix_end
+from rdzv.client import EtcdClient, EtcdConfig, _is_tls_failure
 from rdzv.etcd_server import EtcdServer
+from rdzv.txn import prefix_end
 
 USER = "trainer"
 # Random, so that finding it anywhere can only mean it leaked.
@@ -109,7 +110,7 @@ def _enable_auth(server: EtcdServer) -> None:
                 perm=permission(
                     permType=permission.READWRITE,
                     key=b"/rdzv/",
-                    range_end=_prefix_end(b"/rdzv/"),
+                    range_end=prefix_end(b"/rdzv/"),
                 ),
             )
         )

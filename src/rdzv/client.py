@@ -4,22 +4,8 @@ Where etcd is and how to reach it (``EtcdConfig``) is read by ``rdzv.config``.
 
 ``EtcdClient`` wraps an ``etcd3`` client (imported through ``_etcd3_compat`` so
 that any protobuf works) and speaks raw etcd v3 requests. Transactions are given
-as plain tuples, which keeps the compiled core free of protobuf and I/O:
-
-compares
-    ``("mod", key, rev)``: the key's mod_revision equals ``rev`` (0: absent);
-    ``("create", key, rev)``: its create_revision equals ``rev`` (0: absent).
-operations
-    ``("get", key)`` -> ``(value, mod_revision, create_revision)`` or ``None``;
-    ``("count", prefix[, max_create_revision])`` -> number of keys under
-    ``prefix`` (created at or before ``max_create_revision`` if given);
-    ``("range", prefix, limit[, keys_only])`` -> ``[(key, value,
-    create_revision), ...]`` in creation order (values empty with
-    ``keys_only``); ``("list", prefix, limit)`` -> ``(count, [key, ...])``: how
-    many keys are under ``prefix`` and the first ``limit`` of them, in one read;
-    ``("put", key, value, lease)`` -> ``None``;
-    ``("delete", key[, range_end])`` -> number of keys deleted (with
-    ``range_end``: every key in ``[key, range_end)``).
+as plain tuples, which keeps the compiled core free of protobuf and I/O;
+``rdzv.txn`` says what they mean and translates them.
 
 Every gRPC failure that means "etcd is not there" becomes a
 ``RendezvousConnectionError`` naming the endpoints; transient ones are retried
@@ -58,6 +44,16 @@ from rdzv.config import (
     parse_endpoints,
     seconds_option,
 )
+from rdzv.txn import (
+    compare_holds,
+    is_read_only,
+    prefix_end,
+    range_request,
+    range_result,
+    request_op,
+    txn_request,
+    txn_results,
+)
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -91,17 +87,6 @@ class LeaseLostError(RendezvousError):
     found" (it expired), or a ``bounded`` client's horizon passed while the
     request was being retried. Retrying cannot help; the node must start over
     with a new lease."""
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key starting with ``prefix``."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\0"
 
 
 # gRPC pings on every connection: etcd refuses them more often than every 5 s
@@ -536,7 +521,7 @@ class EtcdClient:
     def range(self, prefix: bytes, limit: int = 0, keys_only: bool = False) -> list[tuple]:
         """Return ``[(key, value, create_revision), ...]`` under ``prefix``, oldest first."""
         response = self._call(
-            self._kv.Range, _range_request(self._rpc, prefix, limit, keys_only), "range"
+            self._kv.Range, range_request(self._rpc, prefix, limit, keys_only), "range"
         )
         return [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
 
@@ -548,7 +533,7 @@ class EtcdClient:
     def range_records(self, prefix: bytes) -> list[tuple[bytes, bytes, int, int]]:
         """Return ``[(key, value, lease_id, mod_revision), ...]`` under ``prefix``,
         oldest first (lease id 0: the key has no lease)."""
-        response = self._call(self._kv.Range, _range_request(self._rpc, prefix, 0), "range")
+        response = self._call(self._kv.Range, range_request(self._rpc, prefix, 0), "range")
         return [(kv.key, kv.value, kv.lease, kv.mod_revision) for kv in response.kvs]
 
     def lease_time_to_live(self, lease_id: int) -> int:
@@ -565,7 +550,7 @@ class EtcdClient:
     def count(self, prefix: bytes, once: bool = False) -> int:
         """Return how many keys start with ``prefix``; ``once``: a single attempt."""
         request = self._rpc.RangeRequest(
-            key=prefix, range_end=_prefix_end(prefix), count_only=True
+            key=prefix, range_end=prefix_end(prefix), count_only=True
         )
         return self._call(self._kv.Range, request, "count", once).count
 
@@ -578,7 +563,7 @@ class EtcdClient:
         """Delete ``key`` (or every key under it); return how many were deleted."""
         request = self._rpc.DeleteRangeRequest(key=key)
         if prefix:
-            request.range_end = _prefix_end(key)
+            request.range_end = prefix_end(key)
         return self._call(self._kv.DeleteRange, request, "delete").deleted
 
     def txn(
@@ -591,7 +576,7 @@ class EtcdClient:
         """Run one transaction; return ``(succeeded, revision, results)``.
 
         ``results`` has one entry per operation of the branch that ran, shaped as
-        the module docstring says. With ``once``, one attempt and no retries.
+        ``rdzv.txn`` says. With ``once``, one attempt and no retries.
 
         A transaction that only reads is not sent as one: etcd 3.5.0 to 3.5.4
         panic when a read-only transaction's request is cancelled while it runs
@@ -601,21 +586,12 @@ class EtcdClient:
         snapshot the transaction would have read; a cancelled range is only an
         error. ``revision`` is that snapshot's.
         """
-        if all(op[0] in _READ_OPS for op in (*success, *failure)):
+        if is_read_only(success, failure):
             return self._read_only_txn(compares, success, failure, once)
         request = txn_request(self._rpc, compares, success, failure)
         response = self._call(self._kv.Txn, request, "transaction", once)
         ops = success if response.succeeded else failure
-        results: list[Any] = []
-        for op, item in zip(ops, response.responses, strict=True):
-            kind = op[0]
-            if kind == "delete":
-                results.append(item.response_delete_range.deleted)
-            elif kind == "put":
-                results.append(None)
-            else:
-                results.append(_range_result(kind, item.response_range))
-        return response.succeeded, response.header.revision, results
+        return response.succeeded, response.header.revision, txn_results(ops, response.responses)
 
     def _read_only_txn(
         self,
@@ -646,10 +622,10 @@ class EtcdClient:
                 succeeded = True
                 for kind, key, expected in compares:
                     kvs = read(self._rpc.RangeRequest(key=key)).kvs
-                    succeeded = succeeded and _compare_holds(kind, kvs, expected)
+                    succeeded = succeeded and compare_holds(kind, kvs, expected)
                 ops = success if succeeded else failure
                 results = [
-                    _range_result(op[0], read(_op(self._rpc, op).request_range)) for op in ops
+                    range_result(op[0], read(request_op(self._rpc, op).request_range)) for op in ops
                 ]
                 if revision == 0:  # nothing to read at all: the current revision
                     read(self._rpc.RangeRequest(key=b"\0", count_only=True))
@@ -785,7 +761,7 @@ class EtcdClient:
         if range_end is not None:
             create.range_end = range_end
         elif prefix:
-            create.range_end = _prefix_end(key)
+            create.range_end = prefix_end(key)
         if no_put:
             create.filters.append(rpc.WatchCreateRequest.NOPUT)
 
@@ -874,86 +850,6 @@ class _WatchNotStarted(grpc.RpcError):
         return str(self)
 
 
-def txn_request(
-    rpc: Any,
-    compares: Sequence[Sequence[Any]],
-    success: Sequence[Sequence[Any]],
-    failure: Sequence[Sequence[Any]] = (),
-) -> Any:
-    """The etcd ``TxnRequest`` a transaction given as tuples is sent as.
-
-    Args:
-        rpc: etcd3's generated protobuf module (``etcd3.etcdrpc``).
-        compares, success, failure: as for ``EtcdClient.txn``.
-    """
-    return rpc.TxnRequest(
-        compare=[_compare(rpc, c) for c in compares],
-        success=[_op(rpc, o) for o in success],
-        failure=[_op(rpc, o) for o in failure],
-    )
-
-
-def _range_request(rpc: Any, prefix: bytes, limit: int, keys_only: bool = False) -> Any:
-    return rpc.RangeRequest(
-        key=prefix,
-        range_end=_prefix_end(prefix),
-        limit=limit,
-        keys_only=keys_only,
-        sort_order=rpc.RangeRequest.ASCEND,
-        sort_target=rpc.RangeRequest.CREATE,
-    )
-
-
-def _op(rpc: Any, op: Sequence[Any]) -> Any:
-    kind = op[0]
-    if kind == "get":
-        return rpc.RequestOp(request_range=rpc.RangeRequest(key=op[1]))
-    if kind == "count":
-        request = rpc.RangeRequest(key=op[1], range_end=_prefix_end(op[1]), count_only=True)
-        if len(op) > 2:
-            request.max_create_revision = op[2]
-        return rpc.RequestOp(request_range=request)
-    if kind == "range":
-        keys_only = len(op) > 3 and bool(op[3])
-        return rpc.RequestOp(request_range=_range_request(rpc, op[1], op[2], keys_only))
-    if kind == "list":
-        return rpc.RequestOp(request_range=_range_request(rpc, op[1], op[2], True))
-    if kind == "put":
-        return rpc.RequestOp(
-            request_put=rpc.PutRequest(key=op[1], value=op[2], lease=op[3])
-        )
-    if kind == "delete":
-        request = rpc.DeleteRangeRequest(key=op[1])
-        if len(op) > 2:
-            request.range_end = op[2]
-        return rpc.RequestOp(request_delete_range=request)
-    raise ValueError(f"unknown transaction operation {kind!r}")
-
-
-def _compare(rpc: Any, compare: Sequence[Any]) -> Any:
-    kind, key, expected = compare
-    if kind == "mod":
-        return rpc.Compare(
-            key=key,
-            result=rpc.Compare.EQUAL,
-            target=rpc.Compare.MOD,
-            mod_revision=expected,
-        )
-    if kind == "create":
-        return rpc.Compare(
-            key=key,
-            result=rpc.Compare.EQUAL,
-            target=rpc.Compare.CREATE,
-            create_revision=expected,
-        )
-    if kind == "value":
-        return rpc.Compare(
-            key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, value=expected
-        )
-    raise ValueError(f"unknown transaction compare {kind!r}")
-
-
-_READ_OPS = ("get", "count", "range", "list")
 _COMPACTED_RETRIES = 3
 
 
@@ -977,30 +873,6 @@ class _PinnedRange:
             if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
                 raise _Compacted(details) from None
             raise
-
-
-def _range_result(kind: str, response: Any) -> Any:
-    """A read's result, shaped as the module docstring says for ``kind``."""
-    if kind == "get":
-        kvs = response.kvs
-        return (kvs[0].value, kvs[0].mod_revision, kvs[0].create_revision) if kvs else None
-    if kind == "count":
-        return response.count
-    if kind == "list":
-        return response.count, [kv.key for kv in response.kvs]
-    return [(kv.key, kv.value, kv.create_revision) for kv in response.kvs]
-
-
-def _compare_holds(kind: str, kvs: Sequence[Any], expected: Any) -> bool:
-    """Whether a transaction compare holds for the key's read ``kvs``, as etcd
-    decides it: an absent key has revisions 0 and fails every value compare."""
-    if kind == "value":
-        return bool(kvs) and kvs[0].value == expected
-    if kind == "mod":
-        return (kvs[0].mod_revision if kvs else 0) == expected
-    if kind == "create":
-        return (kvs[0].create_revision if kvs else 0) == expected
-    raise ValueError(f"unknown transaction compare {kind!r}")
 
 
 def _is_tls_failure(detail: str) -> bool:
