@@ -33,6 +33,15 @@ def make_handler(
     )
 
 
+def handler_on(client: EtcdClient, run_id: str, min_nodes: int, max_nodes: int,
+               **options: Any) -> EtcdRendezvousHandler:
+    """A handler of ``run_id`` on ``client``, one the test built (a seam for faults);
+    ``options`` are ``EtcdRendezvousHandler``'s, with ``make_handler``'s defaults."""
+    options.setdefault("timeout", 60)
+    options.setdefault("last_call_timeout", 30)
+    return EtcdRendezvousHandler(client, run_id, "etcd3", min_nodes, max_nodes, **options)
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
     """Poll ``condition`` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout

@@ -26,6 +26,7 @@ from helpers import (
     ThreadNode,
     assert_one_world,
     check_worlds,
+    handler_on,
     make_handler,
     run_round,
     wait_for,
@@ -36,10 +37,10 @@ from rdzv.api import (
     RendezvousError,
     RendezvousTimeoutError,
 )
-from rdzv.client import DEFAULT_CONNECT_TIMEOUT, EtcdClient
+from rdzv.client import DEFAULT_CONNECT_TIMEOUT, EtcdClient, EtcdConfig, parse_endpoints
+from rdzv.etcd_rendezvous import EtcdRendezvousHandler
 from rdzv.etcd_server import EtcdCluster, EtcdServer
 from rdzv.keys import RunKeys
-from rdzv.watch import Inbox
 
 # Short enough that a dead node is gone in seconds, long enough for 2 busy cores.
 LEASE_TTL = 2
@@ -93,23 +94,55 @@ def signal_node(node: ProcessNode, sig: int) -> None:
     os.killpg(node.proc.pid, sig)
 
 
-def intercept_txn(handler: Any, match: Any, action: Any, method: str = "Txn") -> None:
-    """Fault injection below the client's retries: a transaction of ``handler``
-    (or a request of another KV ``method``, like the ``Range`` requests that
-    read-only transactions are sent as) whose request ``match(request)`` runs
-    ``action(send)`` instead, where ``send()`` sends it to etcd. Every other
-    request goes through as it is."""
-    kvstub = handler._client._kv  # this client's own stub (the channel is shared)
-    real_txn = getattr(kvstub, method)
+class Faults(grpc.UnaryUnaryClientInterceptor):
+    """Fault injection below a client's retries, as one of its interceptors
+    (``EtcdClient(..., interceptors=[faults])``); see ``intercept_txn``."""
 
-    def txn(request: Any, *args: Any, **kwargs: Any) -> Any:
-        def send() -> Any:
-            return real_txn(request, *args, **kwargs)
+    def __init__(self) -> None:
+        self._rules: list[tuple[str, Any, Any]] = []
 
-        send.request = request  # type: ignore[attr-defined]
-        return action(send) if match(request) else send()
+    def add(self, method: str, match: Any, action: Any) -> None:
+        self._rules.append((f"/etcdserverpb.KV/{method}", match, action))
 
-    setattr(kvstub, method, txn)
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        for method, match, action in self._rules:
+            if details.method == method and match(request):
+                def send() -> Any:
+                    return continuation(details, request).result()
+
+                send.request = request  # type: ignore[attr-defined]
+                return _Answer(action(send))
+        return continuation(details, request)
+
+
+class _Answer:
+    """An answer ``Faults`` gives instead of gRPC's outcome of a call."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+
+    def result(self) -> Any:
+        return self._response
+
+
+def faulty_handler(endpoint: str, run_id: str, min_nodes: int, max_nodes: int,
+                   connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, **options: Any
+                   ) -> tuple[EtcdRendezvousHandler, Faults]:
+    """A handler on a client of its own whose requests pass through ``Faults``."""
+    faults = Faults()
+    config = EtcdConfig(endpoints=tuple(parse_endpoints(endpoint)),
+                        connect_timeout=connect_timeout)
+    client = EtcdClient(config, interceptors=[faults])
+    return handler_on(client, run_id, min_nodes, max_nodes, **options), faults
+
+
+def intercept_txn(faults: Faults, match: Any, action: Any, method: str = "Txn") -> None:
+    """Fault injection below the client's retries: a transaction of the handler
+    of ``faults`` (or a request of another KV ``method``, like the ``Range``
+    requests that read-only transactions are sent as) whose request
+    ``match(request)`` runs ``action(send)`` instead, where ``send()`` sends it
+    to etcd. Every other request goes through as it is."""
+    faults.add(method, match, action)
 
 
 def puts_key(key: bytes) -> Any:
@@ -195,7 +228,9 @@ def test_join_whose_answer_was_lost_still_counts(etcd_server, run_id, handlers):
     """Guarantee 8: a dropped answer during a join must not leave a round frozen with
     a member that does not know it is one. Seen in the soak after leader kills."""
     endpoint = etcd_server.get_endpoint()
-    handlers.extend(make_handler(endpoint, run_id, 3, 3, timeout=6) for _ in range(3))
+    handlers.append(make_handler(endpoint, run_id, 3, 3, timeout=6))
+    victim_handler, victim_faults = faulty_handler(endpoint, run_id, 3, 3, timeout=6)
+    handlers.extend([victim_handler, make_handler(endpoint, run_id, 3, 3, timeout=6)])
     first, victim, last = (ThreadNode(h) for h in handlers)
     keys = RunKeys("/rdzv", run_id)
     client = _client(etcd_server)
@@ -212,7 +247,7 @@ def test_join_whose_answer_was_lost_still_counts(etcd_server, run_id, handlers):
             raise _AnswerLost()
         return send()
 
-    intercept_txn(victim.handler, puts_key(keys.members(0) + victim.handler.node_id.encode()),
+    intercept_txn(victim_faults, puts_key(keys.members(0) + victim.handler.node_id.encode()),
                   commit_then_lose_the_answer)
     try:
         first.start()
@@ -234,8 +269,10 @@ def test_second_freezer_with_the_same_decision_still_confirms(etcd_server, run_i
     exactly the bytes it meant to write. The round's state is as it wanted, but
     its confirmation is not in etcd: it must confirm like any member."""
     endpoint = etcd_server.get_endpoint()
-    handlers.extend(make_handler(endpoint, run_id, 2, 4, timeout=15, last_call_timeout=1)
-                    for _ in range(3))
+    options = {"timeout": 15, "last_call_timeout": 1}
+    handlers.append(make_handler(endpoint, run_id, 2, 4, **options))
+    second_handler, second_faults = faulty_handler(endpoint, run_id, 2, 4, **options)
+    handlers.extend([second_handler, make_handler(endpoint, run_id, 2, 4, **options)])
     first, second, third = (ThreadNode(h) for h in handlers)
     keys = RunKeys("/rdzv", run_id)
     client = _client(etcd_server)
@@ -251,7 +288,7 @@ def test_second_freezer_with_the_same_decision_still_confirms(etcd_server, run_i
                     if op.request_put.key == keys.state)
         return send()
 
-    intercept_txn(second.handler, puts_key(keys.world(0)), freeze_after_the_third)
+    intercept_txn(second_faults, puts_key(keys.world(0)), freeze_after_the_third)
     try:
         first.start()
         wait_for(lambda: client.count(keys.members(0)) == 1, what="the first node joined")
@@ -271,7 +308,9 @@ def test_round_is_final_only_when_its_world_confirmed(etcd_server, run_id, handl
     """Guarantee 5: a round never becomes final with a world member that did not
     confirm, even while a surplus node's confirmation is still in etcd."""
     endpoint = etcd_server.get_endpoint()
-    handlers.extend(make_handler(endpoint, run_id, 2, 2, **FAST) for _ in range(3))
+    built = [faulty_handler(endpoint, run_id, 2, 2, **FAST) for _ in range(3)]
+    handlers.extend(handler for handler, _ in built)
+    member_faults, slow_faults, surplus_faults = (faults for _, faults in built)
     member, slow, surplus = (ThreadNode(h) for h in handlers)
     keys = RunKeys("/rdzv", run_id)
     client = _client(etcd_server)
@@ -303,12 +342,12 @@ def test_round_is_final_only_when_its_world_confirmed(etcd_server, run_id, handl
         return answer
 
     slow_id = slow.handler.node_id.encode()
-    intercept_txn(slow.handler, puts_key(keys.members(0) + slow_id),
+    intercept_txn(slow_faults, puts_key(keys.members(0) + slow_id),
                   join_then_let_the_surplus_node_in)
-    intercept_txn(slow.handler, puts_key(keys.confirmed(0) + slow_id), confirm_late)
-    intercept_txn(surplus.handler, puts_key(keys.waiting(0) + surplus.handler.node_id.encode()),
+    intercept_txn(slow_faults, puts_key(keys.confirmed(0) + slow_id), confirm_late)
+    intercept_txn(surplus_faults, puts_key(keys.waiting(0) + surplus.handler.node_id.encode()),
                   wait_to_withdraw)
-    intercept_txn(member.handler, lambda request: request.key == keys.confirmed(0),
+    intercept_txn(member_faults, lambda request: request.key == keys.confirmed(0),
                   liveness_check, method="Range")
     try:
         member.start()
@@ -333,15 +372,19 @@ CONNECT_TIMEOUT = 2.0
 
 
 def _nodes_waiting(server: EtcdServer, run_id: str, handlers: list, **config: Any
-                   ) -> list[ThreadNode]:
+                   ) -> tuple[list[ThreadNode], Faults]:
     """Two nodes of three (min_nodes=max_nodes=3) waiting, with nothing to do
     until the third comes: the first opens round 0 before the second joins, so
-    that neither has a timer to open it."""
+    that neither has a timer to open it. The third's requests pass through the
+    ``Faults`` returned."""
     endpoint = server.get_endpoint()
     handlers.extend(
         make_handler(endpoint, run_id, 3, 3, connect_timeout=CONNECT_TIMEOUT, **config)
-        for _ in range(3)
+        for _ in range(2)
     )
+    third, faults = faulty_handler(endpoint, run_id, 3, 3, connect_timeout=CONNECT_TIMEOUT,
+                                   **config)
+    handlers.append(third)
     keys = RunKeys("/rdzv", run_id)
     client = _client(server)
     try:
@@ -352,7 +395,7 @@ def _nodes_waiting(server: EtcdServer, run_id: str, handlers: list, **config: An
         wait_for(lambda: client.count(keys.members(0)) == 2, what="2 nodes waiting")
     finally:
         client.close()
-    return [first, second]
+    return [first, second], faults
 
 
 def test_unreachable_etcd_fails_waiting_nodes_within_connect_timeout(
@@ -361,7 +404,7 @@ def test_unreachable_etcd_fails_waiting_nodes_within_connect_timeout(
     connect_timeout after etcd went away (RENDEZVOUS_OPTIONS['connect_timeout']),
     not a hang: the broken watch is retried for connect_timeout, and withdrawing
     from the round is a single attempt."""
-    nodes = _nodes_waiting(server, run_id, handlers, lease_ttl=10)
+    nodes, _ = _nodes_waiting(server, run_id, handlers, lease_ttl=10)
     server.kill()
     killed_at = time.monotonic()
     results = [node.join(60) for node in nodes]
@@ -379,7 +422,7 @@ def test_hung_etcd_fails_waiting_nodes_within_lease_ttl(server, run_id, handlers
     """A hung etcd (SIGSTOP: connections stay open, nothing answers) is noticed by
     the keep-alives within lease_ttl; waiting nodes fail then, not at timeout."""
     timeout = 10
-    nodes = _nodes_waiting(server, run_id, handlers, lease_ttl=LEASE_TTL, timeout=timeout)
+    nodes, _ = _nodes_waiting(server, run_id, handlers, lease_ttl=LEASE_TTL, timeout=timeout)
     os.kill(server.pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
@@ -397,7 +440,8 @@ def test_request_in_flight_when_etcd_hangs_fails_within_lease_ttl(
     """The third node's join is in flight when etcd hangs; it must fail about
     lease_ttl later like the waiting ones, not after the slow-request budget."""
     timeout = 60
-    _nodes_waiting(server, run_id, handlers, lease_ttl=LEASE_TTL, timeout=timeout)
+    _, third_faults = _nodes_waiting(server, run_id, handlers, lease_ttl=LEASE_TTL,
+                                     timeout=timeout)
     third = ThreadNode(handlers[2])
     members = RunKeys("/rdzv", run_id).members(0)
     stopped_at: list[float] = []
@@ -408,7 +452,7 @@ def test_request_in_flight_when_etcd_hangs_fails_within_lease_ttl(
             stopped_at.append(time.monotonic())
         return send()
 
-    intercept_txn(third.handler, puts_key(members + third.handler.node_id.encode()),
+    intercept_txn(third_faults, puts_key(members + third.handler.node_id.encode()),
                   hang_etcd_then_send)
     try:
         third.start()
@@ -531,15 +575,17 @@ def test_node_whose_lease_expired_is_told_so(etcd_server, run_id, handlers):
     them: it must understand etcd's answer to its next write.
     """
     endpoint = etcd_server.get_endpoint()
-    handlers.extend(make_handler(endpoint, run_id, 2, 3, **FAST) for _ in range(3))
+    victim_client = _client(etcd_server)
+    handlers.append(handler_on(victim_client, run_id, 2, 3, **FAST))
+    handlers.extend(make_handler(endpoint, run_id, 2, 3, **FAST) for _ in range(2))
     victim, *others = (ThreadNode(h) for h in handlers)
     client = _client(etcd_server)
     member_key = RunKeys("/rdzv", run_id).members(0) + victim.handler.node_id.encode()
     try:
         victim.start()
         wait_for(lambda: client.get(member_key), what="the victim joined")
-        # Its keep-alive thread stops as if starved; nothing marks the lease lost.
-        victim.handler._session._stop.set()
+        # Its keep-alives stop as if starved; nothing marks the lease lost.
+        victim_client.stop_keep_alive(int(victim.handler.node_id, 16))
         wait_for(lambda: client.get(member_key) is None, timeout=LEASE_TTL + 5,
                  what="the victim's lease expired")
         assert_one_world(run_round(others, timeout=30), 2)
@@ -552,16 +598,38 @@ def test_node_whose_lease_expired_is_told_so(etcd_server, run_id, handlers):
 
 
 # ------------------------------------------------ 6. a state watch gone quiet
+class _FirstWatchGoesQuiet(EtcdClient):
+    """A client whose first watch of ``key`` stays open but delivers no events."""
+
+    def __init__(self, config: EtcdConfig, key: bytes) -> None:
+        super().__init__(config)
+        self._quiet_key = key
+        self._quiet: Any = None
+
+    def watch(self, key: bytes, callback: Any, start_revision: int, **kwargs: Any) -> Any:
+        if key == self._quiet_key and self._quiet in (None, callback):
+            self._quiet = callback  # a resumed watch of the same watcher stays quiet
+
+            def deliver(events: Any) -> None:
+                if isinstance(events, Exception):
+                    callback(events)
+
+            return super().watch(key, deliver, start_revision, **kwargs)
+        return super().watch(key, callback, start_revision, **kwargs)
+
+
 def test_state_watch_that_stalls_costs_at_most_lease_ttl(etcd_server, run_id, handlers):
     """A state watch that stops delivering without breaking (seen once in the soak:
     27 nodes slept through their round's freeze until their timeout) is caught by
     the re-read of the state record every lease_ttl, which watches it again."""
     endpoint = etcd_server.get_endpoint()
-    handlers.extend(make_handler(endpoint, run_id, 2, 2, **{**FAST, "timeout": 15})
-                    for _ in range(2))
-    deaf, other = (ThreadNode(h) for h in handlers)
+    options = {**FAST, "timeout": 15}
     # Its state watch stays open, but what it delivers goes nowhere.
-    deaf.handler._state_watch._inbox = Inbox()
+    quiet = _FirstWatchGoesQuiet(EtcdConfig(endpoints=tuple(parse_endpoints(endpoint))),
+                                 RunKeys("/rdzv", run_id).state)
+    handlers.extend([handler_on(quiet, run_id, 2, 2, **options),
+                     make_handler(endpoint, run_id, 2, 2, **options)])
+    deaf, other = (ThreadNode(h) for h in handlers)
     client = _client(etcd_server)
     try:
         started = time.monotonic()

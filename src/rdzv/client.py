@@ -239,9 +239,20 @@ class EtcdClient:
         config: where and how to connect.
         shared: share the connection with the process's other clients of the
             same configuration (False: a channel of its own).
+        interceptors: gRPC client interceptors (``grpc.UnaryUnaryClientInterceptor``)
+            that this client's key-value and lease requests pass through, each
+            attempt on its own, beneath the retries: an error one raises is
+            handled as etcd's would be. The connection's watch and keep-alive
+            streams do not pass through them. For tracing, or to inject faults
+            into one handler (``EtcdRendezvousHandler`` takes the client).
     """
 
-    def __init__(self, config: EtcdConfig, shared: bool = True) -> None:
+    def __init__(
+        self,
+        config: EtcdConfig,
+        shared: bool = True,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+    ) -> None:
         self.config = config
         self._tls_checked = False
         self._horizon: Callable[[], float] | None = None
@@ -299,8 +310,11 @@ class EtcdClient:
         self._connection = connection
         self._etcd = connection.etcd
         # Stubs of this client's own (on the shared channel).
-        self._kv = self._rpc.KVStub(self._etcd.channel)
-        self._leases = self._rpc.LeaseStub(self._etcd.channel)
+        channel = self._etcd.channel
+        if interceptors:
+            channel = grpc.intercept_channel(channel, *interceptors)
+        self._kv = self._rpc.KVStub(channel)
+        self._leases = self._rpc.LeaseStub(channel)
         self._closed = False
         self._lock = threading.Lock()
 
