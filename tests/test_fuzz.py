@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import pytest
 import rdzv._state as core
@@ -247,30 +246,68 @@ def _revision(client: EtcdClient) -> int:
     return client.status().header.revision
 
 
+class _Writes:
+    """The keys written to etcd since it was made, in order, as a watch of every
+    key reports them: each put, and each delete but those of keys whose lease is
+    gone (an earlier test's lease expiring deletes its keys at any time; a
+    revoke's deletes never counted). Reading it first waits until the watch has
+    seen the revision etcd is at."""
+
+    def __init__(self, observer: EtcdClient) -> None:
+        self._observer = observer
+        # Who may delete the keys there are now: their leases, by key.
+        self._leases = {key: lease for key, _, lease, _ in observer.range_records(b"/")}
+        self._seen = _revision(observer)
+        self._events: list[tuple[bool, bytes, int]] = []
+        self._keys: list[bytes] = []
+        self._changed = threading.Condition()
+        self._watch = observer.watch(b"\0", self._on_events, self._seen + 1, range_end=b"\0")
+
+    def _on_events(self, events: Any) -> None:
+        if isinstance(events, Exception):
+            return  # keys() then waits in vain and says so
+        with self._changed:
+            self._events.extend((is_put, key, rev) for is_put, key, _, rev in events)
+            self._seen = max(self._seen, events[-1][3])
+            self._changed.notify_all()
+
+    def keys(self) -> list[bytes]:
+        """The keys written so far, each put or delete once."""
+        target = _revision(self._observer)
+        with self._changed:
+            assert self._changed.wait_for(lambda: self._seen >= target, timeout=10), (
+                f"the watch of every key saw revision {self._seen}, etcd is at {target}")
+            events, self._events = self._events, []
+        for is_put, key, _ in events:
+            lease = self._leases.get(key, 0)
+            if is_put or not lease or self._observer.lease_time_to_live(lease) >= 0:
+                self._keys.append(key)
+        return list(self._keys)
+
+    def close(self) -> None:
+        self._observer.cancel_watch(self._watch)
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.keys()[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.keys())
+
+
 @contextmanager
-def _recording_writes() -> Iterator[list[bytes]]:
-    """Collect every key that any ``EtcdClient`` puts or deletes meanwhile."""
-    keys: list[bytes] = []
-    real_put, real_delete, real_txn = EtcdClient.put, EtcdClient.delete, EtcdClient.txn
-
-    def put(self: EtcdClient, key: bytes, value: bytes, lease: int = 0) -> int:
-        keys.append(key)
-        return real_put(self, key, value, lease)
-
-    def delete(self: EtcdClient, key: bytes, prefix: bool = False) -> int:
-        keys.append(key)
-        return real_delete(self, key, prefix)
-
-    def txn(self: EtcdClient, compares: Any, success: Any, failure: Any = ()) -> Any:
-        ok, revision, results = real_txn(self, compares, success, failure)
-        keys.extend(op[1] for op in (success if ok else failure) if op[0] in ("put", "delete"))
-        return ok, revision, results
-
-    with mock.patch.multiple(EtcdClient, put=put, delete=delete, txn=txn):
-        yield keys
+def _recording_writes(observer: EtcdClient) -> Iterator[_Writes]:
+    """Collect every key written to etcd meanwhile (see ``_Writes``)."""
+    writes = _Writes(observer)
+    try:
+        yield writes
+    finally:
+        writes.close()
 
 
-def _assert_nothing_written(observer: EtcdClient, before: int, writes: list[bytes]) -> None:
+def _assert_nothing_written(observer: EtcdClient, before: int, writes: _Writes) -> None:
     assert not writes, f"a refused input wrote {writes[:5]}"
     if _revision(observer) != before:
         # Something changed etcd; only a put would be ours (a lease of an earlier
@@ -280,7 +317,7 @@ def _assert_nothing_written(observer: EtcdClient, before: int, writes: list[byte
 
 
 def _assert_written_below(
-    prefix: bytes, observer: EtcdClient, before: int, writes: list[bytes]
+    prefix: bytes, observer: EtcdClient, before: int, writes: _Writes
 ) -> None:
     outside = [k for k in writes if not k.startswith(prefix)]
     assert not outside, f"keys written outside {prefix!r}: {outside[:5]}"
@@ -289,7 +326,7 @@ def _assert_written_below(
     assert not outside, f"keys created in etcd outside {prefix!r}: {outside[:5]}"
 
 
-def _forget(observer: EtcdClient, prefix: bytes, writes: list[bytes]) -> None:
+def _forget(observer: EtcdClient, prefix: bytes, writes: _Writes) -> None:
     """Delete what a run wrote (key by key: its prefix may contain other runs)."""
     for key in set(writes):
         if key.startswith(prefix):
@@ -583,7 +620,7 @@ def _build_and_use(
     broken = _broken_rule(case)
     before = _revision(observer)
     handler = None
-    with _recording_writes() as writes:
+    with _recording_writes(observer) as writes:
         try:
             handler = create_rdzv_handler(case.parameters(etcd_endpoint))
         except (ValueError, TypeError) as err:
@@ -615,7 +652,7 @@ def _build_and_use(
 
 
 def _check_handler_works(
-    handler: Any, case: Case, observer: EtcdClient, before: int, writes: list[bytes],
+    handler: Any, case: Case, observer: EtcdClient, before: int, writes: _Writes,
     run_prefix: bytes,
 ) -> None:
     assert handler.get_run_id() == case.run_id
@@ -711,7 +748,7 @@ def test_parameters_refused(
     assert _broken_rule(case), "the properties' rules let this input through"
     threads_before = _lease_threads()
     before = _revision(observer)
-    with _recording_writes() as writes, pytest.raises((ValueError, TypeError)) as info:
+    with _recording_writes(observer) as writes, pytest.raises((ValueError, TypeError)) as info:
         create_rdzv_handler(case.parameters(etcd_endpoint))
     _assert_clear(info.value, (name,))
     _assert_nothing_written(observer, before, writes)
@@ -923,7 +960,7 @@ def _bad_store_key(key: Any) -> bool:
     return not isinstance(key, bytes) or not key
 
 
-def _check_store_keys(info: Any, keys: list[Any], value: bytes, writes: list[bytes]) -> None:
+def _check_store_keys(info: Any, keys: list[Any], value: bytes, writes: _Writes) -> None:
     """Each key is stored below the round's store prefix, or refused clearly."""
     for key in keys:
         mark = len(writes)
@@ -945,7 +982,7 @@ def _check_run(
     run_id: Any, store_keys: list[Any], value: bytes, etcd_endpoint: str, observer: EtcdClient
 ) -> None:
     before = _revision(observer)
-    with _recording_writes() as writes:
+    with _recording_writes(observer) as writes:
         try:
             handler = make_handler(etcd_endpoint, run_id, 1, 1, timeout=30)
         except ValueError as err:
@@ -987,7 +1024,7 @@ def test_store_key_with_a_lone_surrogate_is_refused(
     try:
         store = handler.next_rendezvous().store
         before = _revision(observer)
-        with _recording_writes() as writes:
+        with _recording_writes(observer) as writes:
             for operation in (lambda: store.set(key, b"v"), lambda: store.get(key),
                               lambda: store.add(key, 1), lambda: store.check([key])):
                 with pytest.raises(ValueError) as info:
