@@ -33,8 +33,9 @@ from certs import Certificates, write_certificates
 from helpers import ThreadNode, assert_one_world, make_handler, run_round, wait_for
 from rdzv._etcd3_compat import load_etcd3
 from rdzv.api import RendezvousConnectionError
-from rdzv.client import EtcdClient, EtcdConfig, _is_tls_failure
+from rdzv.client import EtcdClient, EtcdConfig
 from rdzv.etcd_server import EtcdServer
+from rdzv.retry import is_tls_failure
 from rdzv.txn import prefix_end
 
 USER = "trainer"
@@ -462,4 +463,4 @@ def test_config_repr_hides_the_password(certs):
     ],
 )
 def test_tls_failures_are_told_from_connection_failures(detail, tls):
-    assert _is_tls_failure(detail) is tls
+    assert is_tls_failure(detail) is tls

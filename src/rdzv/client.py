@@ -9,16 +9,15 @@ as plain tuples, which keeps the compiled core free of protobuf and I/O;
 
 Every gRPC failure that means "etcd is not there" becomes a
 ``RendezvousConnectionError`` naming the endpoints; transient ones are retried
-with jittered exponential backoff for at most ``connect_timeout`` seconds. A
-write under a lease that etcd no longer has, or a retry past the horizon of a
-``bounded`` client, raises ``LeaseLostError`` instead.
+as the client's ``RetryPolicy`` (``rdzv.retry``) says, with jittered
+exponential backoff for at most ``connect_timeout`` seconds. A write under a
+lease that etcd no longer has, or a retry past the policy's horizon, raises
+``LeaseLostError`` instead.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import os
 import socket
 import ssl
@@ -33,7 +32,6 @@ import grpc
 from rdzv import _mux
 from rdzv._etcd3_compat import load_etcd3
 from rdzv._mux import KeepAliveHub, KeptLease, WatchHandle, WatchMux, WatchRefused
-from rdzv._state import Backoff
 from rdzv.api import RendezvousConnectionError, RendezvousError
 from rdzv.config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -44,6 +42,7 @@ from rdzv.config import (
     parse_endpoints,
     seconds_option,
 )
+from rdzv.retry import Failure, OutOfTime, RetryPolicy, classify, is_tls_failure
 from rdzv.txn import (
     compare_holds,
     is_read_only,
@@ -71,21 +70,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_ATTEMPT_TIMEOUT = 2.0
 # etcd's "require leader" metadata (clientv3.WithRequireLeader): a member cut off
 # from its cluster's leader answers "no leader" at once, and cancels such watch
 # and keep-alive streams, instead of holding them until a deadline. With a
 # round-robin channel the retry then goes to another member.
 _REQUIRE_LEADER = ("hasleader", "true")
-_SLOW_REQUEST_BUDGET = 30.0
 _WATCH_CREATE_TIMEOUT = 30.0
 
 
 class LeaseLostError(RendezvousError):
     """The lease a request works for is gone: etcd answered "requested lease not
-    found" (it expired), or a ``bounded`` client's horizon passed while the
-    request was being retried. Retrying cannot help; the node must start over
+    found" (it expired), or the horizon of the client's ``RetryPolicy`` passed
+    while the request was being retried. Retrying cannot help; the node must start over
     with a new lease."""
 
 
@@ -227,6 +223,17 @@ class ForkedProcessError(RendezvousError):
     """
 
 
+class _Use:
+    """A client's use of a connection, given back once: ``EtcdClient.close``
+    of the client or of any client ``with_retry`` made from it releases it, and
+    every later close finds it released."""
+
+    def __init__(self, connection: _Connection, key: tuple[Any, ...]) -> None:
+        self.connection = connection
+        self.key = key
+        self.released = False
+
+
 class EtcdClient:
     """A connection to etcd with the few raw v3 calls rdzv needs.
 
@@ -245,6 +252,8 @@ class EtcdClient:
             handled as etcd's would be. The connection's watch and keep-alive
             streams do not pass through them. For tracing, or to inject faults
             into one handler (``EtcdRendezvousHandler`` takes the client).
+        retry: how requests are retried (default: ``RetryPolicy`` with the
+            configuration's ``connect_timeout``).
     """
 
     def __init__(
@@ -252,13 +261,13 @@ class EtcdClient:
         config: EtcdConfig,
         shared: bool = True,
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.config = config
+        self.retry = retry or RetryPolicy(connect_timeout=config.connect_timeout)
         self._tls_checked = False
-        self._horizon: Callable[[], float] | None = None
         etcd3 = load_etcd3()
         self._rpc = etcd3.etcdrpc
-        self._etcd3_exceptions = etcd3.exceptions
         host, port = self._target()
         kwargs: dict[str, Any] = {
             "host": host,
@@ -281,10 +290,10 @@ class EtcdClient:
             if config.cacert is None:
                 raise ValueError("protocol=https needs 'cacert', the CA that signs etcd's cert.")
         self._pid = os.getpid()
-        self._key = (self._pid, config.endpoints, config.protocol, config.cacert,
-                     config.cert, config.key, config.username, config.password)
+        key = (self._pid, config.endpoints, config.protocol, config.cacert,
+               config.cert, config.key, config.username, config.password)
         with _connections_lock:
-            connection = _connections.get(self._key) if shared else None
+            connection = _connections.get(key) if shared else None
             if connection is None:
                 try:
                     etcd = self._retrying(
@@ -305,8 +314,9 @@ class EtcdClient:
                 _register_fork_hooks()
                 connection = _Connection(etcd, self._rpc)
                 if shared:
-                    _connections[self._key] = connection
+                    _connections[key] = connection
             connection.users += 1
+        self._use = _Use(connection, key)
         self._connection = connection
         self._etcd = connection.etcd
         # Stubs of this client's own (on the shared channel).
@@ -315,8 +325,6 @@ class EtcdClient:
             channel = grpc.intercept_channel(channel, *interceptors)
         self._kv = self._rpc.KVStub(channel)
         self._leases = self._rpc.LeaseStub(channel)
-        self._closed = False
-        self._lock = threading.Lock()
 
     def check_process(self, what: str = "this etcd client") -> None:
         """Refuse to work in a process forked after this client was created.
@@ -337,19 +345,27 @@ class EtcdClient:
                 f"working there."
             )
 
-    def bounded(self, horizon: Callable[[], float]) -> EtcdClient:
-        """This client's connection, with retries that stop at ``horizon()``.
+    def with_retry(self, retry: RetryPolicy) -> EtcdClient:
+        """This client, retrying its requests under ``retry`` instead.
 
-        ``horizon`` returns a ``time.monotonic()`` time past which the caller's
-        requests are of no use, typically when its lease has surely expired
-        because no keep-alive was answered for a whole TTL. Attempts are cut to
-        end by then, and a request still failing at that time raises
-        ``LeaseLostError`` rather than being retried for the rest of its
-        budget. The view shares the connection: close this client, not it.
+        The two are one client for everything but the retries: the same
+        connection, stubs and use of the connection, which the first ``close()``
+        of either gives back (once; later closes of either do nothing). A
+        handler retries its round's requests only while its lease may be alive
+        with ``client.with_retry(client.retry.bounded(expiry))``.
+
+        Args:
+            retry: the policy of the returned client's requests.
+
+        Returns:
+            A client that shares this one's connection.
         """
-        view = copy.copy(self)
-        view._horizon = horizon
-        return view
+        # The same attributes (a subclass's too), the one use of the connection
+        # among them; only the policy differs.
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.retry = retry
+        return other
 
     def _target(self) -> tuple[str, int]:
         endpoints = self.config.endpoints
@@ -377,7 +393,7 @@ class EtcdClient:
         detail = detail or type(err).__name__
         lowered = detail.lower()
         kind = "cannot reach etcd"
-        if _is_tls_failure(detail):
+        if is_tls_failure(detail):
             kind = "TLS failure talking to etcd (check cacert, cert and key)"
         elif "permission denied" in lowered:
             kind = (
@@ -394,21 +410,12 @@ class EtcdClient:
     def _retrying(
         self, fn: Callable[[float], Any], what: str, once: bool = False, gated: bool = True
     ) -> Any:
-        """Call ``fn(attempt_timeout)``, retrying transient failures.
+        """Call ``fn(attempt_timeout)``, retrying failures as ``self.retry`` says.
 
-        The one retry policy of rdzv's etcd requests:
-
-        - etcd unreachable (connection refused, no route): retried with jittered
-          backoff for ``connect_timeout`` seconds;
-        - etcd reachable but not answering in time (a dead leader's followers
-          waiting for an election, an overloaded server or client): each attempt
-          gets a deadline that starts at 2 s and doubles, for at most
-          ``max(connect_timeout, 30 s)``;
-        - refused credentials, TLS failures and bad requests fail at once:
-          retrying them would only hammer etcd. An expired auth token is renewed
-          once and the call retried;
-        - a lease etcd no longer has fails at once with ``LeaseLostError``, as
-          does a failed attempt once the horizon of a ``bounded`` client passed.
+        The rules are ``rdzv.retry``'s; here they are carried out. An expired
+        auth token is renewed once and the call retried. A lease etcd no
+        longer has raises ``LeaseLostError``, as does a failed attempt past the
+        policy's horizon.
 
         With ``once``, a single attempt is made (for best-effort clean-up).
         Each attempt passes the fork gate (``rdzv._mux.ForkGate``) unless
@@ -418,71 +425,51 @@ class EtcdClient:
             ForkedProcessError: this client was created in another process.
         """
         self.check_process()
-        start = time.monotonic()
-        unreachable_deadline = start + self.config.connect_timeout
-        slow_deadline = start + max(self.config.connect_timeout, _SLOW_REQUEST_BUDGET)
-        attempt_timeout = min(self.config.connect_timeout, _ATTEMPT_TIMEOUT)
-        backoff = Backoff(0.005, 0.5)
+        attempts = self.retry.start()
         renewed = False
         while True:
             try:
                 if not gated:
-                    return fn(attempt_timeout)
+                    return fn(attempts.timeout)
                 with _mux.fork_gate:
-                    return fn(attempt_timeout)
-            except grpc.RpcError as err:
-                code = err.code() if hasattr(err, "code") else None
-                details = (err.details() if hasattr(err, "details") else "") or ""
-                if (
-                    "invalid auth token" in details
-                    and not renewed
-                    and self.config.username is not None
-                    and hasattr(self, "_etcd")
-                ):
-                    renewed = True
-                    self._authenticate()
-                    continue
-                if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
-                    raise LeaseLostError(
-                        f"etcd at {self.config.describe()} no longer has the lease ({what}): "
-                        f"{details}"
-                    ) from None
-                if code not in _TRANSIENT or once or _is_tls_failure(details):
-                    raise self._connection_error(what, err) from None
-                if self.config.protocol == "http" and self._serves_tls():
-                    raise RendezvousConnectionError(
-                        f"TLS failure talking to etcd at {self.config.describe()} ({what}): "
-                        "etcd serves https there; use protocol=https with cacert"
-                    ) from None
-                last_error: BaseException = err
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    deadline = slow_deadline
-                    attempt_timeout = min(attempt_timeout * 2, _SLOW_REQUEST_BUDGET)
-                else:
-                    deadline = unreachable_deadline
+                    return fn(attempts.timeout)
             except Exception as err:
-                if not isinstance(err, self._etcd3_exceptions.Etcd3Exception) or once:
-                    raise
-                last_error = err
-                deadline = unreachable_deadline
-            delay = backoff.next_delay()
-            now = time.monotonic()
-            until_horizon = self._until_horizon(now)
-            if until_horizon <= delay:
-                raise LeaseLostError(
-                    f"gave up on the {what}: the lease it needs has presumably expired (no "
-                    f"keep-alive answered for its TTL) and "
-                    f"{self._connection_error(what, last_error)}"
-                ) from None
-            remaining = deadline - now
-            if remaining <= delay:
+                failure = classify(err)
+                if not isinstance(err, grpc.RpcError):
+                    if failure is Failure.FATAL or once:
+                        raise
+                else:
+                    if failure is Failure.TOKEN_EXPIRED:
+                        if (not renewed and self.config.username is not None
+                                and hasattr(self, "_etcd")):
+                            renewed = True
+                            self._authenticate()
+                            continue
+                        failure = Failure.FATAL
+                    if failure is Failure.LEASE_LOST:
+                        raise LeaseLostError(
+                            f"etcd at {self.config.describe()} no longer has the lease "
+                            f"({what}): {err.details() if hasattr(err, 'details') else err}"
+                        ) from None
+                    if failure is Failure.FATAL or once:
+                        raise self._connection_error(what, err) from None
+                    if self.config.protocol == "http" and self._serves_tls():
+                        raise RendezvousConnectionError(
+                            f"TLS failure talking to etcd at {self.config.describe()} ({what}): "
+                            "etcd serves https there; use protocol=https with cacert"
+                        ) from None
+                last_error: BaseException = err
+            try:
+                delay = attempts.wait(failure)
+            except OutOfTime as out:
+                if out.horizon:
+                    raise LeaseLostError(
+                        f"gave up on the {what}: the lease it needs has presumably expired (no "
+                        f"keep-alive answered for its TTL) and "
+                        f"{self._connection_error(what, last_error)}"
+                    ) from None
                 raise self._connection_error(what, last_error) from None
-            attempt_timeout = min(attempt_timeout, remaining - delay, until_horizon - delay)
             time.sleep(delay)
-
-    def _until_horizon(self, now: float) -> float:
-        """Seconds left before a ``bounded`` client's horizon (inf if unbounded)."""
-        return math.inf if self._horizon is None else self._horizon() - now
 
     def _serves_tls(self) -> bool:
         """Whether an endpoint answers a TLS handshake (a plain-http client then
@@ -509,7 +496,7 @@ class EtcdClient:
             self._rpc.AuthenticateRequest(
                 name=self.config.username, password=self.config.password
             ),
-            min(self.config.connect_timeout, _ATTEMPT_TIMEOUT),
+            self.retry.attempt_timeout,
         )
         etcd.metadata = (("token", response.token), _REQUIRE_LEADER)
 
@@ -787,7 +774,7 @@ class EtcdClient:
             # connect_timeout); a reachable but busy one may take a while to
             # confirm the watch, which is no reason to give up on it early.
             wait = max(self.config.connect_timeout, _WATCH_CREATE_TIMEOUT)
-            wait = min(wait, max(self._until_horizon(time.monotonic()), 0.1))
+            wait = min(wait, max(self.retry.until_horizon(time.monotonic()), 0.1))
             try:
                 return self._connection.watches.watch(create, callback, wait, self._etcd.metadata)
             except TimeoutError as err:
@@ -835,17 +822,17 @@ class EtcdClient:
                 connection is left to it).
         """
         self.check_process()
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        connection = self._use.connection
         with _connections_lock:
-            self._connection.users -= 1
-            if self._connection.users > 0:
+            if self._use.released:
                 return
-            if _connections.get(self._key) is self._connection:
-                del _connections[self._key]
-        self._connection.close()
+            self._use.released = True
+            connection.users -= 1
+            if connection.users > 0:
+                return
+            if _connections.get(self._use.key) is connection:
+                del _connections[self._use.key]
+        connection.close()
 
 
 class _WatchNotStarted(grpc.RpcError):
@@ -887,17 +874,6 @@ class _PinnedRange:
             if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
                 raise _Compacted(details) from None
             raise
-
-
-def _is_tls_failure(detail: str) -> bool:
-    # gRPC names its TCP connect step the "tcp handshaker": "tcp handshaker
-    # shutdown" is a connection attempt cut off (seen in a child just after a
-    # fork), a transient failure with nothing of TLS in it.
-    lowered = detail.lower().replace("tcp handshaker", "")
-    # "tsi_": gRPC's transport security layer; etcd 3.4 refusing a client
-    # certificate surfaces only as "Unwrap failed (TSI_DATA_CORRUPTED)".
-    words = ("ssl", "tls", "tsi_", "handshake", "certificate", "x509")
-    return any(word in lowered for word in words)
 
 
 def _is_ipv4(host: str) -> bool:

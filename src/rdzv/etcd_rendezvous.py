@@ -125,7 +125,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._client = client
         # The round's requests are retried only while this node's lease may be
         # alive: past that, they could not count anyway.
-        self._round_client = client.bounded(lambda: self._session.expiry)
+        self._round_client = client.with_retry(
+            client.retry.bounded(lambda: self._session.expiry)
+        )
         self._run_id = run_id
         self._backend = backend
         self._keys = RunKeys(etcd_prefix, run_id)

@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rdzv._state import Backoff
 from rdzv.client import EtcdClient
 from rdzv.config import parse_seconds
+from rdzv.retry import contend
 
 __all__ = ["EtcdStore", "StoreTimeoutError"]
 
@@ -368,45 +368,51 @@ class EtcdStore:
         ``compute(current)`` returns ``(new_value, result)``; ``new_value`` None
         means "write nothing". The first attempt assumes the key is absent, which
         saves a read when it is; a failed attempt's transaction reads the key, so
-        every later attempt starts from a fresh value.
+        every later attempt starts from a fresh value. Races lost to other
+        writers are retried by rdzv's one compare-and-swap loop
+        (``rdzv.retry.contend``) until the store's timeout.
         """
-        deadline = time.monotonic() + self._timeout
         current: bytes | None = None
         mod_revision = 0
         known = False  # whether ``current`` was read from etcd or only assumed
-        backoff = Backoff(_FIRST_BACKOFF, _MAX_BACKOFF)
         attempts = 0
-        while True:
-            new_value, result = compute(current)
-            if new_value is None and known:
-                return result
-            attempts += 1
-            if new_value is None:
-                # Nothing to write if the key is absent, but it is not known to be.
-                _, _, (found,) = self._client.txn([], [("get", key)])
-            else:
-                put = ("put", key, new_value, self._lease)
-                won, _, results = self._client.txn(
-                    [("mod", key, mod_revision)], [put], [("get", key)]
-                )
-                if won:
-                    return result
-                (found,) = results
-            lost_race = known
-            current, mod_revision = (found[0], found[1]) if found is not None else (None, 0)
-            known = True
-            if not lost_race:
-                continue
-            now = time.monotonic()
-            if now >= deadline:
-                raise StoreTimeoutError(
-                    f"Gave up updating key {self._name(key)} of the store at "
-                    f"{self._name_prefix()} after {attempts} attempts in {self._timeout:g} s: "
-                    "other writers changed it every time. Raise the timeout with "
-                    "set_timeout() or spread the updates over several keys."
-                )
-            logger.debug("Lost the race on %r (attempt %d); retrying.", key, attempts)
-            time.sleep(min(backoff.next_delay(), deadline - now))
+
+        def attempt() -> tuple[bool, Any]:
+            nonlocal current, mod_revision, known, attempts
+            while True:
+                new_value, result = compute(current)
+                if new_value is None and known:
+                    return True, result
+                attempts += 1
+                if new_value is None:
+                    # Nothing to write if the key is absent, but it is not known to be.
+                    _, _, (found,) = self._client.txn([], [("get", key)])
+                else:
+                    put = ("put", key, new_value, self._lease)
+                    won, _, results = self._client.txn(
+                        [("mod", key, mod_revision)], [put], [("get", key)]
+                    )
+                    if won:
+                        return True, result
+                    (found,) = results
+                lost_race = known
+                current, mod_revision = (found[0], found[1]) if found is not None else (None, 0)
+                known = True
+                if lost_race:
+                    logger.debug("Lost the race on %r (attempt %d).", key, attempts)
+                    return False, None
+
+        settled, result = contend(
+            attempt, time.monotonic() + self._timeout, _FIRST_BACKOFF, _MAX_BACKOFF
+        )
+        if not settled:
+            raise StoreTimeoutError(
+                f"Gave up updating key {self._name(key)} of the store at "
+                f"{self._name_prefix()} after {attempts} attempts in {self._timeout:g} s: "
+                "other writers changed it every time. Raise the timeout with "
+                "set_timeout() or spread the updates over several keys."
+            )
+        return result
 
     # -------------------------------------------------------------- waiting
     def _wait_for(self, keys: list[bytes], timeout: float) -> list[bytes]:
