@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from rdzv import cli
 from rdzv.api import RendezvousParameters
 from rdzv.config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -136,3 +137,13 @@ def test_keepalive_interval_has_a_floor_and_stays_below_lease_ttl() -> None:
         RendezvousOptions.from_params(_params(keepalive_interval=0.01))
     with pytest.raises(ValueError, match=r"keepalive_interval \(10 s\) must be shorter"):
         RendezvousOptions.from_params(_params(keepalive_interval=10))
+
+
+def test_the_cli_reads_durations_and_bounds_by_the_same_rules(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    join = ["join", "--endpoint", "127.0.0.1:1", "--run-id", "r"]
+    assert cli.main([*join, "--nnodes", "2", "--timeout", str(A_YEAR + 1)]) == 2
+    assert f"at most {MAX_SECONDS:.0f} (a year), got '{A_YEAR + 1}'" in capsys.readouterr().err
+    assert cli.main([*join, "--nnodes", f"1:{MAX_NODES + 1}"]) == 2
+    assert f"is more than {MAX_NODES} nodes" in capsys.readouterr().err

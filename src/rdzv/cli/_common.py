@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
-import os
 import sys
 import textwrap
 import threading
@@ -19,8 +18,16 @@ from rdzv.api import (
     RendezvousStateError,
     RendezvousTimeoutError,
 )
-from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
-from rdzv.etcd_rendezvous import RENDEZVOUS_OPTIONS
+from rdzv.client import EtcdClient
+from rdzv.config import (
+    MAX_NODES,
+    RENDEZVOUS_OPTIONS,
+    EtcdConfig,
+    check_node_bounds,
+    environment_credentials,
+    parse_endpoints,
+    parse_seconds,
+)
 from rdzv.etcd_store import StoreTimeoutError
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
 
@@ -74,28 +81,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _nnodes(text: str) -> tuple[int, int]:
-    """``N`` or ``MIN:MAX`` -> ``(min, max)``."""
+    """``N`` or ``MIN:MAX`` -> ``(min, max)``, as ``check_node_bounds`` allows them."""
     low_text, sep, high_text = text.partition(":")
     try:
         low = int(low_text)
         high = int(high_text) if sep else low
     except ValueError:
         low = high = 0
-    if not 1 <= low <= high:
+    try:
+        check_node_bounds(low, high)
+    except ValueError as err:
+        beyond = f" ({err})" if high > MAX_NODES else ""
         raise argparse.ArgumentTypeError(
-            f"expected N or MIN:MAX, whole numbers with 1 <= MIN <= MAX, got {text!r}"
-        )
+            f"expected N or MIN:MAX, whole numbers with 1 <= MIN <= MAX, got {text!r}{beyond}"
+        ) from None
     return low, high
 
 
 def _positive_seconds(text: str) -> float:
     try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return seconds
+        return parse_seconds(text, "the value")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -267,9 +274,7 @@ def _run_params(args: argparse.Namespace, min_nodes: int, max_nodes: int,
             f"known: {', '.join(sorted(RENDEZVOUS_OPTIONS))}"
         )
     # As create_rdzv_handler does, so that status reads with the same credentials.
-    for env, name in (("RDZV_ETCD_USERNAME", "username"), ("RDZV_ETCD_PASSWORD", "password")):
-        if name not in config and os.environ.get(env):
-            config[name] = os.environ[env]
+    config.update(environment_credentials(config))
     with _usage_errors():
         return RendezvousParameters(
             BACKEND, args.endpoint, args.run_id, min_nodes, max_nodes,

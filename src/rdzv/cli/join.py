@@ -26,7 +26,8 @@ from rdzv.cli._common import (
     _usage_errors,
     _wrap,
 )
-from rdzv.client import EtcdClient, EtcdConfig
+from rdzv.client import EtcdClient
+from rdzv.config import EtcdConfig
 from rdzv.etcd_rendezvous import DEFAULT_TIMEOUT, create_rdzv_handler
 from rdzv.inspect import RunState, read_round_progress
 
