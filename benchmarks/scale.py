@@ -50,8 +50,9 @@ import grpc
 import join_latency as jl
 
 from rdzv._etcd3_compat import load_etcd3
-from rdzv.client import parse_endpoints
+from rdzv.config import parse_endpoints
 from rdzv.etcd_server import EtcdCluster, EtcdServer
+from rdzv.txn import prefix_end
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 DEFAULT_NODES = (1024, 2048, 4096)
@@ -59,10 +60,6 @@ BACKENDS = ("single", "cluster")
 
 
 # ----------------------------------------------------------------------------- floor
-def _prefix_end(prefix: bytes) -> bytes:
-    return prefix[:-1] + bytes([prefix[-1] + 1])
-
-
 async def _floor_once(endpoint: str, nodes: int) -> float:
     """N concurrent puts and one watch of them, on one grpc.aio channel: seconds
     from the first put to the watch's N-th event."""
@@ -77,7 +74,7 @@ async def _floor_once(endpoint: str, nodes: int) -> float:
 
         async def watch_requests() -> Any:
             yield rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                key=prefix, range_end=_prefix_end(prefix)))  # fmt: skip
+                key=prefix, range_end=prefix_end(prefix)))  # fmt: skip
             await done.wait()
 
         stream = watch.Watch(watch_requests())
@@ -100,7 +97,7 @@ async def _floor_once(endpoint: str, nodes: int) -> float:
         elapsed = time.monotonic() - start
         done.set()
         stream.cancel()
-        await kv.DeleteRange(rpc.DeleteRangeRequest(key=prefix, range_end=_prefix_end(prefix)))
+        await kv.DeleteRange(rpc.DeleteRangeRequest(key=prefix, range_end=prefix_end(prefix)))
     return elapsed
 
 
