@@ -486,7 +486,7 @@ class SimNode:
             if sim.now >= self.next_check:
                 self.next_check = sim.now + sim.lease_ttl
                 self._check_state_watch()
-            step = node.advance(self.client, sim.now)
+            step = self._until_wait()
         except RendezvousClosedError:
             sim.closed_seen.add(self.name)
             self._withdraw()
@@ -526,6 +526,15 @@ class SimNode:
             sim.timeouts.append((self.name, sim.now))
             self._withdraw()
             self._end_call(None)
+
+    def _until_wait(self) -> int:
+        """Carry out the node machine's requests up to its next wait or its end."""
+        node = self.core
+        while True:
+            action = node.next_action(self.sim.now)
+            if action.step in (Step.STEP_WAIT, Step.STEP_DONE):
+                return action.step
+            self.sim.carry_out(node, action)
 
     def _withdraw(self) -> None:
         ops = self.core.cleanup_ops()
@@ -624,6 +633,19 @@ class Simulation:
         return SimulationFailure(
             f"seed {self.seed}: {what}\nreplay: python tests/simulation.py --seed {self.seed} -v"
             f"\nlast events:\n{tail}")
+
+    def carry_out(self, node: Any, action: Any) -> None:
+        """Run the request ``node`` asked for on the model; feed it the answer."""
+        try:
+            if action.step == Step.STEP_TXN:
+                answer = self.client.txn(action.compares, action.success, action.failure,
+                                         once=action.once)
+            else:
+                answer = self.client.get(action.key)
+        except LeaseLostError as err:
+            node.fail(err)
+        else:
+            node.feed(answer)
 
     def add_node(self) -> SimNode:
         node = SimNode(self, str(next(self._names)))
@@ -737,7 +759,13 @@ class Simulation:
                 closed = True
                 closer = core.Node("closer", self.keys, self.min_nodes, self.max_nodes, 0,
                                    b"", self.last_call_timeout, float(self.lease_ttl))
-                closer.close(self.client)
+                closer.begin_close()
+                at = self.now
+                while (action := closer.next_action(at)).step != Step.STEP_DONE:
+                    if action.step == Step.STEP_WAIT:
+                        at = action.wake_at  # a backoff: the closer runs on its own
+                    else:
+                        self.carry_out(closer, action)
                 self.trace("the run is closed")
             if self.now >= next_fault and self.now < self.fault_until:
                 self._fault()

@@ -5,9 +5,9 @@
 # * the *run* machine: the state record at <run>/state, shared by every node and
 #   changed only by compare-and-swap (one CAS per transition, never per join);
 # * the *node* machine: what one node does next, given the state record it last
-#   saw and what it has written itself. It never does I/O of its own: it builds
-#   transactions as tuples and hands them to a client object (see client.py),
-#   which keeps it testable without a server.
+#   saw and what it has written itself. It never does I/O of its own: it returns
+#   Actions (transactions as tuples, reads, wake times) for its driver to carry
+#   out and takes the answers back, which keeps it testable without a server.
 
 cpdef enum Status:
     # Run states, as stored in the state record. NONE means "no record yet".
@@ -34,9 +34,11 @@ cpdef enum Phase:
     DONE = 4        # member of a final round: next_rendezvous() returns
 
 cpdef enum Step:
-    # What the node machine asks its driver to do next.
-    STEP_WAIT = 0   # block until the state changes, an event arrives or wake_at
-    STEP_DONE = 1   # the round is complete: return rank and world size
+    # What the node machine asks its driver to do next (an Action's step).
+    STEP_WAIT = 0   # block until a watched event arrives or the clock reaches wake_at
+    STEP_DONE = 1   # the task is over (the round is complete, the run closed)
+    STEP_TXN = 2    # run a transaction and feed() its answer
+    STEP_GET = 3    # read one key and feed() its answer
 
 
 cdef class StateRecord:
@@ -57,7 +59,27 @@ cdef class Backoff:
     cdef object rng                         # random.Random: the jitter's source
 
 
+cdef class Action:
+    # One thing for the driver to do; which fields count depends on step.
+    cdef readonly int step
+    cdef readonly list compares             # STEP_TXN
+    cdef readonly list success
+    cdef readonly list failure
+    cdef readonly bint once                 # STEP_TXN: one attempt, no retries
+    cdef readonly bytes key                 # STEP_GET
+    cdef readonly double wake_at            # STEP_WAIT
+    cdef readonly object result             # STEP_DONE
+
+
 cdef class Node:
+    # The driver's side:
+    #   node.begin(descriptor, wall_offset)   or   node.begin_close()
+    #   loop: action = node.next_action(now)
+    #         STEP_TXN/STEP_GET -> run it, node.feed(answer) or node.fail(error)
+    #         STEP_WAIT -> hold node.watches, feed events (observe_*) until wake_at
+    #         STEP_DONE -> action.result
+    # Multi-request steps (join, freeze, confirm, CAS) are generators that
+    # yield their requests; task holds the one in progress.
     # Identity and settings
     cdef readonly str node_id
     cdef readonly bytes run_prefix
@@ -91,6 +113,10 @@ cdef class Node:
     cdef readonly double open_at
     cdef readonly double retry_at           # after a lost CAS: back off until then (or inf)
     cdef double now                         # the driver's clock at this step
+    cdef object task                        # generator of this call's actions
+    cdef object reply                       # answer to its last request
+    cdef object error                       # or the error it failed with
+    cdef bint awaiting                      # a request is out
     cdef double wall_offset                 # wall clock minus the driver's clock
     cdef readonly bint freeze_pending
     cdef readonly bint freezer
@@ -103,22 +129,9 @@ cdef class Node:
     cdef Backoff backoff
     cdef readonly tuple master
 
-    cdef int _cas(self, client, int event, StateRecord s, dict changes=*, list extra=*) except -1
-    cdef object _join_txn(self, client, long long round)
-    cdef bint _join(self, client, StateRecord s, double now) except -1
+    cdef int _start(self, task) except -1
     cdef int _joined(self, long long round, long long revision, long long count,
                      int min_nodes, int max_nodes, double now) except -1
-    cdef int _announce_last_call(self, client, long long round, long long count,
-                                 int min_nodes, int max_nodes, double now) except -1
-    cdef bint _prejoin(self, client, StateRecord s, double now) except -1
-    cdef bint _freeze(self, client, StateRecord s, double now) except -1
-    cdef bint _write_pages(self, client, list page_txns, long long round,
-                           long long cutoff) except -1
-    cdef object _freezer_duties(self, client, StateRecord s)
-    cdef int _confirm_or_leave(self, client, StateRecord s, double now) except -1
-    cdef int _check_world(self, client, StateRecord s, double now) except -1
-    cdef bint _register_waiting(self, client, StateRecord s) except -1
-    cdef bint _wait_for_next(self, client, StateRecord s, double now) except -1
     cdef int _stop_freezing(self) except -1
 
 

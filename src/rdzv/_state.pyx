@@ -29,9 +29,12 @@ restarting round r deletes the restarted rounds between the last completed
 one and r. So a run holds at most three rounds' keys, however long it lives.
 
 Two rules, after h11: everything that decides what happens to the rendezvous is
-in this file, and nothing in this file does I/O by itself. ``Node`` receives a
-client object with ``txn(compares, success, failure)`` and ``get(key)`` (see
-``rdzv.client``) and returns what its driver should do next.
+in this file, and nothing in this file does I/O by itself. ``Node`` is driven
+through ``next_action(now)``: it returns an ``Action`` (a transaction or a read
+for its driver to run, a time to wake at, or the end of its task) and takes the
+answers back through ``feed``, and a failed request through ``fail``. It holds
+no client, never sleeps, and draws its backoff from a generator it is given, so
+a simulation drives it deterministically on a virtual clock.
 """
 
 cimport cython
@@ -1337,6 +1340,61 @@ cdef class Backoff:
         self.current = self.initial
 
 
+# ---------------------------------------------------------------------- actions
+cdef class Action:
+    """What the node machine asks its driver to do next.
+
+    ``step`` (a ``Step``) says what; the fields that step uses are set:
+
+    * ``STEP_TXN``: run the transaction ``compares``/``success``/``failure``
+      (the tuples of ``rdzv.client.EtcdClient.txn``), retried by the client
+      unless ``once`` (one attempt), and ``feed`` its
+      ``(succeeded, revision, results)``;
+    * ``STEP_GET``: read ``key`` and ``feed`` its
+      ``(value, mod_revision, create_revision)``, or None if it is absent;
+    * ``STEP_WAIT``: wait until a watch delivers an event (``observe_*``) or
+      the driver's clock reaches ``wake_at``, then ask again;
+    * ``STEP_DONE``: the task is over; ``result`` is what it returns.
+
+    A request that fails is handed back with ``fail(error)`` instead.
+    """
+
+    def __cinit__(self, int step, list compares=None, list success=None,
+                  list failure=None, bint once=False, bytes key=None,
+                  double wake_at=INFINITY, result=None):
+        self.step = step
+        self.compares = compares
+        self.success = success
+        self.failure = failure
+        self.once = once
+        self.key = key
+        self.wake_at = wake_at
+        self.result = result
+
+    def __repr__(self):
+        if self.step == STEP_TXN:
+            return (f"Action(STEP_TXN, compares={self.compares!r}, success={self.success!r}, "
+                    f"failure={self.failure!r}, once={self.once})")
+        if self.step == STEP_GET:
+            return f"Action(STEP_GET, key={self.key!r})"
+        if self.step == STEP_WAIT:
+            return f"Action(STEP_WAIT, wake_at={self.wake_at!r})"
+        return f"Action(STEP_DONE, result={self.result!r})"
+
+
+cdef inline Action _txn(list compares, list success, list failure):
+    return Action(STEP_TXN, compares, success, failure)
+
+
+cdef inline Action _get(bytes key):
+    return Action(STEP_GET, key=key)
+
+
+# What a step of the node machine returns besides STEP_WAIT and STEP_DONE: decide
+# again, on what its requests brought.
+cdef int _AGAIN = -1
+
+
 # ----------------------------------------------------------------- node machine
 cdef class Node:
     """One node's side of the rendezvous, as a sans-I/O state machine.
@@ -1408,7 +1466,10 @@ cdef class Node:
         return min(self.wake_at, self.open_at, self.retry_at)
 
     def begin(self, descriptor=None, double wall_offset=0.0):
-        """Start a new ``next_rendezvous()`` call.
+        """Start a new ``next_rendezvous()`` call, driven by ``next_action``.
+
+        Its ``STEP_DONE`` action's ``result`` is the completed round's final
+        record; ``rank``, ``world`` and ``master`` hold this node's share.
 
         Args:
             descriptor: this node's descriptor for the rounds of this call
@@ -1431,6 +1492,14 @@ cdef class Node:
         self.freeze_pending = False
         self.check_liveness = False
         self.watch_revision = 0
+        self._start(self._rendezvous())
+
+    cdef int _start(self, task) except -1:
+        self.task = task
+        self.reply = None
+        self.error = None
+        self.awaiting = False
+        return 0
 
     def observe_state(self, value, long long mod_revision):
         """Feed the state record as read or watched (None: the key is absent).
@@ -1499,25 +1568,75 @@ cdef class Node:
         return 0
 
     # ------------------------------------------------------------- stepping
-    def advance(self, client, double now):
-        """Do what the last observed state calls for; return a ``Step``.
+    def next_action(self, double now):
+        """Return what to do next, as an ``Action``, at the driver's clock ``now``.
 
-        May run transactions through ``client``. On ``STEP_WAIT`` the driver
-        blocks until the state record changes, a watched event arrives, or
-        ``next_wake`` passes, then calls ``advance`` again.
+        Call ``begin`` (a rendezvous) or ``begin_close`` (closing the run)
+        first. After a ``STEP_TXN`` or ``STEP_GET`` action, hand its answer to
+        ``feed`` (or its error to ``fail``) before asking again. Events that
+        watches deliver (``observe_*``) are fed only while the last action was
+        ``STEP_WAIT``: a request's decision is made on the state it was built on.
 
         Raises:
             RendezvousClosedError: the run is closed.
             RendezvousStateError: a record in etcd cannot be decoded.
+            RendezvousError: the error given to ``fail``, when the node cannot
+                go on without the answer it stands for.
+            RuntimeError: no task was begun, or the last request is unanswered.
         """
-        cdef int attempts = 0
-        cdef StateRecord s
+        if self.task is None:
+            raise RuntimeError("the node has no task: call begin() or begin_close() first")
+        if self.awaiting:
+            raise RuntimeError("the last request is unanswered: feed() or fail() it first")
         self.now = now
+        reply, error = self.reply, self.error
+        self.reply = None
+        self.error = None
+        cdef Action action
+        try:
+            action = self.task.throw(error) if error is not None else self.task.send(reply)
+        except BaseException:
+            self.task = None
+            raise
+        if action.step == STEP_TXN or action.step == STEP_GET:
+            self.awaiting = True
+        elif action.step == STEP_DONE:
+            self.task = None
+        return action
+
+    def feed(self, result):
+        """Hand over the answer to the last ``STEP_TXN`` or ``STEP_GET`` action.
+
+        Args:
+            result: ``(succeeded, revision, results)`` for a transaction, the
+                ``(value, mod_revision, create_revision)`` of the key or None
+                for a read.
+        """
+        if not self.awaiting:
+            raise RuntimeError("feed() without a request: the last action asked for none")
+        self.awaiting = False
+        self.reply = result
+
+    def fail(self, error):
+        """Hand over the error that the last request ended with, instead of an answer.
+
+        The node decides what it means at the next ``next_action``.
+        """
+        if not self.awaiting:
+            raise RuntimeError("fail() without a request: the last action asked for none")
+        self.awaiting = False
+        self.error = error
+
+    def _rendezvous(self):
+        """One ``next_rendezvous()`` call: a generator of actions (see ``next_action``)."""
+        cdef int attempts = 0
         while True:
             if self.retry_at != INFINITY:
-                if now < self.retry_at:
+                if self.now < self.retry_at:
                     # A compare-and-swap lost to an identical record: back off.
-                    return STEP_WAIT
+                    attempts = 0
+                    yield Action(STEP_WAIT, wake_at=self.next_wake)
+                    continue
                 self.retry_at = INFINITY
             attempts += 1
             if attempts > _MAX_CAS_ATTEMPTS:
@@ -1525,72 +1644,83 @@ cdef class Node:
                     f"gave up after {_MAX_CAS_ATTEMPTS} lost compare-and-swaps on "
                     f"{self.keys.state.decode()!r}")
             if self.state_mod < 0:
-                got = client.get(self.keys.state)
+                got = yield _get(self.keys.state)
                 if got is None:
                     self.observe_state(None, 0)
                 else:
                     self.observe_state(got[0], got[1])
                 continue
-            s = self.state
-            if s is not None and s.round >= self.joined_round:
-                # The opening timer lives only while the round this node joined
-                # early is not open; however the node learns that it opened (a
-                # freeze, a confirmation, a re-read), the timer is done.
-                self.open_at = INFINITY
-            if s is not None and s.status == CLOSED:
-                raise RendezvousClosedError(
-                    f"the rendezvous of run {self.keys.run_id!r} is closed")
-            if self.freezer and s is not None:
-                step = self._freezer_duties(client, s)
-                if step is not None:
-                    continue
-            if (s is not None and self.phase == CONFIRMED and s.round > self.joined_round
-                    and s.last_final == self.joined_round):
-                # The round this node confirmed in completed, and the next one
-                # opened before this node saw it final (a fast member asked for
-                # the next round at once): the record's last_final says so.
-                c = self.confirmed_state
-                self._done(StateRecord(c.round, FINAL, c.min_nodes, c.max_nodes, c.cutoff,
-                                       c.world_size, c.last_final), self.confirmed_mod)
+            outcome = yield from self._step(self.now)
+            if outcome == STEP_DONE:
+                yield Action(STEP_DONE, result=self.completed)
+                return
+            if outcome == STEP_WAIT:
+                attempts = 0
+                yield Action(STEP_WAIT, wake_at=self.next_wake)
+
+    def _step(self, double now):
+        """Do what the last observed state calls for, up to a wait: a generator
+        of requests that returns ``STEP_WAIT``, ``STEP_DONE``, or ``_AGAIN``
+        (decide again on what the requests brought)."""
+        cdef StateRecord s
+        s = self.state
+        if s is not None and s.round >= self.joined_round:
+            # The opening timer lives only while the round this node joined
+            # early is not open; however the node learns that it opened (a
+            # freeze, a confirmation, a re-read), the timer is done.
+            self.open_at = INFINITY
+        if s is not None and s.status == CLOSED:
+            raise RendezvousClosedError(
+                f"the rendezvous of run {self.keys.run_id!r} is closed")
+        if self.freezer and s is not None:
+            if (yield from self._freezer_duties(s)) is not None:
+                return _AGAIN
+        if (s is not None and self.phase == CONFIRMED and s.round > self.joined_round
+                and s.last_final == self.joined_round):
+            # The round this node confirmed in completed, and the next one
+            # opened before this node saw it final (a fast member asked for
+            # the next round at once): the record's last_final says so.
+            c = self.confirmed_state
+            self._done(StateRecord(c.round, FINAL, c.min_nodes, c.max_nodes, c.cutoff,
+                                   c.world_size, c.last_final), self.confirmed_mod)
+            return STEP_DONE
+        if s is None or s.status == FINAL:
+            if s is not None and self.phase == CONFIRMED and self.joined_round == s.round:
+                self._done(s, self.state_mod)
                 return STEP_DONE
-            if s is None or s.status == FINAL:
-                if s is not None and self.phase == CONFIRMED and self.joined_round == s.round:
-                    self._done(s, self.state_mod)
-                    return STEP_DONE
-                if s is None or self.completed_round == s.round:
-                    # A new run, or a member of the last round asking for the next.
-                    if self._prejoin(client, s, now):
-                        continue
-                    return STEP_WAIT
-                if self._wait_for_next(client, s, now):
-                    continue
+            if s is None or self.completed_round == s.round:
+                # A new run, or a member of the last round asking for the next.
+                if (yield from self._prejoin(s, now)):
+                    return _AGAIN
                 return STEP_WAIT
-            if s.status == JOINABLE:
-                if self.phase == JOINED and self.joined_round == s.round:
-                    self.open_at = INFINITY
-                    if self.freeze_pending or now >= self.wake_at:
-                        self.freeze_pending = False
-                        self.wake_at = INFINITY
-                        if self._freeze(client, s, now):
-                            continue
-                    return STEP_WAIT
-                if self._join(client, s, now):
-                    continue
-                continue
-            if s.status == FROZEN:
-                if self.phase == JOINED and self.joined_round == s.round:
-                    self._confirm_or_leave(client, s, now)
-                    continue
-                if self.phase == CONFIRMED and self.joined_round == s.round:
-                    if now >= self.wake_at or self.check_liveness:
-                        self._check_world(client, s, now)
-                        if self.state is not s:
-                            continue
-                    return STEP_WAIT
-                if self._wait_for_next(client, s, now):
-                    continue
+            if (yield from self._wait_for_next(s, now)):
+                return _AGAIN
+            return STEP_WAIT
+        if s.status == JOINABLE:
+            if self.phase == JOINED and self.joined_round == s.round:
+                self.open_at = INFINITY
+                if self.freeze_pending or now >= self.wake_at:
+                    self.freeze_pending = False
+                    self.wake_at = INFINITY
+                    if (yield from self._freeze(s, now)):
+                        return _AGAIN
                 return STEP_WAIT
-            raise RendezvousStateError(f"unexpected status {s.status}")
+            yield from self._join(s, now)
+            return _AGAIN
+        if s.status == FROZEN:
+            if self.phase == JOINED and self.joined_round == s.round:
+                yield from self._confirm_or_leave(s, now)
+                return _AGAIN
+            if self.phase == CONFIRMED and self.joined_round == s.round:
+                if now >= self.wake_at or self.check_liveness:
+                    yield from self._check_world(s, now)
+                    if self.state is not s:
+                        return _AGAIN
+                return STEP_WAIT
+            if (yield from self._wait_for_next(s, now)):
+                return _AGAIN
+            return STEP_WAIT
+        raise RendezvousStateError(f"unexpected status {s.status}")
 
     def _done(self, StateRecord final, long long mod_revision):
         """Record that this node's round is complete; ``final`` is its final record."""
@@ -1601,9 +1731,8 @@ cdef class Node:
         self.wake_at = INFINITY
 
     # ----------------------------------------------------------- operations
-    cdef int _cas(self, client, int event, StateRecord s, dict changes=None,
-                  list extra=None) except -1:
-        """Apply one run transition with a CAS.
+    def _cas(self, int event, StateRecord s, dict changes=None, list extra=None):
+        """Apply one run transition with a CAS (a generator of its one request).
 
         Returns 0 if it was lost, 1 if this node's transaction committed, 2 if
         the record already holds exactly what this node meant to write: that is
@@ -1627,7 +1756,7 @@ cdef class Node:
         success.extend(_retired_rounds(self.keys, event, s))
         if extra:
             success.extend(extra)
-        ok, revision, results = client.txn(
+        ok, revision, results = yield _txn(
             [("mod", self.keys.state, self.state_mod)],
             success,
             [("get", self.keys.state)],
@@ -1656,7 +1785,7 @@ cdef class Node:
             self.retry_at = self.now + self.backoff.next_delay()
         return 0
 
-    cdef object _join_txn(self, client, long long round):
+    def _join_txn(self, long long round):
         """Put this node's member key of ``round`` and count the members.
 
         The transaction succeeds while ``round`` has no world record, that is
@@ -1673,7 +1802,7 @@ cdef class Node:
         success = [("put", own, self.descriptor, self.lease), ("count", members)]
         for key in self.stale_keys:
             success.append(("delete", key))
-        ok, revision, results = client.txn(
+        ok, revision, results = yield _txn(
             [("create", self.keys.world(round), 0)], success,
             [("get", self.keys.state), ("get", own)])
         if not ok:
@@ -1685,16 +1814,16 @@ cdef class Node:
             return None
         return revision, results[1]
 
-    cdef bint _join(self, client, StateRecord s, double now) except -1:
+    def _join(self, StateRecord s, double now):
         """Join the open round ``s.round``; False if it froze first."""
-        joined = self._join_txn(client, s.round)
+        joined = yield from self._join_txn(s.round)
         if joined is None:
             return False
         self._joined(s.round, joined[0], joined[1], s.min_nodes, s.max_nodes, now)
-        self._announce_last_call(client, s.round, joined[1], s.min_nodes, s.max_nodes, now)
+        yield from self._announce_last_call(s.round, joined[1], s.min_nodes, s.max_nodes, now)
         if self.freeze_pending:
             self.freeze_pending = False
-            self._freeze(client, s, now)
+            yield from self._freeze(s, now)
         return True
 
     cdef int _joined(self, long long round, long long revision, long long count,
@@ -1711,8 +1840,8 @@ cdef class Node:
             self.wake_at = now + self.last_call_timeout
         return 0
 
-    cdef int _announce_last_call(self, client, long long round, long long count,
-                                 int min_nodes, int max_nodes, double now) except -1:
+    def _announce_last_call(self, long long round, long long count, int min_nodes,
+                            int max_nodes, double now):
         """Publish when round ``round``'s last call ends, for ``rdzv status``.
 
         Only the join that brought the count to exactly ``min_nodes`` (below
@@ -1723,11 +1852,11 @@ cdef class Node:
         if count != min_nodes or count >= max_nodes:
             return 0
         deadline = self.wall_offset + self.wake_at
-        client.txn([("create", self.keys.world(round), 0)],
+        yield _txn([("create", self.keys.world(round), 0)],
                    [("put", self.keys.last_call(round), b"%.3f" % deadline, self.lease)], [])
         return 0
 
-    cdef bint _prejoin(self, client, StateRecord s, double now) except -1:
+    def _prejoin(self, StateRecord s, double now):
         """Join the round after ``s`` before it is open; True if the state moved.
 
         Every member of a final round asks for the next one at about the same
@@ -1746,27 +1875,27 @@ cdef class Node:
             if now < self.open_at:
                 return False
             self.open_at = now + self.liveness_interval
-            self._cas(client, OPEN, s)
+            yield from self._cas(OPEN, s)
             return True
-        joined = self._join_txn(client, target)
+        joined = yield from self._join_txn(target)
         if joined is None:
             return True
         self._joined(target, joined[0], joined[1],
                      self.min_nodes if s is None else s.min_nodes,
                      self.max_nodes if s is None else s.max_nodes, now)
-        self._announce_last_call(client, target, joined[1],
-                                 self.min_nodes if s is None else s.min_nodes,
-                                 self.max_nodes if s is None else s.max_nodes, now)
+        yield from self._announce_last_call(target, joined[1],
+                                            self.min_nodes if s is None else s.min_nodes,
+                                            self.max_nodes if s is None else s.max_nodes, now)
         if joined[1] == 0:
             return True  # a lost answer: the round is frozen already
         if joined[1] == 1:
             self.open_at = INFINITY
-            self._cas(client, OPEN, s)
+            yield from self._cas(OPEN, s)
             return True
         self.open_at = now + self.liveness_interval
         return False
 
-    cdef bint _freeze(self, client, StateRecord s, double now) except -1:
+    def _freeze(self, StateRecord s, double now):
         """Fix round ``s.round``'s world and publish it; True if this node did.
 
         A freezer in the world confirms in the same transaction: it knows the
@@ -1779,7 +1908,7 @@ cdef class Node:
         if s.last_final >= 0:
             reads.append(("get", self.keys.world(s.last_final)))
             reads.append(("range", self.keys.ranks(s.last_final), 0))
-        ok, revision, results = client.txn(
+        ok, revision, results = yield _txn(
             [("mod", self.keys.state, self.state_mod)], reads, [("get", self.keys.state)])
         if not ok:
             got = results[0]
@@ -1802,7 +1931,7 @@ cdef class Node:
         master_addr, master_port = ("", 0) if rank0 is None else (rank0[1], rank0[3])
         page_txns, extra = plan_world(
             self.keys, s.round, revision, world, master_addr, master_port, self.data_lease)
-        if not self._write_pages(client, page_txns, s.round, revision):
+        if not (yield from self._write_pages(page_txns, s.round, revision)):
             # Another freezer read the members at the same revision and is
             # writing its shards there: it freezes, or this node does later.
             self.wake_at = now + self.liveness_interval
@@ -1814,12 +1943,12 @@ cdef class Node:
         cdef bint in_world = self.node_id in world
         if in_world:
             extra.append(("put", confirm_key, b"", self.lease))
-        cdef int won = self._cas(client, FREEZE, s,
-                                 {"cutoff": revision, "world_size": len(world)}, extra)
+        cdef int won = (yield from self._cas(
+            FREEZE, s, {"cutoff": revision, "world_size": len(world)}, extra))
         if not won:
             if page_txns:
                 # Shards no frozen record will name: this freezer wrote them all.
-                client.txn([], [("delete", *self.keys.ranks_between(s.round, revision))], [])
+                yield _txn([], [("delete", *self.keys.ranks_between(s.round, revision))], [])
             return False
         self.freezer = True
         self.freeze_round = s.round
@@ -1839,8 +1968,7 @@ cdef class Node:
             self.wake_at = now + self.liveness_interval
         return True
 
-    cdef bint _write_pages(self, client, list page_txns, long long round,
-                           long long cutoff) except -1:
+    def _write_pages(self, list page_txns, long long round, long long cutoff):
         """Write a large world's rank shards before the freeze; False if another
         freezer of the same cutoff got to one of them first.
 
@@ -1851,28 +1979,28 @@ cdef class Node:
         """
         cdef bint wrote = False
         for compares, puts in page_txns:
-            ok, _revision, _results = client.txn(compares, puts, [])
+            ok, _revision, _results = yield _txn(compares, puts, [])
             if not ok:
                 if wrote:
-                    client.txn([], [("delete", *self.keys.ranks_between(round, cutoff))], [])
+                    yield _txn([], [("delete", *self.keys.ranks_between(round, cutoff))], [])
                 return False
             wrote = True
         return True
 
-    cdef object _freezer_duties(self, client, StateRecord s):
+    def _freezer_duties(self, StateRecord s):
         """As the freezer: finalize when all confirmed, restart if one is lost."""
         if s.status != FROZEN or s.round != self.freeze_round:
             self._stop_freezing()
             return None
         if self.world_member_lost:
-            self._cas(client, RESTART, s)
+            yield from self._cas(RESTART, s)
             return True
         if len(self.confirmed) >= s.world_size:
-            self._cas(client, FINALIZE, s)
+            yield from self._cas(FINALIZE, s)
             return True
         return None
 
-    cdef int _confirm_or_leave(self, client, StateRecord s, double now) except -1:
+    def _confirm_or_leave(self, StateRecord s, double now):
         """In a frozen round: read this node's rank shard and confirm, in one
         transaction.
 
@@ -1886,14 +2014,14 @@ cdef class Node:
             s.round, s.cutoff, shard_of(self.node_id, world_shards(s.world_size)))
         cdef bytes me = self.node_id.encode()
         cdef bytes confirm_key = self.keys.confirmed(s.round) + me
-        ok, revision, results = client.txn(
+        ok, revision, results = yield _txn(
             [], [("get", shard_key), ("put", confirm_key, b"", self.lease)], [])
         self.stale_keys.append(confirm_key)
         got = results[0]
         if got is None:
             # The round was retired (deleted) because the run moved on while this
             # node's view lagged behind; only a record that did not move is bad.
-            current = client.get(self.keys.state)
+            current = yield _get(self.keys.state)
             if current is not None and current[1] > self.state_mod:
                 self.observe_state(current[0], current[1])
                 return 0
@@ -1921,7 +2049,7 @@ cdef class Node:
         self.wake_at = now + self.liveness_interval
         return 0
 
-    cdef int _check_world(self, client, StateRecord s, double now) except -1:
+    def _check_world(self, StateRecord s, double now):
         """Fallback liveness check of a frozen round's world, by any member.
 
         It reads the whole world (O(N) bytes): it runs only when the freezer
@@ -1929,7 +2057,7 @@ cdef class Node:
         """
         self.check_liveness = False
         cdef bytes confirmed = self.keys.confirmed(s.round)
-        ok, revision, results = client.txn([], [
+        ok, revision, results = yield _txn([], [
             ("count", self.keys.members(s.round), s.cutoff),
             ("range", confirmed, 0, True),
             ("get", self.keys.world(s.round)),
@@ -1945,14 +2073,14 @@ cdef class Node:
         confirmed_world = sum(
             1 for key, _value, _rev in results[1] if key[len(confirmed):].decode() in world)
         if results[0] < s.world_size:
-            self._cas(client, RESTART, s)
+            yield from self._cas(RESTART, s)
         elif confirmed_world >= s.world_size:
-            self._cas(client, FINALIZE, s)
+            yield from self._cas(FINALIZE, s)
         else:
             self.wake_at = now + self.liveness_interval
         return 0
 
-    cdef bint _register_waiting(self, client, StateRecord s) except -1:
+    def _register_waiting(self, StateRecord s):
         """Put this node's waiting key for round ``s.round``; count its world."""
         cdef bytes me = self.node_id.encode()
         ops = [("put", self.keys.waiting(s.round) + me, b"", self.lease),
@@ -1960,7 +2088,7 @@ cdef class Node:
         for key in self.stale_keys:
             if key != self.keys.waiting(s.round) + me:
                 ops.append(("delete", key))
-        ok, revision, results = client.txn([], ops, [])
+        ok, revision, results = yield _txn([], ops, [])
         self.phase = WAITING
         # A waiting node has no timer of its own: it wakes for the state record
         # and its world's departures. A last call it armed as a joiner is not
@@ -1972,36 +2100,50 @@ cdef class Node:
         self.stale_keys = [self.keys.waiting(s.round) + me]
         return results[1] < s.world_size
 
-    cdef bint _wait_for_next(self, client, StateRecord s, double now) except -1:
+    def _wait_for_next(self, StateRecord s, double now):
         """Late or surplus node: register, and open the next round if the world
         of round ``s.round`` lost a member. True if the state moved."""
         cdef bint lost
         if self.phase != WAITING or self.waiting_round != s.round:
-            lost = self._register_waiting(client, s)
+            lost = yield from self._register_waiting(s)
         elif self.check_liveness:
             self.check_liveness = False
-            ok, revision, results = client.txn(
+            ok, revision, results = yield _txn(
                 [], [("count", self.keys.members(s.round), s.cutoff)], [])
             lost = results[0] < s.world_size
         else:
             return False
         if not lost:
             return False
-        self._cas(client, RESTART if s.status == FROZEN else OPEN, s)
+        yield from self._cas(RESTART if s.status == FROZEN else OPEN, s)
         return True
 
-    def close(self, client):
-        """Close the run (terminal, CLOSE from any status); True if this call did."""
+    def begin_close(self):
+        """Start closing the run (CLOSE from any status), driven by ``next_action``.
+
+        Its ``STEP_DONE`` action's ``result`` is True if this node closed the
+        run, False if it was closed already.
+        """
+        self._start(self._close())
+
+    def _close(self):
         cdef int attempts = 0
         while attempts < _MAX_CAS_ATTEMPTS:
+            if self.retry_at != INFINITY:
+                if self.now < self.retry_at:
+                    yield Action(STEP_WAIT, wake_at=self.retry_at)
+                    continue
+                self.retry_at = INFINITY
             attempts += 1
             if self.state_mod < 0:
-                got = client.get(self.keys.state)
+                got = yield _get(self.keys.state)
                 self.observe_state(None if got is None else got[0], 0 if got is None else got[1])
             if self.state is not None and self.state.status == CLOSED:
-                return False
-            if self._cas(client, CLOSE, self.state):
-                return True
+                yield Action(STEP_DONE, result=False)
+                return
+            if (yield from self._cas(CLOSE, self.state)):
+                yield Action(STEP_DONE, result=True)
+                return
         raise RendezvousStateError(
             f"could not close {self.keys.state.decode()!r}: too many concurrent changes")
 

@@ -428,13 +428,12 @@ class EtcdRendezvousHandler(RendezvousHandler):
             next_check = start + self._lease_ttl
             try:
                 while True:
-                    now = time.monotonic()
-                    if now >= next_check:
-                        next_check = now + self._lease_ttl
-                        self._check_state_watch()
-                    step = node.advance(self._round_client, now)
-                    if step == _state.Step.STEP_DONE:
+                    action = node.next_action(time.monotonic())
+                    if action.step == _state.Step.STEP_DONE:
                         break
+                    if action.step != _state.Step.STEP_WAIT:
+                        _carry_out(node, action, self._round_client)
+                        continue
                     self._sync_watches()
                     now = time.monotonic()
                     if now >= deadline:
@@ -442,10 +441,14 @@ class EtcdRendezvousHandler(RendezvousHandler):
                             f"run {self._run_id!r}: no round completed within "
                             f"{self._timeout:g} s: {self._describe_wait(now - start)}"
                         )
-                    self._drain(min(deadline, node.next_wake, next_check) - now)
+                    self._drain(min(deadline, action.wake_at, next_check) - now)
                     self._check_not_shut_down()
                     if self._session.lost:
                         raise LeaseLostError("its keep-alives went unanswered")
+                    now = time.monotonic()
+                    if now >= next_check:
+                        next_check = now + self._lease_ttl
+                        self._check_state_watch()
             except LeaseLostError as err:
                 self._session.mark_lost(f"node {node.node_id} of run {self._run_id!r}: {err}")
                 self._withdraw()
@@ -556,7 +559,17 @@ class EtcdRendezvousHandler(RendezvousHandler):
         """
         self._check_not_shut_down()
         # A machine of its own, so as not to race the one next_rendezvous() drives.
-        self._new_node(b"").close(self._client)
+        node = self._new_node(b"")
+        node.begin_close()
+        while True:
+            action = node.next_action(time.monotonic())
+            if action.step == _state.Step.STEP_DONE:
+                return
+            if action.step == _state.Step.STEP_WAIT:
+                # Only a backoff after a lost compare-and-swap: microseconds.
+                time.sleep(max(0.0, action.wake_at - time.monotonic()))
+            else:
+                _carry_out(node, action, self._client)
 
     def num_nodes_waiting(self) -> int:
         """Return how many nodes wait for a round after the one this node completed.
@@ -836,6 +849,20 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def lease_id(self) -> int:
         """This node's lease id."""
         return self._session.lease_id
+
+
+def _carry_out(node: Any, action: Any, client: EtcdClient) -> None:
+    """Run the request a node machine asked for; hand it the answer or the error."""
+    try:
+        if action.step == _state.Step.STEP_TXN:
+            answer = client.txn(action.compares, action.success, action.failure,
+                                once=action.once)
+        else:
+            answer = client.get(action.key)
+    except RendezvousError as err:
+        node.fail(err)
+    else:
+        node.feed(answer)
 
 
 def _compacted(err: BaseException) -> bool:
