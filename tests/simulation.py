@@ -303,11 +303,8 @@ class SimNode:
         self.in_call = False
         self.next_call_at = sim.now
         self.deadline = 0.0
-        self.next_check = 0.0
         self.inbox: list[_Delivery] = []
-        self.state_watch: _Watch | None = None
-        self.round_watch: tuple[int, _Watch] | None = None
-        self.waiting_watch: tuple[int, _Watch] | None = None
+        self.watches: dict[str, tuple[Any, _Watch]] = {}
         self.port = 0
         self._new_session()
 
@@ -321,9 +318,12 @@ class SimNode:
             self.node_id, sim.keys, sim.min_nodes, sim.max_nodes, self.lease,
             self._descriptor(), sim.last_call_timeout, float(sim.lease_ttl),
             random.Random(f"{sim.seed}/{self.lease}"))
-        for attr in ("round_watch", "waiting_watch"):
-            self._cancel(attr)
-        self._watch_state()
+        self._drop_watches(list(self.watches))
+        try:
+            self.core.observe_state_read(sim.etcd.revision, self.client.get(sim.keys.state))
+        except RendezvousStateError:
+            self.core.forget_state()
+        self._sync_watches()
 
     def _descriptor(self) -> bytes:
         return core.encode_member(f"host{self.name}", f"10.0.0.{self.name}", 1000, self.port)
@@ -343,55 +343,31 @@ class SimNode:
             self.sim.trace(f"{self.name}: its {tag} watch goes quiet")
         return box[0]
 
-    def _watch_state(self, read=None) -> None:
-        sim = self.sim
-        revision, got = read if read is not None else (sim.etcd.revision,
-                                                        self.client.get(sim.keys.state))
-        try:
-            if got is None:
-                self.core.observe_state(None, 0)
-            else:
-                self.core.observe_state(got[0], got[1])
-        except RendezvousStateError:
-            self.core.forget_state()
-        self.sim.etcd.cancel(self.state_watch)
-        self.state_watch = self._watch("state", sim.keys.state, revision + 1)
-
     @property
     def client(self) -> SimClient:
         return self.sim.client
 
-    def _cancel(self, attr: str) -> None:
-        current = getattr(self, attr, None)
-        if current is not None:
-            setattr(self, attr, None)
-            self.sim.etcd.cancel(current[1])
+    def _drop_watches(self, tags) -> None:
+        for tag in list(tags):
+            held = self.watches.pop(tag, None)
+            if held is not None:
+                self.sim.etcd.cancel(held[1])
 
-    def _sync_watches(self) -> None:
-        node, keys, etcd = self.core, self.sim.keys, self.sim.etcd
-        if node.freezer:
-            if self.round_watch is None or self.round_watch[0] != node.freeze_round:
-                self._cancel("round_watch")
-                r = node.freeze_round
-                self.round_watch = (r, self._watch("round", keys.round(r), etcd.revision + 1,
-                                                   prefix=True))
-                confirmed, members = keys.confirmed(r), keys.members(r)
-                _, _, (got_confirmed, got_members) = self.client.txn(
-                    [], [("range", confirmed, 0, True), ("range", members, 0, True)], [])
-                self.inbox.append(_Delivery(self.sim.now, next(self.sim.seq), (
-                    "round-snapshot", r,
-                    [k[len(confirmed):].decode() for k, _, _ in got_confirmed],
-                    [k[len(members):].decode() for k, _, _ in got_members]), None))
-        else:
-            self._cancel("round_watch")
-        if node.phase == core.Phase.WAITING:
-            if self.waiting_watch is None or self.waiting_watch[0] != node.waiting_round:
-                self._cancel("waiting_watch")
-                self.waiting_watch = (node.waiting_round, self._watch(
-                    "waiting", keys.members(node.waiting_round), node.watch_revision + 1,
-                    prefix=True, no_put=True))
-        else:
-            self._cancel("waiting_watch")
+    def _sync_watches(self) -> bool:
+        """Hold the watches the node machine asks for, as the handler does; True
+        if one started (the node may have a request to make first)."""
+        node, etcd = self.core, self.sim.etcd
+        wanted = {spec.tag: spec for spec in node.watches}
+        self._drop_watches(tag for tag, held in self.watches.items() if held[0] != wanted.get(tag))
+        started = False
+        for tag, spec in wanted.items():
+            if tag not in self.watches:
+                self.watches[tag] = (spec, self._watch(
+                    tag, spec.key, spec.start or etcd.revision + 1, prefix=spec.prefix,
+                    no_put=spec.no_put))
+                node.watch_started(tag)
+                started = True
+        return started
 
     def _drain(self) -> None:
         node = self.core
@@ -404,23 +380,8 @@ class SimNode:
                     node.observe_state(value if is_put else None, revision)
             elif tag == "round":
                 node.observe_round_events(delivery.item[1])
-            elif tag == "round-snapshot":
-                node.observe_round_snapshot(*delivery.item[1:])
             elif tag == "waiting":
                 node.observe_member_deleted()
-
-    def _check_state_watch(self) -> None:
-        """The handler's periodic re-read: a watch that missed a change is replaced."""
-        read = (self.sim.etcd.revision, self.client.get(self.sim.keys.state))
-        got = read[1]
-        seen = self.core.state_mod
-        if seen < 0 or (got[1] if got is not None else 0) <= seen:
-            return
-        self._drain()
-        if got[1] <= self.core.state_mod:
-            return
-        self.sim.trace(f"{self.name}: state watch missed revision {got[1]}; watching again")
-        self._watch_state(read)
 
     # calls
     @property
@@ -428,7 +389,7 @@ class SimNode:
         if not self.alive:
             return float("inf")
         if self.in_call:
-            at = min(self.deadline, self.core.next_wake, self.next_check,
+            at = min(self.deadline, self.core.next_wake,
                      self.inbox[0].at if self.inbox else float("inf"))
         else:
             at = self.next_call_at
@@ -473,7 +434,6 @@ class SimNode:
             self.port += 1
             self.core.begin(self._descriptor())
             self.deadline = sim.now + sim.timeout
-            self.next_check = sim.now + sim.lease_ttl
         self._drain()
         if self.lease not in sim.etcd.leases:
             # The session sees its lease gone (a keep-alive answered TTL 0).
@@ -483,10 +443,10 @@ class SimNode:
             return
         node = self.core
         try:
-            if sim.now >= self.next_check:
-                self.next_check = sim.now + sim.lease_ttl
-                self._check_state_watch()
-            step = self._until_wait()
+            while True:
+                step = self._until_wait()
+                if step == Step.STEP_DONE or not self._sync_watches():
+                    break
         except RendezvousClosedError:
             sim.closed_seen.add(self.name)
             self._withdraw()
@@ -544,8 +504,7 @@ class SimNode:
             except LeaseLostError:
                 pass
         self.core.left()
-        self._cancel("round_watch")
-        self._cancel("waiting_watch")
+        self._drop_watches(["round", "waiting"])
 
     def _end_call(self, outcome: Outcome | None, closed: bool = False) -> None:
         self.in_call = False

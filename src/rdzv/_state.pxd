@@ -59,6 +59,15 @@ cdef class Backoff:
     cdef object rng                         # random.Random: the jitter's source
 
 
+cdef class WatchSpec:
+    # A watch the node wants held: Node.watches lists them, the driver diffs.
+    cdef readonly str tag                   # "state", "round" or "waiting"
+    cdef readonly bytes key                 # the key, or the prefix
+    cdef readonly bint prefix
+    cdef readonly long long start           # first revision delivered; 0: from now
+    cdef readonly bint no_put               # deletions only
+
+
 cdef class Action:
     # One thing for the driver to do; which fields count depends on step.
     cdef readonly int step
@@ -76,7 +85,8 @@ cdef class Node:
     #   node.begin(descriptor, wall_offset)   or   node.begin_close()
     #   loop: action = node.next_action(now)
     #         STEP_TXN/STEP_GET -> run it, node.feed(answer) or node.fail(error)
-    #         STEP_WAIT -> hold node.watches, feed events (observe_*) until wake_at
+    #         STEP_WAIT -> hold node.watches (watch_started / watch_failed), feed
+    #                      what they deliver (observe_*) until wake_at
     #         STEP_DONE -> action.result
     # Multi-request steps (join, freeze, confirm, CAS) are generators that
     # yield their requests; task holds the one in progress.
@@ -112,6 +122,9 @@ cdef class Node:
     cdef readonly double wake_at
     cdef readonly double open_at
     cdef readonly double retry_at           # after a lost CAS: back off until then (or inf)
+    cdef readonly double check_at           # when to check the state watch by a read
+    cdef readonly long long state_watch_start  # the state watch delivers from here (0: none)
+    cdef bint round_snapshot_due            # the freezer's round watch started: read it
     cdef double now                         # the driver's clock at this step
     cdef object task                        # generator of this call's actions
     cdef object reply                       # answer to its last request

@@ -45,6 +45,7 @@ from libc.math cimport INFINITY
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
+import logging
 import random
 import zlib
 
@@ -1340,7 +1341,50 @@ cdef class Backoff:
         self.current = self.initial
 
 
+logger = logging.getLogger(__name__)
+
+
 # ---------------------------------------------------------------------- actions
+cdef class WatchSpec:
+    """A watch the node machine wants its driver to hold (see ``Node.watches``).
+
+    The driver starts one for each spec it does not hold, cancels those it
+    holds that are no longer wanted (specs compare equal field by field), tells
+    the node ``watch_started(tag)``, feeds what they deliver (``observe_*``) and
+    hands a broken one back with ``watch_failed``.
+
+    Args:
+        tag: ``"state"`` (the state record; feed ``observe_state``),
+            ``"round"`` (the freezer's round; ``observe_round_events``) or
+            ``"waiting"`` (a late node's world; ``observe_member_deleted``).
+        key: the key, or the prefix if ``prefix``.
+        prefix: watch every key under ``key``.
+        start: the first revision to deliver; 0: from when it starts.
+        no_put: deliver deletions only.
+    """
+
+    def __cinit__(self, str tag, bytes key, bint prefix, long long start, bint no_put):
+        self.tag = tag
+        self.key = key
+        self.prefix = prefix
+        self.start = start
+        self.no_put = no_put
+
+    def __eq__(self, other):
+        if not isinstance(other, WatchSpec):
+            return NotImplemented
+        cdef WatchSpec o = other
+        return (self.tag == o.tag and self.key == o.key and self.prefix == o.prefix
+                and self.start == o.start and self.no_put == o.no_put)
+
+    def __hash__(self):
+        return hash((self.tag, self.key, self.prefix, self.start, self.no_put))
+
+    def __repr__(self):
+        return (f"WatchSpec({self.tag!r}, {self.key!r}, prefix={self.prefix}, "
+                f"start={self.start}, no_put={self.no_put})")
+
+
 cdef class Action:
     """What the node machine asks its driver to do next.
 
@@ -1441,6 +1485,8 @@ cdef class Node:
         self.stale_keys = []
         self.backoff = Backoff(rng=rng)
         self.wall_offset = 0.0
+        self.state_watch_start = 0
+        self.round_snapshot_due = False
         self.freezer = False
         self.freeze_round = -1
         self.confirmed = set()
@@ -1462,8 +1508,53 @@ cdef class Node:
     # ------------------------------------------------------------ observing
     @property
     def next_wake(self):
-        """The earliest time at which ``advance`` has something to do unprompted."""
-        return min(self.wake_at, self.open_at, self.retry_at)
+        """The earliest time at which the node has something to do unprompted."""
+        return min(self.wake_at, self.open_at, self.retry_at, self.check_at)
+
+    @property
+    def watches(self):
+        """The watches the driver should hold now: a list of ``WatchSpec``.
+
+        The state record's, from right after the read that it follows; the
+        freezer's of its round (confirmations and deaths), from when it starts
+        (what happened before is read once it has: see ``watch_started``); a
+        late node's of the deletions among the members it waits on, from its
+        registration.
+        """
+        specs = []
+        if self.state_watch_start > 0:
+            specs.append(WatchSpec("state", self.keys.state, False, self.state_watch_start, False))
+        if self.freezer:
+            specs.append(WatchSpec("round", self.keys.round(self.freeze_round), True, 0, False))
+        if self.phase == WAITING:
+            specs.append(WatchSpec("waiting", self.keys.members(self.waiting_round), True,
+                                   self.watch_revision + 1, True))
+        return specs
+
+    def watch_started(self, str tag):
+        """A watch of ``watches`` started (a started round watch is read up to now next)."""
+        if tag == "round" and self.freezer:
+            self.round_snapshot_due = True
+
+    def watch_failed(self, str tag, error, bint compacted):
+        """A watch of ``watches`` broke or was refused; the driver dropped it.
+
+        A state watch is replaced after the record is read again. A watch whose
+        start revision etcd compacted away (a stream broke after a long quiet
+        spell) goes on from now: the freezer's reads its round again when it
+        starts, a late node's counts its world once for what it missed.
+
+        Raises:
+            error: unless ``compacted``: the driver cannot keep the watch up.
+        """
+        if tag == "state":
+            self.state_watch_start = 0
+            self.forget_state()
+        elif tag == "waiting" and compacted:
+            self.watch_revision = -1
+            self.check_liveness = True
+        if not compacted:
+            raise error
 
     def begin(self, descriptor=None, double wall_offset=0.0):
         """Start a new ``next_rendezvous()`` call, driven by ``next_action``.
@@ -1489,6 +1580,7 @@ cdef class Node:
         self.wake_at = INFINITY
         self.open_at = INFINITY
         self.retry_at = INFINITY
+        self.check_at = INFINITY
         self.freeze_pending = False
         self.check_liveness = False
         self.watch_revision = 0
@@ -1517,6 +1609,20 @@ cdef class Node:
         if self.freezer and (self.state is None or self.state.round != self.freeze_round
                              or self.state.status != FROZEN):
             self._stop_freezing()
+
+    def observe_state_read(self, long long revision, got):
+        """Feed a read of the state record, made at ``revision``, that its watch follows.
+
+        Args:
+            revision: the revision of the read.
+            got: ``(value, mod_revision, ...)``, or None if the key is absent.
+
+        Raises:
+            RendezvousStateError: the record cannot be decoded (the watch is
+                wanted from there all the same).
+        """
+        self.state_watch_start = revision + 1
+        self.observe_state(None if got is None else got[0], 0 if got is None else got[1])
 
     def observe_round_events(self, events):
         """Feed the freezer's watch of its round: ``[(is_put, key, value, rev)]``."""
@@ -1630,6 +1736,8 @@ cdef class Node:
     def _rendezvous(self):
         """One ``next_rendezvous()`` call: a generator of actions (see ``next_action``)."""
         cdef int attempts = 0
+        cdef long long r
+        self.check_at = self.now + self.liveness_interval
         while True:
             if self.retry_at != INFINITY:
                 if self.now < self.retry_at:
@@ -1643,12 +1751,29 @@ cdef class Node:
                 raise RendezvousStateError(
                     f"gave up after {_MAX_CAS_ATTEMPTS} lost compare-and-swaps on "
                     f"{self.keys.state.decode()!r}")
+            if self.now >= self.check_at:
+                self.check_at = self.now + self.liveness_interval
+                yield from self._check_state_watch()
+            if self.round_snapshot_due:
+                # The freezer's round watch started: what the members did since
+                # the freeze, read once (with the watch's events, in either
+                # order, it adds up to the same).
+                self.round_snapshot_due = False
+                r = self.freeze_round
+                confirmed, members = self.keys.confirmed(r), self.keys.members(r)
+                _ok, _revision, (got_confirmed, got_members) = yield _txn(
+                    [], [("range", confirmed, 0, True), ("range", members, 0, True)], [])
+                self.observe_round_snapshot(
+                    r, [key[len(confirmed):].decode() for key, _, _ in got_confirmed],
+                    [key[len(members):].decode() for key, _, _ in got_members])
+                continue
             if self.state_mod < 0:
-                got = yield _get(self.keys.state)
-                if got is None:
-                    self.observe_state(None, 0)
+                _ok, revision, (got,) = yield _txn([], [("get", self.keys.state)], [])
+                if self.state_watch_start == 0:
+                    self.observe_state_read(revision, got)
                 else:
-                    self.observe_state(got[0], got[1])
+                    self.observe_state(None if got is None else got[0],
+                                       0 if got is None else got[1])
                 continue
             outcome = yield from self._step(self.now)
             if outcome == STEP_DONE:
@@ -1657,6 +1782,29 @@ cdef class Node:
             if outcome == STEP_WAIT:
                 attempts = 0
                 yield Action(STEP_WAIT, wake_at=self.next_wake)
+
+    def _check_state_watch(self):
+        """Re-read the state record; if its watch missed a change, watch it again.
+
+        Done every ``liveness_interval`` while a call waits, so that a watch
+        stream that stalled without breaking costs a round at most that long,
+        not the call's whole timeout.
+        """
+        cdef long long seen = self.state_mod
+        if seen < 0 or self.state_watch_start == 0:
+            return
+        _ok, revision, (got,) = yield _txn([], [("get", self.keys.state)], [])
+        if (got[1] if got is not None else 0) <= seen:
+            return
+        # The change may be on its way from the watch: let the driver feed
+        # what has arrived, then look again.
+        yield Action(STEP_WAIT, wake_at=self.now)
+        if got[1] <= self.state_mod:
+            return
+        logger.warning(
+            "run %r: the state record changed at revision %d but its watch delivered "
+            "nothing after revision %d; watching it again", self.keys.run_id, got[1], seen)
+        self.observe_state_read(revision, got)
 
     def _step(self, double now):
         """Do what the last observed state calls for, up to a wait: a generator

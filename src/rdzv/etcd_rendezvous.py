@@ -143,9 +143,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._lock = threading.RLock()
         self._shutdown_lock = threading.Lock()
         self._inbox = Inbox()
-        self._state_watch: Watch | None = None
-        self._round_watch: tuple[int, Watch] | None = None
-        self._waiting_watch: tuple[int, Watch] | None = None
+        # The watches the node machine asked for, by tag: (its WatchSpec, the Watch).
+        self._watches: dict[str, tuple[Any, Watch]] = {}
         self._shutdown = False
         self._session_abandoned = False
         self._run_leases = RunLeases(client, self._keys, closed_run_grace, run_idle_timeout)
@@ -163,7 +162,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._session = self._open_session()
         try:
             self._node = self._new_node()
-            self._watch_state()
+            self._read_state()
             if self._node.state is None:
                 # A new run (or one that expired): its leases may not exist yet.
                 self._run_leases.grant()
@@ -226,7 +225,6 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._session = self._open_session()
         self._session_abandoned = False
         self._node = self._new_node()
-        self._cancel_state_watch()
 
     def _drain(self, timeout: float | None) -> None:
         node = self._node
@@ -237,148 +235,73 @@ class EtcdRendezvousHandler(RendezvousHandler):
                     node.observe_state(value if is_put else None, revision)
             elif tag == "round":
                 node.observe_round_events(item[1])
-            elif tag == "round-snapshot":
-                node.observe_round_snapshot(*item[1:])
             elif tag == "waiting":
                 node.observe_member_deleted()
             elif tag == "error":
-                # A watch could not be resumed (etcd unreachable): drop it so that
-                # the next call starts afresh from a re-read state record.
-                _, failed_tag, err = item
-                if failed_tag == "state":
-                    self._cancel_state_watch()
-                    node.forget_state()
-                else:
-                    self._cancel("_round_watch" if failed_tag == "round" else "_waiting_watch")
-                if _compacted(err):
-                    # etcd compacted the history the watch was to resume from (a
-                    # stream broke after a long quiet spell). The next step reads
-                    # the state record and watches it again from there; the
-                    # freezer's watch reads its round when it starts again, and a
-                    # waiting node counts the world once for what it missed.
-                    logger.info("run %r: a %s watch resumes past compacted history (%s)",
-                                self._run_id, failed_tag, err)
-                    if failed_tag == "waiting":
-                        node.observe_member_deleted()
-                    continue
-                raise err
+                # A watch could not be resumed: etcd unreachable (the node raises
+                # the error), or the history it was to resume from compacted (it
+                # goes on from now; see Node.watch_failed).
+                self._watch_failed(item[1], item[2])
             elif tag in ("shutdown", "lost"):
                 return
 
-    def _sync_watches(self) -> None:
-        """Start and stop watches to match what the node machine is doing."""
+    def _sync_watches(self) -> bool:
+        """Start and stop watches to match the node machine's; True if one started
+        or was refused (the node may then have a request to make first)."""
         node = self._node
-        if self._state_watch is None:
-            self._watch_state()
-        if node.freezer:
-            if self._round_watch is None or self._round_watch[0] != node.freeze_round:
-                self._cancel("_round_watch")
-                self._watch_frozen_round(node.freeze_round)
-        else:
-            self._cancel("_round_watch")
-        if node.phase == _state.Phase.WAITING:
-            if self._waiting_watch is None or self._waiting_watch[0] != node.waiting_round:
-                self._cancel("_waiting_watch")
-                self._waiting_watch = (node.waiting_round, self._watch_waiting(node))
-        else:
-            self._cancel("_waiting_watch")
+        wanted = {spec.tag: spec for spec in node.watches}
+        self._drop_watches(tag for tag, held in self._watches.items() if held[0] != wanted.get(tag))
+        changed = False
+        for tag, spec in wanted.items():
+            if tag in self._watches:
+                continue
+            changed = True
+            # The state record's watch outlives the call; the others are the
+            # round's, retried only while this node's lease may be alive.
+            client = self._client if tag == "state" else self._round_client
+            try:
+                watch = Watch(client, spec.key, spec.start, self._inbox, tag,
+                              prefix=spec.prefix, no_put=spec.no_put)
+            except WatchRefused as err:
+                self._watch_failed(tag, err)
+                return True
+            self._watches[tag] = (spec, watch)
+            node.watch_started(tag)
+        return changed
 
-    def _watch_waiting(self, node: Any) -> Watch:
-        """A late node's watch for deletions of the world's member keys."""
-        members = self._keys.members(node.waiting_round)
-        try:
-            return Watch(self._round_client, members, node.watch_revision + 1, self._inbox,
-                         "waiting", prefix=True, no_put=True)
-        except WatchRefused as err:
-            if not _compacted(err):
-                raise
-        # What happened since the node registered is compacted away: watch from
-        # now, and count the world once (through the inbox, which wakes the loop).
-        self._inbox.put(("waiting", []))
-        return Watch(self._round_client, members, 0, self._inbox, "waiting",
-                     prefix=True, no_put=True)
+    def _drop_watches(self, tags: Any) -> None:
+        for tag in list(tags):
+            held = self._watches.pop(tag, None)
+            if held is not None:
+                held[1].cancel()
 
-    def _watch_frozen_round(self, r: int) -> None:
-        """The freezer's watch of round ``r``: confirmations and deaths.
+    def _watch_failed(self, tag: str, err: BaseException) -> None:
+        self._drop_watches([tag])
+        if _compacted(err):
+            logger.info("run %r: a %s watch resumes past compacted history (%s)",
+                        self._run_id, tag, err)
+        self._node.watch_failed(tag, err, _compacted(err))
 
-        It starts now rather than at the freeze: etcd serves a watch that starts
-        in the past only at its next sync of lagging watchers, up to 100 ms
-        later, and by now the others are confirming. What they did since the
-        freeze is read once, after the watch started, and queued with its
-        events (in either order they add up to the same).
-        """
-        self._round_watch = (
-            r, Watch(self._round_client, self._keys.round(r), 0, self._inbox, "round", prefix=True)
-        )
-        confirmed, members = self._keys.confirmed(r), self._keys.members(r)
-        _, _, (confirmed_keys, member_keys) = self._round_client.txn(
-            [], [("range", confirmed, 0, True), ("range", members, 0, True)], []
-        )
-        self._inbox.put((
-            "round-snapshot", r,
-            [key[len(confirmed):].decode() for key, _, _ in confirmed_keys],
-            [key[len(members):].decode() for key, _, _ in member_keys],
-        ))
+    @property
+    def _state_watch(self) -> Watch | None:
+        """The state record's watch, while one is held."""
+        held = self._watches.get("state")
+        return None if held is None else held[1]
 
-    def _read_state(self, client: EtcdClient) -> tuple[int, Any]:
-        """``(revision of the read, (value, mod_revision, ...) or None)``."""
-        _, revision, (got,) = client.txn([], [("get", self._keys.state)], [])
-        return revision, got
-
-    def _watch_state(self, read: tuple[int, Any] | None = None) -> None:
-        """Read the state record (unless ``read`` is one) and watch it from there.
+    def _read_state(self) -> None:
+        """Read the state record and watch it from there.
 
         Done when the handler is created, so that a round's clock does not pay
         for setting up the watch.
         """
-        revision, got = read if read is not None else self._read_state(self._client)
-        if got is not None:
-            try:
-                self._node.observe_state(got[0], got[1])
-            except RendezvousStateError:
-                # Reported by next_rendezvous(), which re-reads it; creating a
-                # handler does not fail on it.
-                self._node.forget_state()
-        else:
-            self._node.observe_state(None, 0)
-        self._state_watch = Watch(
-            self._client, self._keys.state, revision + 1, self._inbox, "state"
-        )
-
-    def _check_state_watch(self) -> None:
-        """Re-read the state record; if its watch missed a change, watch again.
-
-        Done every ``lease_ttl`` seconds while a call waits, so that a watch
-        stream that stalled without breaking (as seen once in the soak) costs a
-        round at most that long, not the call's whole ``timeout``.
-        """
-        # Within a call: bounded by the lease, as the round's own requests are.
-        read = self._read_state(self._round_client)
-        got = read[1]
-        seen = self._node.state_mod
-        if seen < 0 or (got[1] if got is not None else 0) <= seen:
-            return
-        # A change may also be on its way through the inbox: drain it first.
-        self._drain(0)
-        if got[1] <= self._node.state_mod:
-            return
-        logger.warning(
-            "run %r: the state record changed at revision %d but its watch delivered "
-            "nothing after revision %d; watching it again", self._run_id, got[1], seen,
-        )
-        self._cancel_state_watch()
-        self._watch_state(read)
-
-    def _cancel_state_watch(self) -> None:
-        if self._state_watch is not None:
-            self._state_watch.cancel()
-            self._state_watch = None
-
-    def _cancel(self, attr: str) -> None:
-        current = getattr(self, attr)
-        if current is not None:
-            setattr(self, attr, None)
-            current[1].cancel()
+        _, revision, (got,) = self._client.txn([], [("get", self._keys.state)], [])
+        try:
+            self._node.observe_state_read(revision, got)
+        except RendezvousStateError:
+            # Reported by next_rendezvous(), which re-reads it; creating a
+            # handler does not fail on it.
+            self._node.forget_state()
+        self._sync_watches()
 
     # --------------------------------------------------------- the interface
     def get_backend(self) -> str:
@@ -425,7 +348,6 @@ class EtcdRendezvousHandler(RendezvousHandler):
             deadline = start + self._timeout
             node = self._node
             node.begin(self._descriptor(), time.time() - start)
-            next_check = start + self._lease_ttl
             try:
                 while True:
                     action = node.next_action(time.monotonic())
@@ -434,21 +356,18 @@ class EtcdRendezvousHandler(RendezvousHandler):
                     if action.step != _state.Step.STEP_WAIT:
                         _carry_out(node, action, self._round_client)
                         continue
-                    self._sync_watches()
+                    if self._sync_watches():
+                        continue
                     now = time.monotonic()
                     if now >= deadline:
                         raise RendezvousTimeoutError(
                             f"run {self._run_id!r}: no round completed within "
                             f"{self._timeout:g} s: {self._describe_wait(now - start)}"
                         )
-                    self._drain(min(deadline, action.wake_at, next_check) - now)
+                    self._drain(min(deadline, action.wake_at) - now)
                     self._check_not_shut_down()
                     if self._session.lost:
                         raise LeaseLostError("its keep-alives went unanswered")
-                    now = time.monotonic()
-                    if now >= next_check:
-                        next_check = now + self._lease_ttl
-                        self._check_state_watch()
             except LeaseLostError as err:
                 self._session.mark_lost(f"node {node.node_id} of run {self._run_id!r}: {err}")
                 self._withdraw()
@@ -532,8 +451,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._session.close(revoke=False)
                 self._session_abandoned = True
         self._node.left()
-        self._cancel("_round_watch")
-        self._cancel("_waiting_watch")
+        self._drop_watches(["round", "waiting"])
 
     def is_closed(self) -> bool:
         """Return whether the run is closed.
@@ -815,9 +733,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._inbox.put(("shutdown",))
         self._stop_view()
         with self._lock:
-            for attr in ("_round_watch", "_waiting_watch"):
-                self._cancel(attr)
-            self._cancel_state_watch()
+            self._drop_watches(list(self._watches))
             try:
                 self._run_leases.release()
                 self._session.close()
