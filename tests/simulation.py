@@ -306,6 +306,7 @@ class SimNode:
         self.inbox: list[_Delivery] = []
         self.watches: dict[str, tuple[Any, _Watch]] = {}
         self.port = 0
+        self.until = float("inf")  # the node machine waits until then (or an event)
         self._new_session()
 
     # sessions and watches
@@ -389,7 +390,7 @@ class SimNode:
         if not self.alive:
             return float("inf")
         if self.in_call:
-            at = min(self.deadline, self.core.next_wake,
+            at = min(self.deadline, self.until,
                      self.inbox[0].at if self.inbox else float("inf"))
         else:
             at = self.next_call_at
@@ -470,14 +471,14 @@ class SimNode:
             self._end_call(outcome)
             return
         self._sync_watches()
-        if node.next_wake <= sim.now:
+        if self.until <= sim.now:
             # The handler drains its inbox with a timeout <= 0 and calls
             # advance() again at once: once is a step, five times is a spin.
             self.spins += 1
             if self.spins >= 5:
                 raise sim.failure(
                     f"{self.name}: advance() asked five times in a row to wait until a "
-                    f"time that has passed (t={node.next_wake:.4f}, phase {node.phase}): "
+                    f"time that has passed (t={self.until:.4f}, phase {node.phase}): "
                     "the driver would spin")
         else:
             self.spins = 0
@@ -493,6 +494,7 @@ class SimNode:
         while True:
             action = node.next_action(self.sim.now)
             if action.step in (Step.STEP_WAIT, Step.STEP_DONE):
+                self.until = action.wake_at
                 return action.step
             self.sim.carry_out(node, action)
 
