@@ -72,9 +72,11 @@ _FIRST_READ_WAIT = 2.0
 class EtcdRendezvousHandler(RendezvousHandler):
     """A rendezvous over etcd v3 whose join costs O(1) writes per node.
 
-    Create it with ``create_rdzv_handler(params)``. The connection to etcd is
-    checked and this node's lease granted at creation, so an unreachable etcd
-    fails there, within ``connect_timeout`` seconds.
+    Create it with ``create_rdzv_handler(params)``, or directly with a client
+    of the caller's (one whose requests pass through gRPC interceptors, see
+    ``EtcdClient``). The connection to etcd is checked and this node's lease
+    granted at creation, so an unreachable etcd fails there, within
+    ``connect_timeout`` seconds.
 
     Args:
         client: connection to etcd (owned by the handler from now on).
