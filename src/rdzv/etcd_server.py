@@ -53,7 +53,8 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from rdzv.api import RendezvousConnectionError
-from rdzv.client import DEFAULT_CONNECT_TIMEOUT, EtcdClient, EtcdConfig
+from rdzv.client import EtcdClient
+from rdzv.config import DEFAULT_CONNECT_TIMEOUT, EtcdConfig, parse_seconds
 
 __all__ = [
     "BINARY_ENV_VAR",
@@ -804,13 +805,9 @@ class _EtcdGroup:
         self._launchers = tuple(tuple(launcher) for launcher in launchers) if launchers else None
         self._given_data_dir = data_dir
         self._data_dir: str | None = None
-        if (isinstance(compaction_retention, bool)
-                or not isinstance(compaction_retention, (int, float))
-                or not 1 <= compaction_retention <= 3600):
-            raise ValueError(
-                "'compaction_retention' must be a number of seconds from 1 to 3600, "
-                f"got {compaction_retention!r}."
-            )
+        retention = parse_seconds(
+            compaction_retention, "'compaction_retention'", least=1, most=3600
+        )
         binary = find_etcd_binary(etcd_binary_path)
         self._options = _LaunchOptions(
             binary=binary,
@@ -818,7 +815,7 @@ class _EtcdGroup:
             enable_v2=enable_v2,
             tls=tls,
             extra_args=tuple(extra_args),
-            compaction_retention=float(compaction_retention),
+            compaction_retention=retention,
         )
         self._members: list[EtcdMember] = []
         self._running = False
@@ -865,8 +862,7 @@ class _EtcdGroup:
             raise RuntimeError("etcd is already running; stop() it before starting again.")
         if num_retries < 0:
             raise ValueError(f"'num_retries' must be 0 or more, got {num_retries!r}.")
-        if not timeout > 0:
-            raise ValueError(f"'timeout' must be a positive number of seconds, got {timeout!r}.")
+        timeout = parse_seconds(timeout, "'timeout'")
         if stderr is not None:
             _stderr_target(stderr)  # refuse what cannot take etcd's stderr, before starting
         owned = self._given_data_dir is None
