@@ -204,7 +204,7 @@ def contend(
         ``(True, result)`` of the attempt that settled, or ``(False, result)`` of
         the last one if the deadline passed first.
     """
-    backoff = Backoff(first_backoff, max_backoff)
+    backoff = None  # made at the first lost race: most attempts settle at once
     while True:
         settled, result = attempt()
         if settled:
@@ -212,4 +212,6 @@ def contend(
         now = time.monotonic()
         if now >= deadline:
             return False, result
+        if backoff is None:
+            backoff = Backoff(first_backoff, max_backoff)
         time.sleep(min(backoff.next_delay(), deadline - now))
