@@ -284,12 +284,6 @@ class EtcdRendezvousHandler(RendezvousHandler):
                         self._run_id, tag, err)
         self._node.watch_failed(tag, err, _compacted(err))
 
-    @property
-    def _state_watch(self) -> Watch | None:
-        """The state record's watch, while one is held."""
-        held = self._watches.get("state")
-        return None if held is None else held[1]
-
     def _read_state(self) -> None:
         """Read the state record and watch it from there.
 
