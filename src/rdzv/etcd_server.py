@@ -55,6 +55,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 from rdzv.api import RendezvousConnectionError
 from rdzv.client import EtcdClient
 from rdzv.config import DEFAULT_CONNECT_TIMEOUT, EtcdConfig, parse_seconds
+from rdzv.retry import RetryPolicy
 
 __all__ = [
     "BINARY_ENV_VAR",
@@ -564,8 +565,12 @@ class EtcdMember:
                 f"Cannot run {what} {program!r}: {err.strerror or err}. "
                 "Check that it is an executable for this machine."
             ) from err
+        # One attempt per poll, even when the port accepts connections but nothing
+        # answers (another process holds it and etcd exits): a slow etcd would
+        # otherwise be retried for 30 s before the poll sees the exit.
         self._probe = EtcdClient(
-            _client_config([(self.host, self.get_port())], self._options.tls, _PROBE_TIMEOUT_S)
+            _client_config([(self.host, self.get_port())], self._options.tls, _PROBE_TIMEOUT_S),
+            retry=RetryPolicy(connect_timeout=_PROBE_TIMEOUT_S, slow_budget=_PROBE_TIMEOUT_S),
         )
 
     def _status(self) -> Any | None:
