@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import importlib
+import json
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ import pytest
 
 from certs import Certificates, write_certificates
 from helpers import ThreadNode, assert_one_world, make_handler, run_round, wait_for
+from rdzv import cli
 from rdzv._etcd3_compat import load_etcd3
 from rdzv.api import RendezvousConnectionError
 from rdzv.client import EtcdClient, EtcdConfig
@@ -322,6 +324,19 @@ def test_round_with_credentials_from_env(auth_server, certs, handlers, monkeypat
     monkeypatch.setenv("RDZV_ETCD_PASSWORD", PASSWORD)
     config = _https(certs, **{name: USER for name in in_params})
     _round(auth_server.get_endpoint(), handlers, 2, **config)
+
+
+def test_cli_reads_with_credentials_from_env(auth_server, certs, run_id, monkeypatch, capsys):
+    # The CLI takes them from the environment by the handler's rule.
+    monkeypatch.setenv("RDZV_ETCD_USERNAME", USER)
+    monkeypatch.setenv("RDZV_ETCD_PASSWORD", PASSWORD)
+    status = ["status", "--endpoint", auth_server.get_endpoint(), "--run-id", run_id, "--json",
+              "--conf", "protocol=https", "--conf", f"cacert={certs.ca}"]
+    assert cli.main(status) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "none"
+    monkeypatch.delenv("RDZV_ETCD_PASSWORD")
+    assert cli.main(status) == 2
+    assert "'username' and 'password'" in capsys.readouterr().err
 
 
 def test_wrong_password_fails_at_once(auth_server, certs, run_id, caplog):

@@ -254,6 +254,10 @@ class EtcdClient:
             into one handler (``EtcdRendezvousHandler`` takes the client).
         retry: how requests are retried (default: ``RetryPolicy`` with the
             configuration's ``connect_timeout``).
+
+    Attributes:
+        config: the configuration it was created with.
+        retry: its ``RetryPolicy``; ``with_retry`` gives the client under another.
     """
 
     def __init__(
