@@ -20,6 +20,7 @@ from rdzv.config import (
     EtcdConfig,
     RendezvousOptions,
     check_node_bounds,
+    default_keepalive_interval,
     environment_credentials,
     parse_seconds,
 )
@@ -93,6 +94,7 @@ def test_options_get_their_defaults_and_are_read_once() -> None:
     assert options.etcd.endpoints == (("127.0.0.1", 1),)
     assert options.etcd.connect_timeout == DEFAULT_CONNECT_TIMEOUT
     assert options.keepalive_interval == 60.0  # lease_ttl / 4, at most a minute
+    assert default_keepalive_interval(8) == 2.0  # the same rule for the run's leases
     assert options.closed_run_grace == 1  # whole seconds, rounded up
     assert (options.timeout, options.last_call_timeout, options.store_timeout) == (600, 30, 300)
     assert options.etcd_prefix == "/rdzv"

@@ -41,6 +41,7 @@ __all__ = [
     "RendezvousOptions",
     "check_node_bounds",
     "check_rank_order",
+    "default_keepalive_interval",
     "environment_credentials",
     "node_topology",
     "parse_endpoints",
@@ -65,6 +66,7 @@ MAX_SECONDS = 365 * 24 * 3600.0
 MAX_LEASE_TTL = 9_000_000_000
 MIN_LEASE_TTL = 2
 MIN_KEEPALIVE_INTERVAL = 0.05
+#: The longest pause between two keep-alives of a lease, unless set.
 MAX_DEFAULT_KEEPALIVE = 60.0
 #: The most nodes a round may admit.
 MAX_NODES = 1_000_000
@@ -195,6 +197,12 @@ def seconds_option(params: RendezvousParameters, name: str, default: float) -> f
         ValueError: the value is not a positive number of seconds of at most a year.
     """
     return parse_seconds(params.get(name, default), f"The rendezvous option '{name}'")
+
+
+def default_keepalive_interval(ttl: float) -> float:
+    """Seconds between the keep-alives of a lease of ``ttl`` seconds, unless set:
+    a quarter of the TTL, at most ``MAX_DEFAULT_KEEPALIVE``."""
+    return min(ttl / 4, MAX_DEFAULT_KEEPALIVE)
 
 
 # ------------------------------------------------------------------ endpoints
@@ -556,7 +564,7 @@ class RendezvousOptions:
             least=MIN_LEASE_TTL, most=MAX_LEASE_TTL, whole=True,
         ))
         keepalive = parse_seconds(
-            params.get("keepalive_interval", min(lease_ttl / 4, MAX_DEFAULT_KEEPALIVE)),
+            params.get("keepalive_interval", default_keepalive_interval(lease_ttl)),
             "The rendezvous option 'keepalive_interval'", least=MIN_KEEPALIVE_INTERVAL,
         )
         if keepalive >= lease_ttl:

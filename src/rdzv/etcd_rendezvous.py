@@ -39,6 +39,7 @@ from rdzv.config import (
     RENDEZVOUS_OPTIONS,
     RendezvousOptions,
     check_rank_order,
+    default_keepalive_interval,
     node_topology,
     slurm_topology,
 )
@@ -87,7 +88,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
         last_call_timeout: seconds from the min-th join to completion.
         etcd_prefix: key prefix shared by all runs.
         lease_ttl: seconds after which a dead node's keys vanish.
-        keepalive_interval: seconds between lease keep-alives.
+        keepalive_interval: seconds between lease keep-alives (None: a quarter
+            of lease_ttl, at most 60 s).
         local_addr: address this node advertises if it becomes rank 0.
         store_timeout: default timeout of the round's store.
         closed_run_grace: seconds a closed run stays after its last node.
@@ -138,7 +140,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._timeout = timeout
         self._last_call_timeout = last_call_timeout
         self._lease_ttl = lease_ttl
-        self._keepalive_interval = keepalive_interval or lease_ttl / 4
+        self._keepalive_interval = keepalive_interval or default_keepalive_interval(lease_ttl)
         self._local_addr = local_addr
         self._store_timeout = store_timeout
         self._host = local_addr or socket.getfqdn()

@@ -18,8 +18,8 @@ from typing import Any
 from rdzv import _state
 from rdzv.api import RendezvousError, RendezvousStateError
 from rdzv.client import EtcdClient
+from rdzv.config import default_keepalive_interval
 from rdzv.keys import DEFAULT_PREFIX, RunKeys, normalize_prefix
-from rdzv.session import MAX_RUN_KEEPALIVE_INTERVAL
 
 __all__ = ["RunIsLiveError", "list_runs", "purge_idle_runs", "purge_run", "run_footprint"]
 
@@ -56,7 +56,7 @@ def _summary(keys: RunKeys, kvs: list[tuple[bytes, bytes, int, int]], client: Et
     # A node keeps the run's leases alive every min(TTL / 4, 60) s. A closed run
     # has no future: only nodes still in it make it live.
     recently_seen = idle_s is not None and (
-        idle_s <= 2 * min(granted / 4, MAX_RUN_KEEPALIVE_INTERVAL) + 1)
+        idle_s <= 2 * default_keepalive_interval(granted) + 1)
     live = node_keys > 0 or (recently_seen and status != "closed")
     return {
         "run_id": keys.run_id,

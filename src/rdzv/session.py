@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from rdzv.api import RendezvousError
 from rdzv.client import EtcdClient, HeldLease, LeaseLostError
+from rdzv.config import default_keepalive_interval
 from rdzv.keys import RunKeys
 
 logger = logging.getLogger(__name__)
@@ -139,10 +140,6 @@ class Session:
                 )
 
 
-#: The longest pause between two keep-alives of a run's leases.
-MAX_RUN_KEEPALIVE_INTERVAL = 60.0
-
-
 class RunLeases:
     """The two leases that a run's long-lived keys hang on, kept alive by its nodes.
 
@@ -192,7 +189,7 @@ class RunLeases:
                 continue
             if held is not None:
                 self._client.release_lease(held)
-            interval = min(ttl / 4, MAX_RUN_KEEPALIVE_INTERVAL)
+            interval = default_keepalive_interval(ttl)
             self._held[lease_id] = self._client.hold_lease(lease_id, ttl, interval)
 
     def restore(self) -> None:
