@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from rdzv.retry import Failure, OutOfTime, RetryPolicy, classify, contend
+from rdzv.retry import Failure, OutOfTime, RetryPolicy, classify, contend, explain
 
 
 class _RpcError(grpc.RpcError):
@@ -39,6 +39,17 @@ def test_failures_are_sorted_by_what_the_request_does_next(
     error: BaseException, failure: Failure
 ) -> None:
     assert classify(error) is failure
+
+
+@pytest.mark.parametrize("details, meaning", [
+    ("failed to connect to all addresses; Connection refused", "cannot reach etcd"),
+    ("Handshake failed: CERTIFICATE_VERIFY_FAILED", "TLS failure talking to etcd"),
+    ("etcdserver: permission denied", "etcd refused access"),
+    ("etcdserver: authentication failed, invalid user ID or password",
+     "etcd authentication failed"),
+])
+def test_a_failure_is_explained_with_what_to_check(details: str, meaning: str) -> None:
+    assert explain(details).startswith(meaning)
 
 
 def test_an_unreachable_etcd_is_retried_for_connect_timeout() -> None:

@@ -42,7 +42,7 @@ from rdzv.config import (
     parse_endpoints,
     seconds_option,
 )
-from rdzv.retry import Failure, OutOfTime, RetryPolicy, classify, is_tls_failure
+from rdzv.retry import Failure, OutOfTime, RetryPolicy, classify, explain
 from rdzv.txn import (
     compare_holds,
     is_read_only,
@@ -395,20 +395,8 @@ class EtcdClient:
     def _connection_error(self, what: str, err: BaseException) -> RendezvousConnectionError:
         detail = err.details() if hasattr(err, "details") else str(err)
         detail = detail or type(err).__name__
-        lowered = detail.lower()
-        kind = "cannot reach etcd"
-        if is_tls_failure(detail):
-            kind = "TLS failure talking to etcd (check cacert, cert and key)"
-        elif "permission denied" in lowered:
-            kind = (
-                "etcd refused access (the user lacks read/write permission on the "
-                "rendezvous keys; grant it on the etcd_prefix)"
-            )
-        elif any(w in lowered for w in ("authentication", "password", "user name", "auth token",
-                                         "user is not")):
-            kind = "etcd authentication failed (check username and password)"
         return RendezvousConnectionError(
-            f"{kind} at {self.config.describe()} ({what}): {detail}"
+            f"{explain(detail)} at {self.config.describe()} ({what}): {detail}"
         )
 
     def _retrying(

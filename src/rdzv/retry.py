@@ -3,8 +3,9 @@ deadline, the waits between attempts, and when to give up.
 
 ``RetryPolicy`` is a value: a client holds one, and ``EtcdClient.with_retry``
 gives the same connection under another (a handler's round requests stop at
-its lease's expiry). ``classify`` sorts a failure into a ``Failure``;
-``Attempts`` is one request's schedule under a policy. The client carries out
+its lease's expiry). ``classify`` sorts a failure into a ``Failure`` and
+``explain`` says what it means to a user; ``Attempts`` is one request's
+schedule under a policy. The client carries out
 what they decide; nothing here talks to etcd.
 
 The rules:
@@ -39,7 +40,16 @@ import grpc
 from rdzv._etcd3_compat import load_etcd3
 from rdzv._state import Backoff
 
-__all__ = ["Attempts", "Failure", "OutOfTime", "RetryPolicy", "classify", "is_tls_failure"]
+__all__ = [
+    "Attempts",
+    "Failure",
+    "OutOfTime",
+    "RetryPolicy",
+    "classify",
+    "contend",
+    "explain",
+    "is_tls_failure",
+]
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -75,6 +85,22 @@ def classify(err: BaseException) -> Failure:
     if isinstance(err, load_etcd3().exceptions.Etcd3Exception):
         return Failure.UNREACHABLE
     return Failure.FATAL
+
+
+def explain(detail: str) -> str:
+    """What a failure's gRPC details mean to a user, and what to check."""
+    lowered = detail.lower()
+    if is_tls_failure(detail):
+        return "TLS failure talking to etcd (check cacert, cert and key)"
+    if "permission denied" in lowered:
+        return (
+            "etcd refused access (the user lacks read/write permission on the "
+            "rendezvous keys; grant it on the etcd_prefix)"
+        )
+    words = ("authentication", "password", "user name", "auth token", "user is not")
+    if any(word in lowered for word in words):
+        return "etcd authentication failed (check username and password)"
+    return "cannot reach etcd"
 
 
 def is_tls_failure(detail: str) -> bool:
