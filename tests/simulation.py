@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import rdzv._state as core
-
 from rdzv.api import RendezvousClosedError, RendezvousStateError
 from rdzv.client import LeaseLostError
 from rdzv.keys import RunKeys

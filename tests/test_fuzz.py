@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import rdzv._state as core
 from hypothesis import (
     HealthCheck,
     assume,
@@ -56,6 +55,7 @@ from hypothesis import (
 )
 from hypothesis import strategies as st
 
+import rdzv._state as core
 from helpers import ThreadNode, make_handler
 from rdzv.api import (
     RendezvousClosedError,

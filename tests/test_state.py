@@ -1,8 +1,12 @@
 """Sans-I/O tests of the compiled core: codecs, transition table, rank assignment."""
 
-import pytest
-import rdzv._state as core
+import ast
+import enum
+from pathlib import Path
 
+import pytest
+
+import rdzv._state as core
 from rdzv.api import RendezvousStateError
 from rdzv.keys import RunKeys
 
@@ -87,6 +91,32 @@ def test_transition_table(status, event):
         assert new.last_final == rec.last_final
 
 
+# The node machine's phases: every (phase, move) pair either moves where a node
+# can go or is refused.
+Phase, Move = core.Phase, core.Move
+_ANY_ROUND_PHASE = (Phase.IDLE, Phase.JOINED, Phase.CONFIRMED, Phase.WAITING)
+PHASES_EXPECTED = {
+    **{(phase, Move.BEGIN): Phase.IDLE for phase in Phase},
+    **{(phase, Move.LEAVE): Phase.IDLE for phase in Phase},
+    **{(phase, Move.JOIN): Phase.JOINED for phase in _ANY_ROUND_PHASE},
+    **{(phase, Move.REGISTER): Phase.WAITING for phase in _ANY_ROUND_PHASE},
+    (Phase.JOINED, Move.CONFIRM): Phase.CONFIRMED,
+    (Phase.JOINED, Move.SURPLUS): Phase.IDLE,
+    (Phase.CONFIRMED, Move.COMPLETE): Phase.DONE,
+}
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+@pytest.mark.parametrize("move", list(Move))
+def test_phase_table(phase, move):
+    expected = PHASES_EXPECTED.get((phase, move))
+    if expected is None:
+        with pytest.raises(core.TransitionError, match="cannot"):
+            core.phase_after(phase, move)
+        return
+    assert core.phase_after(phase, move) == expected
+
+
 def test_rounds_only_grow_through_any_path():
     rec = record(Status.JOINABLE)
     seen = [rec.round]
@@ -162,3 +192,31 @@ def test_backoff_is_jittered_starts_small_and_is_capped():
 def test_node_rejects_bad_bounds():
     with pytest.raises(ValueError):
         core.Node("n", RunKeys("/p", "r"), 3, 2, 0, b"", 1.0, 1.0)
+
+
+def test_the_stub_shows_the_whole_python_api():
+    """_state.pyi, shipped with the package, names every public function, class,
+    field and method of the compiled core, and nothing it lacks."""
+    stub = ast.parse(Path(core.__file__).with_name("_state.pyi").read_text())
+    shown = {}
+    for item in stub.body:
+        if isinstance(item, (ast.ClassDef, ast.FunctionDef)):
+            shown[item.name] = item
+        elif isinstance(item, ast.AnnAssign):
+            shown[item.target.id] = item
+    enum_members = {m.name for e in (Status, Event, Phase, Move, core.Step) for m in e}
+    public = set()
+    for name, value in vars(core).items():
+        if name.startswith("_") or name in enum_members:
+            continue
+        defined_here = getattr(value, "__module__", None) == core.__name__
+        if defined_here or (name.isupper() and isinstance(value, (int, tuple))):
+            public.add(name)
+    assert public == set(shown)
+    for name, item in shown.items():
+        cls = getattr(core, name)
+        if not isinstance(item, ast.ClassDef) or issubclass(cls, (enum.Enum, Exception)):
+            continue
+        members = {m.name if isinstance(m, ast.FunctionDef) else m.target.id
+                   for m in item.body if isinstance(m, (ast.FunctionDef, ast.AnnAssign))}
+        assert {n for n in dir(cls) if not n.startswith("_")} == members - {"__init__"}, name

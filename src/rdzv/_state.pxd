@@ -33,6 +33,16 @@ cpdef enum Phase:
     WAITING = 3     # late or surplus: waiting for the next round to open
     DONE = 4        # member of a final round: next_rendezvous() returns
 
+cpdef enum Move:
+    # Transitions of the node machine (_PHASES in _state.pyx: phase x move).
+    BEGIN = 0       # any -> IDLE: a next_rendezvous() call starts
+    JOIN = 1        # IDLE, JOINED, CONFIRMED, WAITING -> JOINED: put its member key
+    CONFIRM = 2     # JOINED -> CONFIRMED: in the frozen round's world, confirmed
+    SURPLUS = 3     # JOINED -> IDLE: the round froze without it
+    REGISTER = 4    # IDLE, JOINED, CONFIRMED, WAITING -> WAITING: put its waiting key
+    COMPLETE = 5    # CONFIRMED -> DONE: its round is final
+    LEAVE = 6       # any -> IDLE: the call failed and its keys were withdrawn
+
 cpdef enum Step:
     # What the node machine asks its driver to do next (an Action's step).
     STEP_WAIT = 0   # block until a watched event arrives or the clock reaches wake_at
@@ -108,7 +118,7 @@ cdef class Node:
     cdef readonly long long state_mod
 
     # What this node did in the current call
-    cdef readonly int phase
+    cdef readonly Phase phase
     cdef readonly long long joined_round
     cdef readonly long long join_revision
     cdef readonly long long completed_round
@@ -134,6 +144,7 @@ cdef class Node:
     cdef readonly bint freeze_pending
     cdef readonly bint freezer
     cdef readonly set confirmed
+    cdef set world_ids                      # the freezer's world, for its watch's events
     cdef readonly bint check_liveness
     cdef readonly long long watch_revision
     cdef readonly long long freeze_round
@@ -142,6 +153,7 @@ cdef class Node:
     cdef Backoff backoff
     cdef readonly tuple master
 
+    cdef int _move(self, int move) except -1
     cdef int _start(self, task) except -1
     cdef int _joined(self, long long round, long long revision, long long count,
                      int min_nodes, int max_nodes, double now) except -1

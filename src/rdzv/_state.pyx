@@ -80,7 +80,28 @@ for _row, _targets in enumerate(_TABLE):
         _TRANSITIONS[_row][_col] = _target
 del _TABLE, _row, _targets, _col, _target
 
-# Bound on lost compare-and-swaps in one advance() before giving up. Each lost
+# The node machine: _PHASES[phase][move] is the phase of a node after the move,
+# or -1 where the move is not allowed. A call begins in IDLE and ends in DONE
+# (or leaves, on an error); within it a node joins a round, confirms in its
+# world or finds itself surplus, or registers as waiting for the next round.
+cdef int _PHASES[5][7]
+_TABLE = [
+    # BEGIN  JOIN    CONFIRM    SURPLUS  REGISTER  COMPLETE  LEAVE
+    [IDLE,   JOINED, -1,        -1,      WAITING,  -1,       IDLE],   # IDLE
+    [IDLE,   JOINED, CONFIRMED, IDLE,    WAITING,  -1,       IDLE],   # JOINED
+    [IDLE,   JOINED, -1,        -1,      WAITING,  DONE,     IDLE],   # CONFIRMED
+    [IDLE,   JOINED, -1,        -1,      WAITING,  -1,       IDLE],   # WAITING
+    [IDLE,   -1,     -1,        -1,      -1,       -1,       IDLE],   # DONE
+]
+for _row, _targets in enumerate(_TABLE):
+    for _col, _target in enumerate(_targets):
+        _PHASES[_row][_col] = _target
+del _TABLE, _row, _targets, _col, _target
+
+_PHASE_NAMES = ("idle", "joined", "confirmed", "waiting", "done")
+_MOVE_NAMES = ("begin", "join", "confirm", "surplus", "register", "complete", "leave")
+
+# Bound on lost compare-and-swaps in one step before giving up. Each lost
 # CAS returns the newer record, so a loss means progress by someone else; this
 # only stops a pathological livelock.
 _MAX_CAS_ATTEMPTS = 1000
@@ -88,6 +109,22 @@ _MAX_CAS_ATTEMPTS = 1000
 
 class TransitionError(RendezvousError):
     """A transition that the run machine does not allow from this status."""
+
+
+def phase_after(int phase, int move):
+    """Return a node's phase after ``move`` (a ``Move``) from ``phase``.
+
+    Raises:
+        TransitionError: the node machine's table does not allow ``move`` there.
+    """
+    if not 0 <= phase < 5 or not 0 <= move < 7:
+        raise ValueError(f"no phase {phase} or move {move} in the node machine")
+    cdef int target = _PHASES[phase][move]
+    if target < 0:
+        raise TransitionError(
+            f"a node cannot {_MOVE_NAMES[move]} when it is {_PHASE_NAMES[phase]}")
+    cdef Phase after = <Phase>target
+    return after
 
 
 def status_name(int status):
@@ -1490,6 +1527,7 @@ cdef class Node:
         self.freezer = False
         self.freeze_round = -1
         self.confirmed = set()
+        self.world_ids = set()
         self.world = []
         self.master = ("", 0)
         self.begin()
@@ -1572,7 +1610,7 @@ cdef class Node:
         if descriptor is not None:
             self.descriptor = descriptor
         self.wall_offset = wall_offset
-        self.phase = IDLE
+        self._move(BEGIN)
         self.joined_round = -1
         self.join_revision = 0
         self.rank = -1
@@ -1585,6 +1623,16 @@ cdef class Node:
         self.check_liveness = False
         self.watch_revision = 0
         self._start(self._rendezvous())
+
+    cdef int _move(self, int move) except -1:
+        """Change phase by ``move``, as the table allows (TransitionError if not)."""
+        cdef int target = _PHASES[<int>self.phase][move]
+        if target < 0:
+            raise TransitionError(
+                f"node {self.node_id}: cannot {_MOVE_NAMES[move]} when it is "
+                f"{_PHASE_NAMES[<int>self.phase]}")
+        self.phase = <Phase>target
+        return 0
 
     cdef int _start(self, task) except -1:
         self.task = task
@@ -1630,7 +1678,7 @@ cdef class Node:
             return
         confirmed_prefix = self.keys.confirmed(self.freeze_round)
         members_prefix = self.keys.members(self.freeze_round)
-        world = set(self.world)
+        world = self.world_ids
         for is_put, key, _value, _rev in events:
             if key.startswith(confirmed_prefix):
                 node_id = key[len(confirmed_prefix):].decode()
@@ -1652,7 +1700,7 @@ cdef class Node:
         """
         if not self.freezer or round != self.freeze_round:
             return
-        world = set(self.world)
+        world = self.world_ids
         self.confirmed.update(world.intersection(confirmed_ids))
         if not world.issubset(member_ids):
             self.world_member_lost = True
@@ -1669,6 +1717,7 @@ cdef class Node:
     cdef int _stop_freezing(self) except -1:
         self.freezer = False
         self.freeze_round = -1
+        self.world_ids = set()
         self.confirmed = set()
         self.world_member_lost = False
         return 0
@@ -1872,7 +1921,7 @@ cdef class Node:
 
     def _done(self, StateRecord final, long long mod_revision):
         """Record that this node's round is complete; ``final`` is its final record."""
-        self.phase = DONE
+        self._move(COMPLETE)
         self.completed_round = final.round
         self.completed = final
         self.completed_mod = mod_revision
@@ -1978,7 +2027,7 @@ cdef class Node:
                      int min_nodes, int max_nodes, double now) except -1:
         """Record a join of ``round`` that made the member count ``count``."""
         self.stale_keys = [self.keys.members(round) + self.node_id.encode()]
-        self.phase = JOINED
+        self._move(JOIN)
         self.joined_round = round
         self.join_revision = revision
         self.waiting_round = -1
@@ -2101,6 +2150,7 @@ cdef class Node:
         self.freezer = True
         self.freeze_round = s.round
         self.world = world
+        self.world_ids = set(world)
         self.master = (master_addr, master_port)
         self.confirmed = set()
         self.world_member_lost = False
@@ -2110,7 +2160,7 @@ cdef class Node:
             self.stale_keys.append(confirm_key)
             self.confirmed.add(self.node_id)
             self.rank = world.index(self.node_id)
-            self.phase = CONFIRMED
+            self._move(CONFIRM)
             self.confirmed_state = self.state
             self.confirmed_mod = self.state_mod
             self.wake_at = now + self.liveness_interval
@@ -2189,9 +2239,9 @@ cdef class Node:
         if self.rank < 0:
             # Surplus: joined after the cutoff or beyond max_nodes. Its keys are
             # in stale_keys, so registering as waiting withdraws them.
-            self.phase = IDLE
+            self._move(SURPLUS)
             return 0
-        self.phase = CONFIRMED
+        self._move(CONFIRM)
         self.confirmed_state = s
         self.confirmed_mod = self.state_mod
         self.wake_at = now + self.liveness_interval
@@ -2237,7 +2287,7 @@ cdef class Node:
             if key != self.keys.waiting(s.round) + me:
                 ops.append(("delete", key))
         ok, revision, results = yield _txn([], ops, [])
-        self.phase = WAITING
+        self._move(REGISTER)
         # A waiting node has no timer of its own: it wakes for the state record
         # and its world's departures. A last call it armed as a joiner is not
         # its business any more (left set, its driver would spin).
@@ -2303,7 +2353,7 @@ cdef class Node:
     def left(self):
         """Record that ``cleanup_ops`` ran."""
         self.stale_keys = []
-        self.phase = IDLE
+        self._move(LEAVE)
 
 
 # ------------------------------------------------------------ between rounds
