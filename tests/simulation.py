@@ -41,6 +41,7 @@ import rdzv._state as core
 from rdzv.api import RendezvousClosedError, RendezvousStateError
 from rdzv.client import LeaseLostError
 from rdzv.keys import RunKeys
+from rdzv.txn import prefix_end
 
 Status = core.Status
 Step = core.Step
@@ -77,10 +78,6 @@ class _Watch:
         if self.end is None:
             return key == self.key
         return self.key <= key < self.end
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 class SimEtcd:
@@ -135,7 +132,7 @@ class SimEtcd:
         return None if entry is None else (entry.value, entry.mod, entry.create)
 
     def _under(self, prefix: bytes, end: bytes | None = None) -> list[tuple[bytes, _Entry]]:
-        end = end or _prefix_end(prefix)
+        end = end or prefix_end(prefix)
         return [(k, e) for k, e in self.kv.items() if prefix <= k < end]
 
     # transactions
@@ -156,12 +153,12 @@ class SimEtcd:
                 results.append(None if entry is None else (entry.value, entry.mod, entry.create))
             elif kind == "count":
                 cap = op[2] if len(op) > 2 and op[2] else None
-                end = _prefix_end(op[1])
+                end = prefix_end(op[1])
                 results.append(sum(
                     1 for k, e in staged.items()
                     if op[1] <= k < end and (cap is None or e.create <= cap)))
             elif kind == "range":
-                end = _prefix_end(op[1])
+                end = prefix_end(op[1])
                 found = sorted(((e.create, k, e) for k, e in staged.items() if op[1] <= k < end))
                 if op[2]:
                     found = found[:op[2]]
@@ -222,7 +219,7 @@ class SimEtcd:
     def watch(self, key: bytes, start: int, sink, prefix: bool = False,
               no_put: bool = False) -> _Watch:
         """Watch from revision ``start`` (history first, then live events)."""
-        w = _Watch(key, _prefix_end(key) if prefix else None, sink, no_put)
+        w = _Watch(key, prefix_end(key) if prefix else None, sink, no_put)
         first = bisect.bisect_left(self.history, (start,))
         past = [(is_put, k, v, rev) for rev, is_put, k, v in self.history[first:]
                 if w.matches(k) and not (no_put and is_put)]
