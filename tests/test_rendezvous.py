@@ -66,25 +66,24 @@ def test_rounds_repeat_and_survivors_keep_ranks(etcd_endpoint, run_id, handlers)
     assert [i.rank for i in first] == [i.rank for i in second]
 
 
-def test_last_call_completes_with_fewer_than_max(etcd_endpoint, run_id, handlers):
-    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 4, last_call_timeout=1)
-                    for _ in range(3))
+def _timed_round_of_three(etcd_endpoint, run_id, handlers, max_nodes, last_call_timeout):
+    """Three nodes (min_nodes 2) join at once; returns the seconds until the last returned."""
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, max_nodes,
+                                 last_call_timeout=last_call_timeout) for _ in range(3))
     nodes = [ThreadNode(h) for h in handlers]
     start = time.monotonic()
-    infos = run_round(nodes)
-    elapsed = max(n.finished_at for n in nodes) - start
-    assert_one_world(infos, 3)
+    assert_one_world(run_round(nodes), 3)
+    return max(n.finished_at for n in nodes) - start
+
+
+def test_last_call_completes_with_fewer_than_max(etcd_endpoint, run_id, handlers):
+    elapsed = _timed_round_of_three(etcd_endpoint, run_id, handlers, 4, last_call_timeout=1)
     assert 1.0 <= elapsed < 4.0, elapsed
 
 
 def test_max_nodes_completes_without_last_call(etcd_endpoint, run_id, handlers):
-    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 3, last_call_timeout=30)
-                    for _ in range(3))
-    nodes = [ThreadNode(h) for h in handlers]
-    start = time.monotonic()
-    infos = run_round(nodes)
-    assert_one_world(infos, 3)
-    assert max(n.finished_at for n in nodes) - start < 5
+    elapsed = _timed_round_of_three(etcd_endpoint, run_id, handlers, 3, last_call_timeout=30)
+    assert elapsed < 5, elapsed
 
 
 def test_timeout_with_too_few_nodes_and_withdrawal(etcd_endpoint, run_id, handlers, etcd):
