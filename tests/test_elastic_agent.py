@@ -340,19 +340,29 @@ def test_ranks_across_roles_and_agents(
     _check_ranks(reports, role_sizes)
 
 
+def _two_agents_and_one_killed_at_work(
+    agents: Agents, etcd_endpoint: str, run_id: str, tmp_path: Any, min_nodes: int
+) -> AgentConf:
+    """Start two agents of a job of up to two nodes (two restarts each) whose workers
+    sum their ranks 1 s after joining the group; SIGKILL the second agent and its
+    workers once they started. Returns the job's ``AgentConf``."""
+    conf = AgentConf(
+        etcd_endpoint, run_id, "sum_ranks", 2, args=(1.0, str(tmp_path)),
+        min_nodes=min_nodes, max_nodes=2, max_restarts=2,
+    )
+    agents.start(conf)
+    doomed = agents.start(conf)
+    agents.kill_when_working(doomed, str(tmp_path))
+    return conf
+
+
 @pytest.mark.timeout(120)
 def test_a_dead_agent_is_replaced(
     agents: Agents, etcd_endpoint: str, run_id: str, tmp_path: Any
 ) -> None:
     # The agent dies with its workers in the group; the survivor's workers fail,
     # and it starts them again in a round with the replacement.
-    conf = AgentConf(
-        etcd_endpoint, run_id, "sum_ranks", 2, args=(1.0, str(tmp_path)), min_nodes=2,
-        max_nodes=2, max_restarts=2,
-    )
-    agents.start(conf)
-    doomed = agents.start(conf)
-    agents.kill_when_working(doomed, str(tmp_path))
+    conf = _two_agents_and_one_killed_at_work(agents, etcd_endpoint, run_id, tmp_path, 2)
     agents.start(conf)
     reports = agents.wait(2)
     assert [r["state"] for r in reports] == ["SUCCEEDED"] * 2, reports
@@ -365,13 +375,7 @@ def test_a_dead_agent_is_replaced(
 def test_a_dead_agent_leaves_a_smaller_job(
     agents: Agents, etcd_endpoint: str, run_id: str, tmp_path: Any
 ) -> None:
-    conf = AgentConf(
-        etcd_endpoint, run_id, "sum_ranks", 2, args=(1.0, str(tmp_path)), min_nodes=1,
-        max_nodes=2, max_restarts=2,
-    )
-    agents.start(conf)
-    doomed = agents.start(conf)
-    agents.kill_when_working(doomed, str(tmp_path))
+    _two_agents_and_one_killed_at_work(agents, etcd_endpoint, run_id, tmp_path, 1)
     (report,) = agents.wait(1)
     assert report["state"] == "SUCCEEDED", report
     assert {r["world_size"] for r in report["returns"].values()} == {2}
