@@ -430,6 +430,26 @@ def test_third_agent_scales_the_job_up(job: Any) -> None:
     assert {r["restart_count"] for r in results} == {0}
 
 
+def _three_agents_training(
+    job: Any, victim_group_rank: int, max_restarts: int = 0
+) -> tuple[Job, Agent, list[int]]:
+    """Three agents of a ``2:3`` job (lease_ttl 3 s, last call 1 s) whose workers
+    train until a peer dies, then finish once two nodes are left. Returns the job,
+    once every worker runs, with its end released; the agent of group rank
+    ``victim_group_rank``; and the pids of that agent's workers."""
+    shrink = job(
+        "2:3", ["shrink", "2"], max_restarts=max_restarts,
+        rdzv_conf="last_call_timeout=1,lease_ttl=3",
+    )
+    for _ in range(3):
+        shrink.start_agent()
+    running = shrink.wait_for_records("running-g3-*.json", 6)
+    victim_pid = next(r["agent_pid"] for r in running if r["group_rank"] == victim_group_rank)
+    victim = next(a for a in shrink.agents if a.pid == victim_pid)
+    open(os.path.join(shrink.out_dir, "release"), "w").close()
+    return shrink, victim, [r["pid"] for r in running if r["agent_pid"] == victim_pid]
+
+
 @needs_torch
 @pytest.mark.timeout(240)
 def test_hung_agent_is_dropped_without_a_restart(job: Any) -> None:
@@ -437,15 +457,9 @@ def test_hung_agent_is_dropped_without_a_restart(job: Any) -> None:
     collectives would block until gloo's timeout, 60 s here) is reported by
     num_nodes_waiting() within lease_ttl + 1 s: the survivors' agents re-form the
     job without it as a membership change (--max-restarts=0, restart count 0)."""
-    shrink = job("2:3", ["shrink", "2"], rdzv_conf="last_call_timeout=1,lease_ttl=3")
-    for _ in range(3):
-        shrink.start_agent()
-    running = shrink.wait_for_records("running-g3-*.json", 6)
-    victim_pid = next(r["agent_pid"] for r in running if r["group_rank"] == 1)
-    victim = next(a for a in shrink.agents if a.pid == victim_pid)
+    shrink, victim, victim_workers = _three_agents_training(job, victim_group_rank=1)
+    victim_pid = victim.pid
     survivors = [a for a in shrink.agents if a is not victim]
-    victim_workers = [r["pid"] for r in running if r["agent_pid"] == victim_pid]
-    open(os.path.join(shrink.out_dir, "release"), "w").close()
     hung_at = time.monotonic()
     for pid in (victim_pid, *victim_workers):
         os.killpg(pid, signal.SIGSTOP)
@@ -470,24 +484,18 @@ def test_hung_agent_is_dropped_without_a_restart(job: Any) -> None:
 @needs_torch
 @pytest.mark.timeout(240)
 def test_killed_agent_leaves_and_the_rest_finish(job: Any) -> None:
-    shrink = job(
-        "2:3", ["shrink", "2"], max_restarts=1, rdzv_conf="last_call_timeout=1,lease_ttl=3"
-    )
-    for _ in range(3):
-        shrink.start_agent()
-    running = shrink.wait_for_records("running-g3-*.json", 6)
     # Kill the node of group rank 0: it also hosts the workers' TCPStore.
-    victim_pid = next(r["agent_pid"] for r in running if r["group_rank"] == 0)
-    victim = next(a for a in shrink.agents if a.pid == victim_pid)
+    shrink, victim, victim_workers = _three_agents_training(
+        job, victim_group_rank=0, max_restarts=1
+    )
+    victim_pid = victim.pid
     survivors = [a for a in shrink.agents if a is not victim]
-    open(os.path.join(shrink.out_dir, "release"), "w").close()
     victim.kill()
-    for record in running:
-        if record["agent_pid"] == victim_pid:
-            try:
-                os.killpg(record["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for pid in victim_workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     shrink.wait_all(survivors)
     results = shrink.results()
     _assert_world(results, 2)
