@@ -145,6 +145,26 @@ def _assert_clear_error(answer: dict[str, Any]) -> None:
         assert "etcd" in answer["message"], answer
 
 
+def _survivors_go_on_and_the_cut_node_fails(
+    observer: EtcdClient, run_id: str, survivors: list[ProcessNode], cut: ProcessNode,
+    cut_at: float,
+) -> list[dict[str, Any]]:
+    """The survivors, all asked to join, form a world of three without ``cut``
+    within lease_ttl + last call + slack of ``cut_at`` (a node cut off before
+    it joined costs the last call only; one that joined, its lease too); ``cut``
+    ends with a clear error within its timeout. Returns the survivors' answers."""
+    answers = [node.result(60) for node in survivors]
+    survivors_took = time.monotonic() - cut_at
+    failed = cut.result(TIMEOUT + SLACK)
+    cut_took = time.monotonic() - cut_at
+    assert all("rank" in a for a in answers), answers
+    check_worlds(observer, run_id, _results(answers), 3, 3, dead=frozenset({cut.node_id}))
+    assert survivors_took < LEASE_TTL + LAST_CALL + SLACK, survivors_took
+    _assert_clear_error(failed)
+    assert cut_took < TIMEOUT + SLACK, cut_took
+    return answers
+
+
 def _rejoin_later(
     healed: ProcessNode, survivors: list[ProcessNode], after_round: int
 ) -> list[dict[str, Any]]:
@@ -249,16 +269,7 @@ def test_host_cut_off_during_a_round(net, etcd, observer, start, phase):
                  what="the freeze to reach the stopped node's socket")
         cut_off()
         os.killpg(cut.proc.pid, signal.SIGCONT)
-    answers = [node.result(60) for node in survivors]
-    survivors_took = time.monotonic() - cut_at
-    failed = cut.result(TIMEOUT + SLACK)
-    cut_took = time.monotonic() - cut_at
-    assert all("rank" in a for a in answers), answers
-    check_worlds(observer, run_id, _results(answers), 3, 3, dead=frozenset({cut.node_id}))
-    # before_join: the last call only; otherwise the cut node's lease must lapse first.
-    assert survivors_took < LEASE_TTL + LAST_CALL + SLACK, survivors_took
-    _assert_clear_error(failed)
-    assert cut_took < TIMEOUT + SLACK, cut_took
+    answers = _survivors_go_on_and_the_cut_node_fails(observer, run_id, survivors, cut, cut_at)
     net.heal(cut_host)
     again = _rejoin_later(cut, survivors, answers[0]["round"])
     check_worlds(observer, run_id, _results(again), 4, 4)
@@ -304,15 +315,7 @@ def test_host_that_gets_no_answers_from_etcd(net, etcd, observer, start):
     wait_for(lambda: observer.count(members) == 1, what="the deaf node's join")
     for node in survivors:
         node.send("join")
-    answers = [node.result(60) for node in survivors]
-    survivors_took = time.monotonic() - cut_at
-    failed = deaf.result(TIMEOUT + SLACK)
-    deaf_took = time.monotonic() - cut_at
-    assert all("rank" in a for a in answers), answers
-    check_worlds(observer, run_id, _results(answers), 3, 3, dead=frozenset({deaf.node_id}))
-    assert survivors_took < LEASE_TTL + LAST_CALL + SLACK, survivors_took
-    _assert_clear_error(failed)
-    assert deaf_took < TIMEOUT + SLACK, deaf_took
+    _survivors_go_on_and_the_cut_node_fails(observer, run_id, survivors, deaf, cut_at)
 
 
 
