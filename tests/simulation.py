@@ -6,11 +6,11 @@ one revision counter, transactions with compares (all their writes at one
 revision, the revision moving only when something changed), ranges in creation
 order, leases that expire on a virtual clock and take their keys with them in
 one revision, and watches that deliver every event from a start revision, in
-order, after a delay. A node is driven the way ``EtcdRendezvousHandler``
-drives it: a state watch from creation, the freezer's watch of its round with
-a read after it starts, a late node's watch of the members it waits on, a
-re-read of the state record every ``lease_ttl`` while a call waits, and a
-withdrawal when a call times out.
+order, after a delay. A node machine is driven the way
+``EtcdRendezvousHandler`` drives it, through its actions: the model runs the
+transactions it returns (each answered after a seeded delay, so that other
+nodes' requests run in between), holds the watches it lists and feeds what
+they deliver while it waits, and withdraws it when a call times out.
 
 Faults, drawn from the seed: answers lost after the transaction committed (the
 client's retry runs it again), watch events delayed, a state watch that goes
@@ -24,15 +24,23 @@ round in its world, no world member's key gone when its round turns final,
 closed is terminal, and no ``RendezvousStateError`` ever.
 
 Replay one seed with its trace: ``python tests/simulation.py --seed N -v``.
+
+``ScaleRound`` runs one round of many nodes without faults and counts what each
+costs etcd (requests, writes, watch events, bytes read), for the cost bounds:
+``python tests/simulation.py --scale 100000`` prints them for 10^5 nodes (about
+a minute); the tests run 10^4.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import heapq
 import itertools
+import logging
 import random
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +64,17 @@ class SimulationFailure(AssertionError):
     """A guarantee did not hold; the message names the seed that replays it."""
 
 
+class _TraceLog(logging.Handler):
+    """What the node machines log goes to the running simulation's trace."""
+
+    def __init__(self, sim: Simulation) -> None:
+        super().__init__()
+        self.sim = sim
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sim.trace(f"log: {record.getMessage()}")
+
+
 # ----------------------------------------------------------------- the etcd model
 @dataclass
 class _Entry:
@@ -73,6 +92,7 @@ class _Watch:
     no_put: bool = False
     quiet: bool = False  # a stream that stopped delivering without breaking
     cancelled: bool = False
+    seq: int = 0  # creation order
 
     def matches(self, key: bytes) -> bool:
         if self.end is None:
@@ -81,17 +101,27 @@ class _Watch:
 
 
 class SimEtcd:
-    """etcd as the protocol sees it, on a virtual clock."""
+    """etcd as the protocol sees it, on a virtual clock.
+
+    Keys are also kept sorted, so that a range or a count is a bisection
+    (O(log N) for a count, O(M) for M keys returned) and a round of 10^5 nodes
+    runs in seconds; watches are found by key (or, for the few on a prefix, by
+    a scan of those).
+    """
 
     def __init__(self) -> None:
         self.revision = 1
         self.kv: dict[bytes, _Entry] = {}
+        self._sorted: list[bytes] = []  # the keys of kv, in order
+        self._by_lease: dict[int, set[bytes]] = {}
         self.leases: dict[int, float] = {}  # id -> expiry
         self._ending: dict[int, float] = {}  # the leases whose keep-alives stopped
-        self.watches: list[_Watch] = []
+        self._key_watches: dict[bytes, list[_Watch]] = {}
+        self._prefix_watches: list[_Watch] = []
         self.history: list[tuple[int, bool, bytes, bytes]] = []
         self.on_commit: list[Any] = []  # callables(revision, events)
         self._lease_ids = itertools.count(0x1000)
+        self._watch_ids = itertools.count()
 
     # leases
     def grant(self) -> int:
@@ -111,6 +141,8 @@ class SimEtcd:
         return True
 
     def expire(self, now: float) -> None:
+        if not self._ending or min(self._ending.values()) > now:
+            return
         for lease, expiry in sorted(self._ending.items()):
             if expiry <= now:
                 self.revoke(lease)
@@ -122,18 +154,43 @@ class SimEtcd:
     def revoke(self, lease: int) -> None:
         self.leases.pop(lease, None)
         self._ending.pop(lease, None)
-        doomed = sorted(k for k, e in self.kv.items() if e.lease == lease)
+        doomed = sorted(self._by_lease.pop(lease, ()))
         if doomed:
             self._commit([(False, k, b"") for k in doomed])
 
-    # reads
+    # reads and writes of the store
     def _get(self, key: bytes) -> tuple[bytes, int, int] | None:
         entry = self.kv.get(key)
         return None if entry is None else (entry.value, entry.mod, entry.create)
 
-    def _under(self, prefix: bytes, end: bytes | None = None) -> list[tuple[bytes, _Entry]]:
-        end = end or prefix_end(prefix)
-        return [(k, e) for k, e in self.kv.items() if prefix <= k < end]
+    def _keys(self, start: bytes, end: bytes) -> list[bytes]:
+        """The keys in ``[start, end)``, in order."""
+        return self._sorted[bisect.bisect_left(self._sorted, start):
+                            bisect.bisect_left(self._sorted, end)]
+
+    def _count(self, prefix: bytes, cap: int | None) -> int:
+        if cap is None:
+            end = prefix_end(prefix)
+            return (bisect.bisect_left(self._sorted, end)
+                    - bisect.bisect_left(self._sorted, prefix))
+        return sum(1 for k in self._keys(prefix, prefix_end(prefix)) if self.kv[k].create <= cap)
+
+    def _put(self, key: bytes, value: bytes, lease: int, revision: int) -> None:
+        old = self.kv.get(key)
+        if old is None:
+            bisect.insort(self._sorted, key)
+        elif old.lease:
+            self._by_lease.get(old.lease, set()).discard(key)
+        self.kv[key] = _Entry(value, old.create if old is not None else revision, revision,
+                              lease)
+        if lease:
+            self._by_lease.setdefault(lease, set()).add(key)
+
+    def _delete(self, key: bytes) -> None:
+        entry = self.kv.pop(key)
+        del self._sorted[bisect.bisect_left(self._sorted, key)]
+        if entry.lease:
+            self._by_lease.get(entry.lease, set()).discard(key)
 
     # transactions
     def txn(self, compares, success, failure) -> tuple[bool, int, list[Any]]:
@@ -144,40 +201,32 @@ class SimEtcd:
                 raise LeaseLostError("etcdserver: requested lease not found")
         results: list[Any] = []
         events: list[tuple[bool, bytes, bytes]] = []
-        staged = self.kv  # nothing below can fail: the writes apply in place
-        revision = self.revision + 1
+        revision = self.revision + 1  # nothing below can fail: the writes apply in place
         for op in ops:
             kind = op[0]
             if kind == "get":
-                entry = staged.get(op[1])
-                results.append(None if entry is None else (entry.value, entry.mod, entry.create))
+                results.append(self._get(op[1]))
             elif kind == "count":
-                cap = op[2] if len(op) > 2 and op[2] else None
-                end = prefix_end(op[1])
-                results.append(sum(
-                    1 for k, e in staged.items()
-                    if op[1] <= k < end and (cap is None or e.create <= cap)))
+                results.append(self._count(op[1], op[2] if len(op) > 2 and op[2] else None))
             elif kind == "range":
-                end = prefix_end(op[1])
-                found = sorted(((e.create, k, e) for k, e in staged.items() if op[1] <= k < end))
+                found = sorted((self.kv[k].create, k) for k in
+                               self._keys(op[1], prefix_end(op[1])))
                 if op[2]:
                     found = found[:op[2]]
                 keys_only = len(op) > 3 and bool(op[3])
-                results.append([(k, b"" if keys_only else e.value, e.create)
-                                for _c, k, e in found])
+                results.append([(k, b"" if keys_only else self.kv[k].value, create)
+                                for create, k in found])
             elif kind == "put":
-                old = staged.get(op[1])
-                create = old.create if old is not None else revision
-                staged[op[1]] = _Entry(op[2], create, revision, op[3])
+                self._put(op[1], op[2], op[3], revision)
                 events.append((True, op[1], op[2]))
                 results.append(None)
             elif kind == "delete":
                 if len(op) > 2:
-                    doomed = [k for k in staged if op[1] <= k < op[2]]
+                    doomed = self._keys(op[1], op[2])
                 else:
-                    doomed = [op[1]] if op[1] in staged else []
-                for k in sorted(doomed):
-                    del staged[k]
+                    doomed = [op[1]] if op[1] in self.kv else []
+                for k in doomed:
+                    self._delete(k)
                     events.append((False, k, b""))
                 results.append(len(doomed))
             else:
@@ -202,37 +251,50 @@ class SimEtcd:
         rev = self.revision
         if not applied:
             for is_put, key, _value in events:
-                if not is_put:
-                    self.kv.pop(key, None)
+                if not is_put and key in self.kv:
+                    self._delete(key)
         stamped = [(is_put, key, value, rev) for is_put, key, value in events]
         for is_put, key, value, _ in stamped:
             self.history.append((rev, is_put, key, value))
         for hook in self.on_commit:
             hook(rev, stamped)
-        for watch in list(self.watches):
-            if watch.quiet:
-                continue
-            mine = [e for e in stamped if watch.matches(e[1]) and not (watch.no_put and e[0])]
-            if mine:
-                watch.sink(mine)
+        # Each watch gets its events of this revision in one delivery, in the
+        # order the watches were created.
+        deliveries: dict[int, tuple[_Watch, list]] = {}
+        for event in stamped:
+            key = event[1]
+            for watch in self._key_watches.get(key, ()):
+                if not watch.quiet and not (watch.no_put and event[0]):
+                    deliveries.setdefault(watch.seq, (watch, []))[1].append(event)
+            for watch in self._prefix_watches:
+                if (not watch.quiet and watch.key <= key < watch.end
+                        and not (watch.no_put and event[0])):
+                    deliveries.setdefault(watch.seq, (watch, []))[1].append(event)
+        for seq in sorted(deliveries):
+            watch, mine = deliveries[seq]
+            watch.sink(mine)
 
     def watch(self, key: bytes, start: int, sink, prefix: bool = False,
               no_put: bool = False) -> _Watch:
         """Watch from revision ``start`` (history first, then live events)."""
-        w = _Watch(key, prefix_end(key) if prefix else None, sink, no_put)
+        w = _Watch(key, prefix_end(key) if prefix else None, sink, no_put,
+                   seq=next(self._watch_ids))
         first = bisect.bisect_left(self.history, (start,))
         past = [(is_put, k, v, rev) for rev, is_put, k, v in self.history[first:]
                 if w.matches(k) and not (no_put and is_put)]
         if past:
             sink(past)
-        self.watches.append(w)
+        if prefix:
+            self._prefix_watches.append(w)
+        else:
+            self._key_watches.setdefault(key, []).append(w)
         return w
 
     def cancel(self, w: _Watch | None) -> None:
-        if w is not None:
+        if w is not None and not w.cancelled:
             w.cancelled = True
-            if w in self.watches:
-                self.watches.remove(w)
+            held = self._prefix_watches if w.end is not None else self._key_watches[w.key]
+            held.remove(w)
 
 
 class SimClient:
@@ -299,10 +361,12 @@ class SimNode:
         self.in_call = False
         self.next_call_at = sim.now
         self.deadline = 0.0
-        self.inbox: list[_Delivery] = []
+        self.inbox: deque[_Delivery] = deque()
         self.watches: dict[str, tuple[Any, _Watch]] = {}
         self.port = 0
         self.until = float("inf")  # the node machine waits until then (or an event)
+        self.pending: Any = None  # a request on its way, answered at answer_at
+        self.answer_at = 0.0
         self._new_session()
 
     # sessions and watches
@@ -330,6 +394,7 @@ class SimNode:
             delay = self.sim.rng.expovariate(1 / self.sim.mean_delivery)
             at = max(self.sim.now + delay, self.inbox[-1].at if self.inbox else 0.0)
             self.inbox.append(_Delivery(at, next(self.sim.seq), (tag, events), watch_box[0]))
+            self.sim.delivered(self, events)
         return deliver
 
     def _watch(self, tag: str, key: bytes, start: int, **kwargs) -> _Watch:
@@ -354,7 +419,11 @@ class SimNode:
         """Hold the watches the node machine asks for, as the handler does; True
         if one started (the node may have a request to make first)."""
         node, etcd = self.core, self.sim.etcd
-        wanted = {spec.tag: spec for spec in node.watches}
+        specs = node.watches
+        if len(specs) == len(self.watches) and all(
+                self.watches.get(spec.tag, (None,))[0] == spec for spec in specs):
+            return False
+        wanted = {spec.tag: spec for spec in specs}
         self._drop_watches(tag for tag, held in self.watches.items() if held[0] != wanted.get(tag))
         started = False
         for tag, spec in wanted.items():
@@ -370,7 +439,7 @@ class SimNode:
         node = self.core
         while self.inbox and self.inbox[0].at <= self.sim.now:
             # As in the handler, events a cancelled watch queued are still read.
-            delivery = self.inbox.pop(0)
+            delivery = self.inbox.popleft()
             tag = delivery.item[0]
             if tag == "state":
                 for is_put, _key, value, revision in delivery.item[1]:
@@ -385,7 +454,9 @@ class SimNode:
     def wake_at(self) -> float:
         if not self.alive:
             return float("inf")
-        if self.in_call:
+        if self.pending is not None:
+            at = self.answer_at
+        elif self.in_call:
             at = min(self.deadline, self.until,
                      self.inbox[0].at if self.inbox else float("inf"))
         else:
@@ -431,7 +502,8 @@ class SimNode:
             self.port += 1
             self.core.begin(self._descriptor())
             self.deadline = sim.now + sim.timeout
-        self._drain()
+        if self.pending is None:
+            self._drain()  # as the handler: events are fed only while the node waits
         if self.lease not in sim.etcd.leases:
             # The session sees its lease gone (a keep-alive answered TTL 0).
             sim.trace(f"{self.name}: lost its lease during a call")
@@ -441,7 +513,9 @@ class SimNode:
         node = self.core
         try:
             while True:
-                step = self._until_wait()
+                step = self._advance()
+                if step is None:
+                    return  # a request is on its way
                 if step == Step.STEP_DONE or not self._sync_watches():
                     break
         except RendezvousClosedError:
@@ -484,15 +558,24 @@ class SimNode:
             self._withdraw()
             self._end_call(None)
 
-    def _until_wait(self) -> int:
-        """Carry out the node machine's requests up to its next wait or its end."""
-        node = self.core
+    def _advance(self) -> int | None:
+        """Carry out the node machine's requests up to its next wait or its end,
+        or up to a request that takes time: its answer comes in a later step,
+        after what other nodes did meanwhile (None until then)."""
+        node, sim = self.core, self.sim
+        if self.pending is not None:
+            action, self.pending = self.pending, None
+            sim.carry_out(node, action)
         while True:
-            action = node.next_action(self.sim.now)
+            action = node.next_action(sim.now)
             if action.step in (Step.STEP_WAIT, Step.STEP_DONE):
                 self.until = action.wake_at
                 return action.step
-            self.sim.carry_out(node, action)
+            if sim.request_time:
+                self.pending = action
+                self.answer_at = sim.now + sim.rng.expovariate(1 / sim.request_time)
+                return None
+            sim.carry_out(node, action)
 
     def _withdraw(self) -> None:
         ops = self.core.cleanup_ops()
@@ -506,8 +589,12 @@ class SimNode:
 
     def _end_call(self, outcome: Outcome | None, closed: bool = False) -> None:
         self.in_call = False
+        self.pending = None
         if closed:
             self.alive = False  # a closed run: this node's launcher exits
+            return
+        if outcome is not None and not self.sim.trains:
+            self.next_call_at = float("inf")  # one round is all it does
             return
         if outcome is not None:
             # Training until the monitor loop sees a reason to re-rendezvous;
@@ -537,6 +624,10 @@ class Simulation:
         verbose: print the trace as it happens.
     """
 
+    #: Whether a node that completed a round trains until it sees a reason to
+    #: rendezvous again (else it stops there).
+    trains = True
+
     def __init__(self, seed: int, verbose: bool = False) -> None:
         self.seed = seed
         self.verbose = verbose
@@ -561,6 +652,9 @@ class Simulation:
         self.close_at = self.end - self.lease_ttl - 2.0 if rng.random() < 0.2 else None
         self.etcd = SimEtcd()
         self.client = SimClient(self.etcd, rng, rng.choice((0.0, 0.02, 0.1)))
+        # How long a request takes (mean, seconds); 0: a node's requests up to
+        # its next wait run back to back, before any other node's.
+        self.request_time = rng.choice((0.0, 0.0, 0.0, 0.0002, 0.002))
         self.etcd.on_commit.append(self._check_commit)
         self.etcd.on_commit.append(self._notify_training)
         self.nodes: list[SimNode] = []
@@ -591,8 +685,9 @@ class Simulation:
             f"seed {self.seed}: {what}\nreplay: python tests/simulation.py --seed {self.seed} -v"
             f"\nlast events:\n{tail}")
 
-    def carry_out(self, node: Any, action: Any) -> None:
-        """Run the request ``node`` asked for on the model; feed it the answer."""
+    def carry_out(self, node: Any, action: Any) -> Any:
+        """Run the request ``node`` asked for on the model; feed it the answer
+        (and return it; None if the request failed)."""
         try:
             if action.step == Step.STEP_TXN:
                 answer = self.client.txn(action.compares, action.success, action.failure,
@@ -601,8 +696,12 @@ class Simulation:
                 answer = self.client.get(action.key)
         except LeaseLostError as err:
             node.fail(err)
-        else:
-            node.feed(answer)
+            return None
+        node.feed(answer)
+        return answer
+
+    def delivered(self, node: SimNode, events: list) -> None:
+        """A watch of ``node`` delivered ``events`` (to arrive after a delay)."""
 
     def add_node(self) -> SimNode:
         node = SimNode(self, str(next(self._names)))
@@ -700,6 +799,14 @@ class Simulation:
 
     # the loop
     def run(self) -> Simulation:
+        log, handler = logging.getLogger(core.__name__), _TraceLog(self)
+        log.addHandler(handler)
+        try:
+            return self._run()
+        finally:
+            log.removeHandler(handler)
+
+    def _run(self) -> Simulation:
         rng = self.rng
         for _ in range(self.nodes_at_start):
             self.add_node()
@@ -708,9 +815,10 @@ class Simulation:
         while self.now < self.end:
             if len(self.finals) >= _ROUNDS_UNCHECKED and not self._converges():
                 break  # churning by design (see _converges): enough rounds checked
-            for node in [n for n in self.stopped if n.stopped_until <= self.now]:
-                self.stopped.remove(node)
-                node.resume()
+            if self.stopped:
+                for node in [n for n in self.stopped if n.stopped_until <= self.now]:
+                    self.stopped.remove(node)
+                    node.resume()
             self.etcd.expire(self.now)
             if self.close_at is not None and not closed and self.now >= self.close_at:
                 closed = True
@@ -727,8 +835,13 @@ class Simulation:
             if self.now >= next_fault and self.now < self.fault_until:
                 self._fault()
                 next_fault = self.now + rng.expovariate(self.fault_rate)
-            wakes = [(n.wake_at, n) for n in self.nodes if n.alive]
-            ready = [n for at, n in wakes if at <= self.now]
+            ready, soonest = [], float("inf")
+            for n in self.nodes:
+                at = n.wake_at
+                if at <= self.now:
+                    ready.append(n)
+                elif at < soonest:
+                    soonest = at
             if ready:
                 node = rng.choice(ready)
                 node.step()
@@ -737,8 +850,7 @@ class Simulation:
                     raise self.failure("no end in sight: more than 200,000 steps")
                 self.now += rng.expovariate(1 / 0.0005)
                 continue
-            upcoming = [at for at, _n in wakes]
-            upcoming.append(self.etcd.next_expiry)
+            upcoming = [soonest, self.etcd.next_expiry]
             upcoming += [n.stopped_until for n in self.stopped]
             upcoming.append(next_fault if next_fault < self.fault_until else self.end)
             if self.close_at is not None and not closed:
@@ -784,6 +896,126 @@ class Simulation:
                 f"{self.max_nodes}) is the latest, but nodes {outside} are not in it")
 
 
+# ----------------------------------------------------------- one round at scale
+@dataclass
+class RoundCosts:
+    """What one round cost etcd per node (see ``ScaleRound``)."""
+
+    nodes: int
+    steps: int
+    seconds: float  # of virtual time until the last node returned
+    requests: list[int]  # per node
+    writes: list[int]  # put and delete operations that ran, per node
+    events: list[int]  # watch events delivered, per node
+    bytes_read: list[int]  # keys and values in the answers, per node
+    freezer: int  # the index of the node that froze the round
+
+    def others(self, per_node: list[int]) -> list[int]:
+        """``per_node`` without the freezer, whose reads and writes are the world's."""
+        return per_node[:self.freezer] + per_node[self.freezer + 1:]
+
+    def table(self) -> str:
+        rows = []
+        for name, values in (("requests", self.requests), ("writes", self.writes),
+                             ("watch events", self.events), ("bytes read", self.bytes_read)):
+            rest = self.others(values)
+            rows.append(f"| {name} | {sum(values) / self.nodes:.2f} | {max(rest)} "
+                        f"| {values[self.freezer]} |")
+        return ("| per node | mean | max (all but the freezer) | the freezer |\n"
+                "|---|---|---|---|\n" + "\n".join(rows))
+
+
+class ScaleRound(Simulation):
+    """One round of ``nodes`` nodes, all starting at once, on the model without
+    faults, counting what each node costs etcd.
+
+    The cost bounds of docs/PROTOCOL.md at large N: O(1) writes per node, O(N)
+    watch events per round, and a few KB read per node (the freezer reads and
+    writes the world, O(N), once). Nodes are scheduled from a heap, so a step
+    costs O(log N) and a round of 10^5 nodes runs in seconds.
+    """
+
+    trains = False
+
+    def __init__(self, nodes: int, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.nodes_at_start = nodes
+        self.max_nodes = nodes
+        self.min_nodes = max(1, nodes // 2)
+        self.last_call_timeout = 30.0
+        self.mean_delivery = 0.005
+        self.request_time = 0.0005
+        self.quiet_watches = 0.0
+        self.client.lost_answers = 0.0
+        self.etcd.on_commit.remove(self._notify_training)
+        self._queue: list[tuple[float, int, SimNode]] = []
+        self._index: dict[int, int] = {}  # id of a node machine -> its node's index
+        self.costs = RoundCosts(nodes, 0, 0.0, [0] * nodes, [0] * nodes, [0] * nodes,
+                                [0] * nodes, -1)
+
+    def _wake(self, node: SimNode) -> None:
+        at = node.wake_at
+        if at < float("inf"):
+            heapq.heappush(self._queue, (at, next(self.seq), node))
+
+    def delivered(self, node: SimNode, events: list) -> None:
+        self.costs.events[int(node.name)] += len(events)
+        self._wake(node)
+
+    def carry_out(self, node: Any, action: Any) -> Any:
+        answer = super().carry_out(node, action)
+        i = self._index[id(node)]
+        costs = self.costs
+        costs.requests[i] += 1
+        if action.step == Step.STEP_GET:
+            costs.bytes_read[i] += 0 if answer is None else len(action.key) + len(answer[0])
+            return answer
+        if answer is None:
+            return None
+        ok, _revision, results = answer
+        ops = action.success if ok else action.failure
+        for op, result in zip(ops, results, strict=True):
+            if op[0] in ("put", "delete"):
+                costs.writes[i] += 1
+            elif op[0] == "get" and result is not None:
+                costs.bytes_read[i] += len(op[1]) + len(result[0])
+            elif op[0] == "range":
+                costs.bytes_read[i] += sum(len(k) + len(v) for k, v, _ in result)
+        return answer
+
+    def record(self, node: SimNode, outcome: Outcome) -> None:
+        r = outcome.round
+        world = self.worlds.get(r)
+        if r not in self.finals or world is None:
+            raise self.failure(f"{node.name} completed round {r}, which never turned final")
+        if outcome.world_size != len(world) or world[outcome.rank] != outcome.node_id:
+            raise self.failure(f"round {r}: {outcome.node_id} got rank {outcome.rank} of "
+                               f"{outcome.world_size}; the world has {len(world)}")
+        self.outcomes.setdefault(r, []).append((node.name, outcome))
+
+    def _run(self) -> ScaleRound:
+        for _ in range(self.nodes_at_start):
+            node = self.add_node()
+            self._index[id(node.core)] = int(node.name)
+            self._wake(node)
+        while self._queue:
+            at, _seq, node = heapq.heappop(self._queue)
+            if node.wake_at > at:
+                continue  # an earlier wake of this node, already served
+            self.now = max(self.now, at)
+            if node.core.freezer:
+                self.costs.freezer = int(node.name)
+            node.step()
+            self.steps += 1
+            self._wake(node)
+        done = len(self.outcomes.get(0, ()))
+        if done != self.nodes_at_start:
+            raise self.failure(f"{done} of {self.nodes_at_start} nodes completed round 0")
+        self.costs.steps = self.steps
+        self.costs.seconds = self.now
+        return self
+
+
 def run_seed(seed: int, verbose: bool = False) -> Simulation:
     """Run one seed; raise ``SimulationFailure`` if a guarantee broke."""
     return Simulation(seed, verbose).run()
@@ -795,7 +1027,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=0, help="first seed of a sweep")
     parser.add_argument("--count", type=int, default=1000, help="seeds in a sweep")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the trace")
+    parser.add_argument("--scale", type=int, default=None, metavar="NODES",
+                        help="run one round of NODES nodes and print what each cost etcd")
     args = parser.parse_args(argv)
+    if args.scale is not None:
+        started = time.process_time()
+        sim = ScaleRound(args.scale).run()
+        print(f"one round of {args.scale} nodes: {sim.steps} steps, {sim.now:.3f} s of virtual "
+              f"time, {time.process_time() - started:.1f} s of CPU")
+        print(sim.costs.table())
+        return 0
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.count)
     failures = steps = rounds = 0
     for seed in seeds:

@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from simulation import Outcome, Simulation, SimulationFailure, run_seed
+from simulation import Outcome, ScaleRound, Simulation, SimulationFailure, run_seed
 
 #: Seeds per ``make test``; ``RDZV_SIM_SEEDS`` runs more (or fewer).
 SEEDS = int(os.environ.get("RDZV_SIM_SEEDS", "10000"))
@@ -76,3 +76,19 @@ def test_the_checker_catches_a_broken_guarantee(bad):
         sim.joiners[0] = {"b"}
     with pytest.raises(SimulationFailure, match=r"replay: python tests/simulation\.py --seed 3"):
         sim.record(sim.add_node(), outcome)
+
+
+def test_a_round_of_ten_thousand_nodes_keeps_the_cost_bounds():
+    """docs/PROTOCOL.md's cost bounds, counted on the model in one round of 10^4
+    nodes (10^5: ``python tests/simulation.py --scale 100000``): a node writes
+    its member key and its confirmation (and one of them opens the round), wakes
+    for the state record's transitions only, and reads its rank shard, not the
+    world; the freezer alone reads the members and watches the confirmations."""
+    costs = ScaleRound(10_000).run().costs
+    others = costs.others
+    assert max(others(costs.writes)) <= 3, costs.table()
+    assert max(others(costs.events)) <= 3, costs.table()
+    assert sum(costs.events) <= 5 * costs.nodes, costs.table()
+    assert max(others(costs.bytes_read)) <= 4096, costs.table()
+    assert max(others(costs.requests)) <= 3, costs.table()
+
