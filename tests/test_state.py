@@ -2,6 +2,7 @@
 
 import ast
 import enum
+import random
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,51 @@ def test_the_stub_shows_the_whole_python_api():
         members = {m.name if isinstance(m, ast.FunctionDef) else m.target.id
                    for m in item.body if isinstance(m, (ast.FunctionDef, ast.AnnAssign))}
         assert {n for n in dir(cls) if not n.startswith("_")} == members - {"__init__"}, name
+
+
+def test_a_lone_node_is_driven_by_its_actions_without_a_server():
+    """A round of one, driven by hand: the node asks for each request and takes
+    its answer; it never holds a client. Read, join, open, freeze (with its
+    confirmation), finalize: five transactions, and the round watch while it
+    freezes."""
+    keys = RunKeys("/p", "solo")
+    me = core.encode_member("h", "10.0.0.1", 1, 29500)
+    node = core.Node("a", keys, 1, 1, 7, me, 1.0, 5.0, random.Random(0))
+    node.begin()
+    read = node.next_action(0.0)
+    assert read.step == core.Step.STEP_TXN and read.success == [("get", keys.state)]
+    with pytest.raises(RuntimeError, match="unanswered"):
+        node.next_action(0.0)
+    node.feed((True, 1, [None]))
+    join = node.next_action(0.0)
+    assert [spec.tag for spec in node.watches] == ["state"]
+    assert join.success[0] == ("put", keys.members(0) + b"a", me, 7)
+    node.feed((True, 2, [None, 1]))
+    opening = node.next_action(0.0)
+    assert opening.compares == [("mod", keys.state, 0)]
+    node.feed((True, 3, [None]))
+    freeze_read = node.next_action(0.0)
+    assert freeze_read.success == [("range", keys.members(0), 1)]
+    node.feed((True, 4, [[(keys.members(0) + b"a", me, 2)]]))
+    freeze = node.next_action(0.0)
+    assert core.decode_state(freeze.success[0][2]).status == Status.FROZEN
+    node.feed((True, 5, [None] * len(freeze.success)))
+    finalize = node.next_action(0.0)
+    assert node.phase == Phase.CONFIRMED and node.freezer
+    assert "round" in [spec.tag for spec in node.watches]
+    assert core.decode_state(finalize.success[0][2]).status == Status.FINAL
+    node.feed((True, 6, [None]))
+    done = node.next_action(0.0)
+    assert done.step == core.Step.STEP_DONE and done.result.world_size == 1
+    assert (node.rank, node.master) == (0, ("10.0.0.1", 29500))
+
+
+def test_a_failed_request_is_the_node_machines_to_decide():
+    node = core.Node("a", RunKeys("/p", "r"), 1, 2, 7, b"", 1.0, 5.0, random.Random(0))
+    node.begin()
+    node.next_action(0.0)
+    node.fail(RendezvousStateError("etcd said no"))
+    with pytest.raises(RendezvousStateError, match="etcd said no"):
+        node.next_action(0.0)
+    with pytest.raises(RuntimeError, match="no task"):
+        node.next_action(0.0)
