@@ -49,7 +49,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from rdzv.api import RendezvousConnectionError
@@ -82,6 +82,8 @@ _STOP_GRACE_S = 5.0
 # One status request of a readiness poll; the poll itself runs until its deadline.
 _PROBE_TIMEOUT_S = 0.25
 _POLL_INTERVAL_S = 0.05
+# Seconds a stop keeps asking a slow member whether it leads.
+_LEADER_QUERY_BUDGET_S = 2.0
 # Half etcd's defaults (100 ms, 1000 ms): a cluster that loses its leader elects a
 # new one within about a second, which keeps fault tests short.
 _RAFT_FLAGS = ("--heartbeat-interval", "50", "--election-timeout", "500")
@@ -573,12 +575,14 @@ class EtcdMember:
             retry=RetryPolicy(connect_timeout=_PROBE_TIMEOUT_S, slow_budget=_PROBE_TIMEOUT_S),
         )
 
-    def _status(self) -> Any | None:
-        """etcd's v3 status response, or None if it does not answer now."""
+    def _status(self, slow_budget: float = _PROBE_TIMEOUT_S) -> Any | None:
+        """etcd's v3 status response, or None if it does not answer now (within
+        ``slow_budget`` seconds of retries while it is reachable but slow)."""
         if self._probe is None or not self.is_running():
             return None
+        probe = self._probe.with_retry(replace(self._probe.retry, slow_budget=slow_budget))
         try:
-            return self._probe.status()
+            return probe.status()
         except RendezvousConnectionError:
             return None
 
@@ -601,8 +605,8 @@ class EtcdMember:
         status = self._status()
         return status is not None and status.leader != 0
 
-    def _is_leader(self) -> bool:
-        status = self._status()
+    def _is_leader(self, slow_budget: float = _PROBE_TIMEOUT_S) -> bool:
+        status = self._status(slow_budget)
         return status is not None and status.leader == status.header.member_id
 
     def _check_alive(self) -> None:
@@ -733,7 +737,11 @@ def _stop_members(members: Sequence[EtcdMember]) -> None:
     it has no peer left it skips the handover and exits at once.
     """
     running = [member for member in members if member.is_running()]
-    leaders = [member for member in running if member._is_leader()] if len(running) > 1 else []
+    # A busy leader gets a few attempts to answer: one taken for a follower would
+    # be stopped first and hold the stop for the grace time.
+    leaders = [
+        member for member in running if member._is_leader(_LEADER_QUERY_BUDGET_S)
+    ] if len(running) > 1 else []
     followers = [member for member in members if member not in leaders]
     for batch in (followers, leaders):
         for member in batch:
