@@ -52,7 +52,10 @@ class Session:
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._lost_lock = threading.Lock()
-        self._answered_since = self._last_answered = time.monotonic()
+        # (since, last) of answered_span, replaced whole so that a reader in
+        # another thread never pairs a span's start with another span's end.
+        started = time.monotonic()
+        self._span = (started, started)
         self._kept = client.keep_alive(
             self.lease_id, ttl, keepalive_interval, self._stop, self._answered, self._silent
         )
@@ -97,13 +100,12 @@ class Session:
         answered every keep-alive, no two answers further apart than two
         keep-alive intervals, and of the last answer. A gap (etcd or the
         connection down, this process stopped) starts a new span."""
-        return self._answered_since, self._last_answered
+        return self._span
 
     def _answered(self, ttl: int) -> None:
         now = time.monotonic()
-        if now - self._last_answered > 2 * self.keepalive_interval:
-            self._answered_since = now
-        self._last_answered = now
+        since, last = self._span
+        self._span = (now if now - last > 2 * self.keepalive_interval else since, now)
         if ttl <= 0:
             self.mark_lost(
                 f"lease {self.lease_id:x} expired (keep-alives stalled past its "
