@@ -60,7 +60,7 @@ def create_handler(
     Args:
         params: torch's ``RendezvousParameters`` (rdzv's are accepted too).
             ``config`` (``--rdzv-conf``) is passed through unchanged; see
-            ``rdzv.etcd_rendezvous.RENDEZVOUS_OPTIONS``.
+            ``rdzv.config.RENDEZVOUS_OPTIONS``.
 
     Returns:
         A ``TorchEtcdRendezvousHandler``; ``create_handler`` itself if
