@@ -482,7 +482,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             if action.step == _state.Step.STEP_DONE:
                 return
             if action.step == _state.Step.STEP_WAIT:
-                # Only a backoff after a lost compare-and-swap: microseconds.
+                # Only a backoff after a lost compare-and-swap: at most 50 ms.
                 time.sleep(max(0.0, action.wake_at - time.monotonic()))
             else:
                 _carry_out(node, action, self._client)
@@ -497,8 +497,10 @@ class EtcdRendezvousHandler(RendezvousHandler):
         this is > 0, which re-forms the job without them. The answer is at least
         1 once the run moved on to a round this node is not in.
 
-        It comes from a view of the run that one watch keeps current, checked by
-        a read every ``lease_ttl``: no request to etcd per call. While etcd is
+        It comes from a view of the run that one watch keeps current: no
+        request to etcd per call. This node's lease keep-alives show the watch's
+        connection alive; when they stop being answered, a read checks the view
+        once ``lease_ttl`` has passed since the last answer. While etcd is
         unreachable it answers from that view (a warning is logged once) and
         never raises; the view catches up when etcd is back.
 

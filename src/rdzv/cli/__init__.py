@@ -22,7 +22,7 @@ that does not exist is not an error: ``rdzv status`` reports its status as
 Each command is a module of this package (``server``, ``join``, ``status``,
 ``close``, ``runs``, ``purge``, ``demo``, ``bench``) with its ``add_parser``
 and the function it runs; ``_common`` holds what they share: exit codes,
-argument types, the options naming a run, connections and output helpers.
+argument types, the options naming a run, connections and output.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the ``rdzv`` commands share: exit codes, argument types, options, output helpers."""
+"""What the ``rdzv`` commands share: exit codes, argument types, options, output."""
 
 from __future__ import annotations
 
@@ -180,7 +180,6 @@ def _example(*lines: str) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-
 def _log_options() -> argparse.ArgumentParser:
     """A parent parser with ``--log-level``, which every command takes."""
     logs = argparse.ArgumentParser(add_help=False)
@@ -222,7 +221,7 @@ def _runs_options() -> argparse.ArgumentParser:
     return runs_of
 
 
-# ----------------------------------------------------------------- helpers
+# ----------------------------------------------------------- shared steps
 def _exit_code(err: BaseException) -> ExitCode:
     if isinstance(err, UsageError):
         return ExitCode.USAGE
