@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 
+from rdzv.txn import prefix_end
+
 _ROUND_DIGITS = 12
 DEFAULT_PREFIX = "/rdzv"
 
@@ -132,7 +134,7 @@ class RunKeys:
         """Key range ``[start, end)`` of round ``r``'s rank shards of ``cutoff``
         (for one range delete)."""
         start = self.ranks(r, cutoff)
-        return start, start[:-1] + b"0"  # "0" follows the prefix's closing "/"
+        return start, prefix_end(start)
 
     def rank_shard(self, r: int, cutoff: int, shard: int) -> bytes:
         """Key of rank shard ``shard`` of round ``r``'s world frozen at ``cutoff``."""
