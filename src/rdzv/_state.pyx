@@ -1802,6 +1802,10 @@ cdef class Node:
                     f"{self.keys.state.decode()!r}")
             if self.now >= self.check_at:
                 self.check_at = self.now + self.liveness_interval
+                if self.phase == WAITING:
+                    # Its watch of the world's departures may have stalled like
+                    # the state record's: count the world once.
+                    self.check_liveness = True
                 yield from self._check_state_watch()
             if self.round_snapshot_due:
                 # The freezer's round watch started: what the members did since
