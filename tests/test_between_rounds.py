@@ -16,6 +16,7 @@ import signal
 import time
 import urllib.request
 
+import pytest
 from helpers import ProcessNode, ThreadNode, assert_one_world, make_handler, run_round, wait_for
 from rdzv.etcd_server import EtcdServer
 from rdzv.keys import RunKeys
@@ -104,14 +105,16 @@ def test_polling_costs_etcd_nothing_and_a_quiet_round_reports_nothing(etcd_serve
     assert set(delta) <= {"Range", "Watch"}, delta
 
 
-def test_with_several_endpoints_a_short_lease_ttl_checks_the_view_by_reads(etcd_server, run_id,
-                                                                          handlers):
-    """With several endpoints the keep-alives may reach another member than the
-    watch, and gRPC's pings find a dead member only after 8 s: with a shorter
-    lease_ttl a read checks the view every lease_ttl."""
+@pytest.mark.parametrize("endpoints", ["127.0.0.1:{port},127.0.0.1:{port}", "localhost:{port}"],
+                         ids=["two addresses", "a name"])
+def test_with_several_endpoints_a_short_lease_ttl_checks_the_view_by_reads(
+        etcd_server, run_id, handlers, endpoints):
+    """With several endpoints, or a name that may resolve to several members,
+    the keep-alives may reach another member than the watch, and gRPC's pings
+    find a dead member only after 8 s: with a shorter lease_ttl a read checks
+    the view every lease_ttl."""
     lease_ttl, seconds = 2, 5.0
-    port = etcd_server.get_endpoint().rsplit(":", 1)[1]
-    endpoints = f"127.0.0.1:{port},127.0.0.1:{port}"
+    endpoints = endpoints.format(port=etcd_server.get_endpoint().rsplit(":", 1)[1])
     handlers.extend(make_handler(endpoints, run_id, 2, 2, lease_ttl=lease_ttl)
                     for _ in range(2))
     assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
