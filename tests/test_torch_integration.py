@@ -85,24 +85,15 @@ def torch_params(etcd_endpoint: str, run_id: str) -> Any:
     return make
 
 
-@pytest.fixture
-def torch_handlers() -> Iterator[list[Any]]:
-    """Handlers a test created; shut down at its end."""
-    handlers: list[Any] = []
-    yield handlers
-    for handler in handlers:
-        handler.shutdown()
-
-
 @needs_torch
-def test_entry_point_registers_etcd3(torch_params: Any, torch_handlers: list[Any]) -> None:
+def test_entry_point_registers_etcd3(torch_params: Any, handlers: list[Any]) -> None:
     from torch.distributed.elastic.rendezvous import RendezvousInfo, RendezvousStoreInfo
     from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
     from rdzv.torch import TorchEtcdRendezvousHandler, TorchEtcdStore
 
     handler = get_rendezvous_handler(torch_params())
-    torch_handlers.append(handler)
+    handlers.append(handler)
     assert isinstance(handler, TorchEtcdRendezvousHandler)
     assert handler.get_backend() == "etcd3"
     assert handler.use_agent_store is False
@@ -116,7 +107,7 @@ def test_entry_point_registers_etcd3(torch_params: Any, torch_handlers: list[Any
     assert handler.shutdown() is True
     assert handler.shutdown() is True
     later = get_rendezvous_handler(torch_params())
-    torch_handlers.append(later)
+    handlers.append(later)
     assert later.is_closed()
 
 
@@ -135,7 +126,7 @@ def test_importing_rdzv_torch_first_still_registers_etcd3() -> None:
 
 @needs_torch
 def test_launcher_options_are_accepted(
-    etcd_endpoint: str, run_id: str, torch_handlers: list[Any]
+    etcd_endpoint: str, run_id: str, handlers: list[Any]
 ) -> None:
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.launcher.api import LaunchConfig
@@ -153,13 +144,13 @@ def test_launcher_options_are_accepted(
         **config.rdzv_configs,
     )
     assert set(params.config) == {"last_call_timeout", "lease_ttl", "timeout"}
-    torch_handlers.append(create_handler(params))
+    handlers.append(create_handler(params))
     with pytest.raises(ValueError, match="no_such_option"):
         create_handler(RendezvousParameters("etcd3", etcd_endpoint, run_id, 1, 1, no_such_option=1))
 
 
 @needs_torch
-def test_errors_are_torchs(torch_params: Any, torch_handlers: list[Any]) -> None:
+def test_errors_are_torchs(torch_params: Any, handlers: list[Any]) -> None:
     from torch.distributed.elastic import rendezvous as torch_rdzv
     from torch.distributed.elastic.rendezvous import RendezvousParameters
 
@@ -167,7 +158,7 @@ def test_errors_are_torchs(torch_params: Any, torch_handlers: list[Any]) -> None
     from rdzv.torch import create_handler
 
     alone = create_handler(torch_params(2, 2, timeout=0.5))
-    torch_handlers.append(alone)
+    handlers.append(alone)
     with pytest.raises(torch_rdzv.RendezvousTimeoutError) as timed_out:
         alone.next_rendezvous()
     assert isinstance(timed_out.value.__cause__, rdzv.api.RendezvousTimeoutError)
@@ -179,7 +170,7 @@ def test_errors_are_torchs(torch_params: Any, torch_handlers: list[Any]) -> None
         )
 
     handler = create_handler(torch_params())
-    torch_handlers.append(handler)
+    handlers.append(handler)
     handler.set_closed()
     assert handler.is_closed()
     with pytest.raises(torch_rdzv.RendezvousClosedError) as closed:
@@ -188,14 +179,14 @@ def test_errors_are_torchs(torch_params: Any, torch_handlers: list[Any]) -> None
 
 
 @needs_torch
-def test_store_under_torchs_callers(torch_params: Any, torch_handlers: list[Any]) -> None:
+def test_store_under_torchs_callers(torch_params: Any, handlers: list[Any]) -> None:
     import torch.distributed as dist
     from torch.distributed.elastic.utils import store as store_util
 
     from rdzv.torch import create_handler
 
     handler = create_handler(torch_params())
-    torch_handlers.append(handler)
+    handlers.append(handler)
     store = handler.next_rendezvous().store
     prefixed = dist.PrefixStore("agent/", store)
     for s in (store, prefixed):
