@@ -284,13 +284,19 @@ def _check_ranks(reports: list[dict[str, Any]], role_sizes: dict[str, int]) -> N
 
 
 # ------------------------------------------------------------------- scenarios
+def _one_agent(agents: Agents, conf: AgentConf, how: str = "fork") -> dict[str, Any]:
+    """Run one agent of a job of its own to its end; return its report."""
+    agents.start(conf, how)
+    (report,) = agents.wait(1)
+    return report
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["fork", "spawn", "subprocess"])
 def test_one_agent_runs_its_workers(
     agents: Agents, etcd_endpoint: str, run_id: str, how: str
 ) -> None:
-    agents.start(AgentConf(etcd_endpoint, run_id, "sum_ranks"), how)
-    (report,) = agents.wait(1)
+    report = _one_agent(agents, AgentConf(etcd_endpoint, run_id, "sum_ranks"), how)
     assert report["state"] == "SUCCEEDED", report
     assert sorted(report["returns"]) == [0, 1]
     assert {r["sum"] for r in report["returns"].values()} == {1}
@@ -300,8 +306,9 @@ def test_one_agent_runs_its_workers(
 def test_failed_workers_fail_the_agent_after_its_restarts(
     agents: Agents, etcd_endpoint: str, run_id: str
 ) -> None:
-    agents.start(AgentConf(etcd_endpoint, run_id, "fail_odd_ranks", 4, max_restarts=1))
-    (report,) = agents.wait(1)
+    report = _one_agent(
+        agents, AgentConf(etcd_endpoint, run_id, "fail_odd_ranks", 4, max_restarts=1)
+    )
     assert report["state"] == "FAILED", report
     assert report["remaining_restarts"] == 0
     assert set(report["failures"]) <= {1, 3} and report["failures"], report
@@ -311,8 +318,9 @@ def test_failed_workers_fail_the_agent_after_its_restarts(
 def test_a_failed_worker_restarts_the_group(
     agents: Agents, etcd_endpoint: str, run_id: str
 ) -> None:
-    agents.start(AgentConf(etcd_endpoint, run_id, "fail_rank_one_once", 2, max_restarts=1))
-    (report,) = agents.wait(1)
+    report = _one_agent(
+        agents, AgentConf(etcd_endpoint, run_id, "fail_rank_one_once", 2, max_restarts=1)
+    )
     assert report["state"] == "SUCCEEDED", report
     assert {r["restart_count"] for r in report["returns"].values()} == {1}
     assert report["remaining_restarts"] == 0
@@ -420,8 +428,9 @@ def test_workers_that_end_apart(
 def test_a_failed_exit_barrier_does_not_fail_the_job(
     agents: Agents, etcd_endpoint: str, run_id: str
 ) -> None:
-    agents.start(AgentConf(etcd_endpoint, run_id, "report_ranks", 1, exit_barrier_fails=True))
-    (report,) = agents.wait(1)
+    report = _one_agent(
+        agents, AgentConf(etcd_endpoint, run_id, "report_ranks", 1, exit_barrier_fails=True)
+    )
     assert report["state"] == "SUCCEEDED", report
 
 
@@ -429,8 +438,7 @@ def test_a_failed_exit_barrier_does_not_fail_the_job(
 def test_shutdown_closes_the_run_and_frees_the_node(
     agents: Agents, etcd_endpoint: str, run_id: str, etcd_server: Any
 ) -> None:
-    agents.start(AgentConf(etcd_endpoint, run_id, "report_ranks", 2))
-    (report,) = agents.wait(1)
+    report = _one_agent(agents, AgentConf(etcd_endpoint, run_id, "report_ranks", 2))
     assert report["state"] == "SUCCEEDED" and report["closed"] is True, report
     observer = etcd_server.get_rdzv_client()
     try:
