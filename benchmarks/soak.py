@@ -85,6 +85,7 @@ from rdzv import _state
 from rdzv.api import RendezvousConnectionError, RendezvousError, RendezvousParameters
 from rdzv.etcd_rendezvous import create_rdzv_handler
 from rdzv.etcd_server import EtcdCluster
+from rdzv.inspect import read_world
 from rdzv.keys import RunKeys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -412,7 +413,7 @@ class Soak:
         return None if got is None else _state.decode_state(got[0], self.keys.state)
 
     def _world(self, round_number: int) -> list[str] | None:
-        got = _state.read_world(self.client, self.keys, round_number)
+        got = read_world(self.client, self.keys, round_number)
         return None if got is None else got[0]
 
     def _wait_for_etcd(self) -> None:

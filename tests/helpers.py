@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rdzv import _state
 from rdzv.api import RendezvousParameters
 from rdzv.client import EtcdClient
 from rdzv.etcd_rendezvous import EtcdRendezvousHandler, create_rdzv_handler
+from rdzv.inspect import read_world
 from rdzv.keys import RunKeys
 
 NODE_SCRIPT = os.path.join(os.path.dirname(__file__), "rdzv_node.py")
@@ -111,7 +111,7 @@ def check_worlds(client: EtcdClient, run_id: str, results: list[tuple[str, int, 
     """
     keys = RunKeys("/rdzv", run_id)
     for node_id, round_number, rank, world_size in results:
-        got = _state.read_world(client, keys, round_number)
+        got = read_world(client, keys, round_number)
         assert got is not None, f"round {round_number} returned but has no world record"
         world = got[0]
         assert len(world) == world_size, (round_number, world, world_size)

@@ -17,6 +17,7 @@ import time
 import urllib.request
 
 import pytest
+
 from helpers import ProcessNode, ThreadNode, assert_one_world, make_handler, run_round, wait_for
 from rdzv.etcd_server import EtcdServer
 from rdzv.keys import RunKeys

@@ -40,6 +40,7 @@ from rdzv.api import (
 from rdzv.client import DEFAULT_CONNECT_TIMEOUT, EtcdClient, EtcdConfig, parse_endpoints
 from rdzv.etcd_rendezvous import EtcdRendezvousHandler
 from rdzv.etcd_server import EtcdCluster, EtcdServer
+from rdzv.inspect import read_world
 from rdzv.keys import RunKeys
 
 # Short enough that a dead node is gone in seconds, long enough for 2 busy cores.
@@ -256,7 +257,7 @@ def test_join_whose_answer_was_lost_still_counts(etcd_server, run_id, handlers):
         victim.start()
         infos = [node.join(30) for node in (first, victim, last)]
         assert lost
-        assert victim.handler.node_id in _state.read_world(client, keys, 0)[0]
+        assert victim.handler.node_id in read_world(client, keys, 0)[0]
         assert_one_world(infos, 3)
     finally:
         client.close()
@@ -356,7 +357,7 @@ def test_round_is_final_only_when_its_world_confirmed(etcd_server, run_id, handl
         slow.start()
         wait_for(lambda: checked.is_set(), timeout=LEASE_TTL + 10,
                  what="the member's liveness check, lease_ttl after its confirmation")
-        world = _state.read_world(client, keys, 0)[0]
+        world = read_world(client, keys, 0)[0]
         assert sorted(world) == sorted([member.handler.node_id, slow.handler.node_id])
         assert state_of(client, run_id).status == _state.Status.FROZEN
     finally:
@@ -496,7 +497,7 @@ def test_node_killed_at_each_phase(etcd_server, run_id, handlers, processes, pha
             keys = RunKeys("/rdzv", run_id)
             wait_for(lambda: client.count(keys.confirmed(0)) == 2, what="survivors confirmed")
             assert state_of(client, run_id).status == _state.Status.FROZEN
-            assert doomed.node_id in _state.read_world(client, keys, 0)[0]
+            assert doomed.node_id in read_world(client, keys, 0)[0]
         killed_at = time.monotonic()
         doomed.kill()
         if phase != "frozen_unconfirmed":

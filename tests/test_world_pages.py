@@ -17,6 +17,7 @@ from rdzv import _state as core
 from rdzv._etcd3_compat import load_etcd3
 from rdzv.api import RendezvousStateError
 from rdzv.client import txn_request
+from rdzv.inspect import read_world
 from rdzv.keys import RunKeys
 
 MAX_TXN_OPS = 128  # etcd's --max-txn-ops default
@@ -98,7 +99,7 @@ def test_shards_that_do_not_give_every_rank_are_refused():
 
 def test_large_world_pages_in_etcd_and_a_second_freezer_of_the_cutoff(etcd_server, run_id):
     """The transactions written before a freeze, against a real etcd: they
-    publish the world that ``read_world`` reads back, and a second freezer that
+    publish the world that ``rdzv.inspect.read_world`` reads back, and a second freezer that
     read the members at the same revision cannot write its shards there."""
     keys = RunKeys("/rdzv", run_id)
     world = lease_ids(core.SHARD_MEMBERS * (core.CAS_SHARDS + 1), seed=5)
@@ -111,6 +112,6 @@ def test_large_world_pages_in_etcd_and_a_second_freezer_of_the_cutoff(etcd_serve
         rival = core.plan_world(keys, 0, 77, list(reversed(world)))[0]
         assert not client.txn(*rival[0], [])[0]
         client.txn([], freeze_ops, [])
-        assert core.read_world(client, keys, 0) == (world, "10.0.0.9", 29400)
+        assert read_world(client, keys, 0) == (world, "10.0.0.9", 29400)
     finally:
         client.close()

@@ -536,28 +536,6 @@ def world_from(header, shards, keys, long long round):
     return ids, master_addr, master_port
 
 
-def read_world(client, keys, long long round):
-    """Read round ``round``'s world (one read-only transaction).
-
-    Args:
-        client: the etcd client (``txn``).
-        keys: the run's ``RunKeys``.
-        round: the round.
-
-    Returns:
-        ``(node ids in rank order, master_addr, master_port)``, or None if the
-        round was never frozen (or its keys are gone).
-
-    Raises:
-        RendezvousStateError: the world's records cannot be decoded.
-    """
-    _ok, _revision, (header, shards) = client.txn(
-        [], [("get", keys.world(round)), ("range", keys.ranks(round), 0)], [])
-    if header is None:
-        return None
-    return world_from(header[0], shards, keys, round)
-
-
 cdef enum:
     _MAX_LABEL = 256
     _SMALL_RUN = 24     # runs the placement sort finishes by comparing whole keys

@@ -19,7 +19,8 @@ Example::
 ``read_run_status`` reads everything ``rdzv status`` shows (a handful of
 requests plus one lease query per live node); ``read_round_progress`` reads
 only how far the current round is (two requests), for a display that refreshes
-often. ``rdzv.runs.list_runs`` lists the runs under a prefix.
+often; ``read_world`` reads a frozen round's world. ``rdzv.runs.list_runs``
+lists the runs under a prefix.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "World",
     "read_round_progress",
     "read_run_status",
+    "read_world",
 ]
 
 logger = logging.getLogger(__name__)
@@ -231,6 +233,31 @@ class RoundProgress:
     count: int | None = None
 
 
+def read_world(client: EtcdClient, keys: RunKeys,
+               round: int) -> tuple[list[str], str, int] | None:
+    """Read round ``round``'s world: its record and every rank shard, in one
+    read-only transaction.
+
+    Args:
+        client: a connection to etcd.
+        keys: the run's keys.
+        round: the round.
+
+    Returns:
+        ``(node ids in rank order, master_addr, master_port)``, or None if the
+        round was never frozen (or its keys are gone).
+
+    Raises:
+        RendezvousStateError: the world's records cannot be decoded.
+        RendezvousConnectionError: etcd could not be reached.
+    """
+    _ok, _revision, (header, shards) = client.txn(
+        [], [("get", keys.world(round)), ("range", keys.ranks(round), 0)], [])
+    if header is None:
+        return None
+    return _state.world_from(header[0], shards, keys, round)
+
+
 def read_run_status(client: EtcdClient, run_id: str, prefix: str = DEFAULT_PREFIX) -> RunStatus:
     """Read one run's status.
 
@@ -257,7 +284,7 @@ def read_run_status(client: EtcdClient, run_id: str, prefix: str = DEFAULT_PREFI
     s = _state.decode_state(got[0], keys.state)
     world = None
     if s.status != _state.Status.JOINABLE:
-        got_world = _state.read_world(client, keys, s.round)
+        got_world = read_world(client, keys, s.round)
         if got_world is not None:
             world = World(tuple(got_world[0]), got_world[1], got_world[2])
     leases: dict[int, int] = {}
