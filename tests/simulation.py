@@ -53,6 +53,10 @@ from rdzv.txn import prefix_end
 
 Status = core.Status
 Step = core.Step
+# The steps as plain ints, for the hot loops (an enum member is looked up on its class).
+_WAIT, _DONE, _TXN, _GET = (int(s) for s in (Step.STEP_WAIT, Step.STEP_DONE, Step.STEP_TXN,
+                                             Step.STEP_GET))
+_INF = float("inf")
 
 
 #: Rounds after which a run that cannot settle (see ``Simulation._converges``)
@@ -76,7 +80,7 @@ class _TraceLog(logging.Handler):
 
 
 # ----------------------------------------------------------------- the etcd model
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     value: bytes
     create: int
@@ -84,7 +88,7 @@ class _Entry:
     lease: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Watch:
     key: bytes
     end: bytes | None  # None: the key alone
@@ -141,7 +145,7 @@ class SimEtcd:
         return True
 
     def expire(self, now: float) -> None:
-        if not self._ending or min(self._ending.values()) > now:
+        if not self._ending or self.next_expiry > now:
             return
         for lease, expiry in sorted(self._ending.items()):
             if expiry <= now:
@@ -149,7 +153,7 @@ class SimEtcd:
 
     @property
     def next_expiry(self) -> float:
-        return min(self._ending.values(), default=float("inf"))
+        return min(self._ending.values(), default=_INF)
 
     def revoke(self, lease: int) -> None:
         self.leases.pop(lease, None)
@@ -194,10 +198,16 @@ class SimEtcd:
 
     # transactions
     def txn(self, compares, success, failure) -> tuple[bool, int, list[Any]]:
-        ok = all(self._holds(c) for c in compares)
+        holds = self._holds
+        ok = True
+        for compare in compares:
+            if not holds(compare):
+                ok = False
+                break
         ops = success if ok else failure
+        leases = self.leases
         for op in ops:
-            if op[0] == "put" and op[3] and op[3] not in self.leases:
+            if op[0] == "put" and op[3] and op[3] not in leases:
                 raise LeaseLostError("etcdserver: requested lease not found")
         results: list[Any] = []
         events: list[tuple[bool, bytes, bytes]] = []
@@ -254,25 +264,28 @@ class SimEtcd:
                 if not is_put and key in self.kv:
                     self._delete(key)
         stamped = [(is_put, key, value, rev) for is_put, key, value in events]
-        for is_put, key, value, _ in stamped:
-            self.history.append((rev, is_put, key, value))
+        self.history.extend([(rev, is_put, key, value) for is_put, key, value in events])
         for hook in self.on_commit:
             hook(rev, stamped)
         # Each watch gets its events of this revision in one delivery, in the
         # order the watches were created.
-        deliveries: dict[int, tuple[_Watch, list]] = {}
+        deliveries: dict[int, tuple[_Watch, list]] | None = None
+        key_watches, prefix_watches = self._key_watches, self._prefix_watches
         for event in stamped:
             key = event[1]
-            for watch in self._key_watches.get(key, ()):
+            watching = [w for w in prefix_watches if w.key <= key < w.end]
+            held = key_watches.get(key)
+            if held:
+                watching += held
+            for watch in watching:
                 if not watch.quiet and not (watch.no_put and event[0]):
+                    if deliveries is None:
+                        deliveries = {}
                     deliveries.setdefault(watch.seq, (watch, []))[1].append(event)
-            for watch in self._prefix_watches:
-                if (not watch.quiet and watch.key <= key < watch.end
-                        and not (watch.no_put and event[0])):
-                    deliveries.setdefault(watch.seq, (watch, []))[1].append(event)
-        for seq in sorted(deliveries):
-            watch, mine = deliveries[seq]
-            watch.sink(mine)
+        if deliveries:
+            for seq in sorted(deliveries):
+                watch, mine = deliveries[seq]
+                watch.sink(mine)
 
     def watch(self, key: bytes, start: int, sink, prefix: bool = False,
               no_put: bool = False) -> _Watch:
@@ -335,7 +348,7 @@ class Outcome:
     at: float
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)
 class _Delivery:
     at: float
     seq: int
@@ -390,11 +403,14 @@ class SimNode:
         return core.encode_member(f"host{self.name}", f"10.0.0.{self.name}", 1000, self.port)
 
     def _sink(self, tag: str, watch_box: list):
+        sim, inbox = self.sim, self.inbox
+
         def deliver(events):
-            delay = self.sim.rng.expovariate(1 / self.sim.mean_delivery)
-            at = max(self.sim.now + delay, self.inbox[-1].at if self.inbox else 0.0)
-            self.inbox.append(_Delivery(at, next(self.sim.seq), (tag, events), watch_box[0]))
-            self.sim.delivered(self, events)
+            at = sim.now + sim.rng.expovariate(1 / sim.mean_delivery)
+            if inbox and inbox[-1].at > at:
+                at = inbox[-1].at  # a stream delivers in order
+            inbox.append(_Delivery(at, next(sim.seq), (tag, events), watch_box[0]))
+            sim.delivered(self, events)
         return deliver
 
     def _watch(self, tag: str, key: bytes, start: int, **kwargs) -> _Watch:
@@ -420,9 +436,8 @@ class SimNode:
         if one started (the node may have a request to make first)."""
         node, etcd = self.core, self.sim.etcd
         specs = node.watches
-        if len(specs) == len(self.watches) and all(
-                self.watches.get(spec.tag, (None,))[0] == spec for spec in specs):
-            return False
+        if specs == [held[0] for held in self.watches.values()]:
+            return False  # (held in the order asked: else the check below says so)
         wanted = {spec.tag: spec for spec in specs}
         self._drop_watches(tag for tag, held in self.watches.items() if held[0] != wanted.get(tag))
         started = False
@@ -436,10 +451,10 @@ class SimNode:
         return started
 
     def _drain(self) -> None:
-        node = self.core
-        while self.inbox and self.inbox[0].at <= self.sim.now:
+        node, inbox, now = self.core, self.inbox, self.sim.now
+        while inbox and inbox[0].at <= now:
             # As in the handler, events a cancelled watch queued are still read.
-            delivery = self.inbox.popleft()
+            delivery = inbox.popleft()
             tag = delivery.item[0]
             if tag == "state":
                 for is_put, _key, value, revision in delivery.item[1]:
@@ -453,15 +468,18 @@ class SimNode:
     @property
     def wake_at(self) -> float:
         if not self.alive:
-            return float("inf")
+            return _INF
         if self.pending is not None:
             at = self.answer_at
         elif self.in_call:
-            at = min(self.deadline, self.until,
-                     self.inbox[0].at if self.inbox else float("inf"))
+            at = self.deadline
+            if self.until < at:
+                at = self.until
+            if self.inbox and self.inbox[0].at < at:
+                at = self.inbox[0].at
         else:
             at = self.next_call_at
-        return max(at, self.stopped_until)
+        return at if at >= self.stopped_until else self.stopped_until
 
     def notice(self, events) -> None:
         """The launcher's monitor loop, for a node that trains: re-rendezvous on
@@ -479,7 +497,7 @@ class SimNode:
             if not is_put and key.startswith(members) and key[len(members):].decode() in self.world:
                 break
             if key == keys.state and is_put:
-                record = core.decode_state(value, key)
+                record = self.sim.state_record(value)
                 if record.status == Status.CLOSED or record.round > r + 1:
                     break
         else:
@@ -516,7 +534,7 @@ class SimNode:
                 step = self._advance()
                 if step is None:
                     return  # a request is on its way
-                if step == Step.STEP_DONE or not self._sync_watches():
+                if step == _DONE or not self._sync_watches():
                     break
         except RendezvousClosedError:
             sim.closed_seen.add(self.name)
@@ -530,7 +548,7 @@ class SimNode:
             return
         except RendezvousStateError as err:
             raise sim.failure(f"{self.name}: RendezvousStateError: {err}") from None
-        if step == Step.STEP_DONE:
+        if step == _DONE:
             self._sync_watches()
             outcome = Outcome(self.node_id, node.completed_round, node.rank, list(node.world),
                               node.completed.world_size, sim.now)
@@ -540,7 +558,7 @@ class SimNode:
             self.world = outcome.world
             self._end_call(outcome)
             return
-        self._sync_watches()
+        # (the loop ended on watches in sync with what the node machine asks for)
         if self.until <= sim.now:
             # The handler drains its inbox with a timeout <= 0 and calls
             # advance() again at once: once is a step, five times is a spin.
@@ -566,16 +584,18 @@ class SimNode:
         if self.pending is not None:
             action, self.pending = self.pending, None
             sim.carry_out(node, action)
+        now, carry_out = sim.now, sim.carry_out
         while True:
-            action = node.next_action(sim.now)
-            if action.step in (Step.STEP_WAIT, Step.STEP_DONE):
+            action = node.next_action(now)
+            step = action.step
+            if step == _WAIT or step == _DONE:
                 self.until = action.wake_at
-                return action.step
+                return step
             if sim.request_time:
                 self.pending = action
-                self.answer_at = sim.now + sim.rng.expovariate(1 / sim.request_time)
+                self.answer_at = now + sim.rng.expovariate(1 / sim.request_time)
                 return None
-            sim.carry_out(node, action)
+            carry_out(node, action)
 
     def _withdraw(self) -> None:
         ops = self.core.cleanup_ops()
@@ -672,6 +692,8 @@ class Simulation:
         self.steps = 0
         self.faults: dict[str, int] = {}
         self._names = itertools.count()
+        self._state_value: bytes | None = None
+        self._state_record: Any = None
 
     # bookkeeping
     def trace(self, text: str) -> None:
@@ -679,6 +701,14 @@ class Simulation:
         self.log.append(line)
         if self.verbose:
             print(line)
+
+    def state_record(self, value: bytes):
+        """The state record ``value`` decodes to (the checker and every training
+        node read each one written: it is decoded once)."""
+        if value != self._state_value:
+            self._state_record = core.decode_state(value, self.keys.state)
+            self._state_value = value
+        return self._state_record
 
     def failure(self, what: str) -> SimulationFailure:
         tail = "\n".join(self.log)
@@ -690,7 +720,7 @@ class Simulation:
         """Run the request ``node`` asked for on the model; feed it the answer
         (and return it; None if the request failed)."""
         try:
-            if action.step == Step.STEP_TXN:
+            if action.step == _TXN:
                 answer = self.client.txn(action.compares, action.success, action.failure,
                                          once=action.once)
             else:
@@ -734,21 +764,22 @@ class Simulation:
 
     def _check_commit(self, revision: int, events) -> None:
         keys = self.keys
+        rounds = keys.run + b"rounds/"
         for is_put, key, value, _rev in events:
-            if not key.startswith(keys.run):
-                continue
-            rest = key[len(keys.run):]
-            if is_put and rest.startswith(b"rounds/"):
-                r = int(rest.split(b"/")[1])
-                for kind, seen in ((b"/members/", self.joiners), (b"/confirmed/", self.confirms)):
-                    if kind in rest:
-                        seen.setdefault(r, set()).add(rest.split(kind)[1].decode())
-            if key == keys.state:
+            if is_put and key.startswith(rounds):
+                # rounds/<r>/members/<node> or rounds/<r>/confirmed/<node>
+                r, _, rest = key[len(rounds):].partition(b"/")
+                kind, _, who = rest.partition(b"/")
+                seen = (self.joiners if kind == b"members" else
+                        self.confirms if kind == b"confirmed" else None)
+                if seen is not None:
+                    seen.setdefault(int(r), set()).add(who.decode())
+            elif key == keys.state:
                 if self.closed_at_revision is not None:
                     raise self.failure(f"the state record changed after the close: {value!r}")
                 if not is_put:
                     raise self.failure("the state record was deleted")
-                record = core.decode_state(value, key)
+                record = self.state_record(value)
                 if record.status == Status.CLOSED:
                     self.closed_at_revision = revision
                 elif record.status == Status.FINAL:
@@ -764,8 +795,8 @@ class Simulation:
         header = self.etcd._get(self.keys.world(r))
         if header is None:
             raise self.failure(f"round {r} turned final without a world record")
-        shards = [(k, e.value) for k, e in self.etcd.kv.items()
-                  if k.startswith(self.keys.ranks(r))]
+        prefix = self.keys.ranks(r)
+        shards = [(k, e.value) for k, e in self.etcd.kv.items() if k.startswith(prefix)]
         ids = core.world_from(header[0], shards, self.keys, r)[0]
         # A member confirms with a put on its lease, so only a member alive after
         # the freeze can; one that dies later is the next round's business.
@@ -808,20 +839,24 @@ class Simulation:
             log.removeHandler(handler)
 
     def _run(self) -> Simulation:
-        rng = self.rng
+        rng, etcd, nodes, stopped, finals = self.rng, self.etcd, self.nodes, self.stopped, \
+            self.finals
+        choice, expovariate = rng.choice, rng.expovariate
+        churns = not self._converges()
         for _ in range(self.nodes_at_start):
             self.add_node()
-        next_fault = rng.expovariate(self.fault_rate) if self.fault_rate else float("inf")
+        next_fault = rng.expovariate(self.fault_rate) if self.fault_rate else _INF
         closed = False
         while self.now < self.end:
-            if len(self.finals) >= _ROUNDS_UNCHECKED and not self._converges():
+            if churns and len(finals) >= _ROUNDS_UNCHECKED:
                 break  # churning by design (see _converges): enough rounds checked
-            if self.stopped:
-                for node in [n for n in self.stopped if n.stopped_until <= self.now]:
-                    self.stopped.remove(node)
+            now = self.now
+            if stopped:
+                for node in [n for n in stopped if n.stopped_until <= now]:
+                    stopped.remove(node)
                     node.resume()
-            self.etcd.expire(self.now)
-            if self.close_at is not None and not closed and self.now >= self.close_at:
+            etcd.expire(now)
+            if self.close_at is not None and not closed and now >= self.close_at:
                 closed = True
                 closer = core.Node("closer", self.keys, self.min_nodes, self.max_nodes, 0,
                                    b"", self.last_call_timeout, float(self.lease_ttl))
@@ -833,26 +868,25 @@ class Simulation:
                     else:
                         self.carry_out(closer, action)
                 self.trace("the run is closed")
-            if self.now >= next_fault and self.now < self.fault_until:
+            if now >= next_fault and now < self.fault_until:
                 self._fault()
-                next_fault = self.now + rng.expovariate(self.fault_rate)
-            ready, soonest = [], float("inf")
-            for n in self.nodes:
+                next_fault = now + expovariate(self.fault_rate)
+            ready, soonest = [], _INF
+            for n in nodes:
                 at = n.wake_at
-                if at <= self.now:
+                if at <= now:
                     ready.append(n)
                 elif at < soonest:
                     soonest = at
             if ready:
-                node = rng.choice(ready)
-                node.step()
+                choice(ready).step()
                 self.steps += 1
                 if self.steps > 200_000:
                     raise self.failure("no end in sight: more than 200,000 steps")
-                self.now += rng.expovariate(1 / 0.0005)
+                self.now += expovariate(2000.0)  # a step every 0.5 ms on average
                 continue
-            upcoming = [soonest, self.etcd.next_expiry]
-            upcoming += [n.stopped_until for n in self.stopped]
+            upcoming = [soonest, etcd.next_expiry]
+            upcoming += [n.stopped_until for n in stopped]
             upcoming.append(next_fault if next_fault < self.fault_until else self.end)
             if self.close_at is not None and not closed:
                 upcoming.append(self.close_at)

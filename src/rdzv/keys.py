@@ -34,6 +34,9 @@ import hashlib
 from rdzv.txn import prefix_end
 
 _ROUND_DIGITS = 12
+#: Round prefixes a ``RunKeys`` keeps formatted (the core asks for the current
+#: round's keys on every step); past that many it starts over.
+_ROUNDS_CACHED = 64
 DEFAULT_PREFIX = "/rdzv"
 
 
@@ -94,10 +97,16 @@ class RunKeys:
         self.data_lease = _lease_id(self.run + b"\0data")
         #: lease of the state record of an open run
         self.state_lease = _lease_id(self.run + b"\0state")
+        self._rounds: dict[int, bytes] = {}
 
     def round(self, r: int) -> bytes:
         """Prefix of every key of round ``r``."""
-        return self.run + b"rounds/%0*d/" % (_ROUND_DIGITS, r)
+        prefix = self._rounds.get(r)
+        if prefix is None:
+            if len(self._rounds) >= _ROUNDS_CACHED:
+                self._rounds.clear()
+            prefix = self._rounds[r] = self.run + b"rounds/%0*d/" % (_ROUND_DIGITS, r)
+        return prefix
 
     def rounds_between(self, first: int, end: int) -> tuple[bytes, bytes]:
         """Key range ``[start, end)`` that holds every key of the rounds
