@@ -220,7 +220,7 @@ _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
 
-def _canonical_int(bytes text):
+cdef object _canonical_int(bytes text):
     """The integer ``text`` spells in canonical ASCII decimal, or None."""
     if not text or len(text) > 20:
         return None
@@ -231,7 +231,7 @@ def _canonical_int(bytes text):
     return None if text == b"-0" else value
 
 
-def _parse_int(bytes text, bytes key, bytes field, low, high):
+cdef object _parse_int(bytes text, bytes key, bytes field, object low, object high):
     """A field of the state record as a bounded int, or ``RendezvousStateError``."""
     value = _canonical_int(text)
     if value is None:
@@ -1629,7 +1629,9 @@ cdef class Node:
         if value is None:
             self.state = None
             self.state_mod = 0
-        else:
+        elif mod_revision != self.state_mod or self.state is None:
+            # (else it is the record already held, as its own write's echo: one
+            # revision of a key has one value)
             self.state = decode_state(value, self.keys.state)
             self.state_mod = mod_revision
         if self.freezer and (self.state is None or self.state.round != self.freeze_round
