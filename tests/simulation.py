@@ -497,7 +497,7 @@ class SimNode:
             if not is_put and key.startswith(members) and key[len(members):].decode() in self.world:
                 break
             if key == keys.state and is_put:
-                record = self.sim.state_record(value)
+                record = core.decode_state(value, key)
                 if record.status == Status.CLOSED or record.round > r + 1:
                     break
         else:
@@ -692,8 +692,6 @@ class Simulation:
         self.steps = 0
         self.faults: dict[str, int] = {}
         self._names = itertools.count()
-        self._state_value: bytes | None = None
-        self._state_record: Any = None
 
     # bookkeeping
     def trace(self, text: str) -> None:
@@ -701,14 +699,6 @@ class Simulation:
         self.log.append(line)
         if self.verbose:
             print(line)
-
-    def state_record(self, value: bytes):
-        """The state record ``value`` decodes to (the checker and every training
-        node read each one written: it is decoded once)."""
-        if value != self._state_value:
-            self._state_record = core.decode_state(value, self.keys.state)
-            self._state_value = value
-        return self._state_record
 
     def failure(self, what: str) -> SimulationFailure:
         tail = "\n".join(self.log)
@@ -779,7 +769,7 @@ class Simulation:
                     raise self.failure(f"the state record changed after the close: {value!r}")
                 if not is_put:
                     raise self.failure("the state record was deleted")
-                record = self.state_record(value)
+                record = core.decode_state(value, key)
                 if record.status == Status.CLOSED:
                     self.closed_at_revision = revision
                 elif record.status == Status.FINAL:

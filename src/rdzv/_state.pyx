@@ -249,6 +249,11 @@ cdef object _parse_int(bytes text, bytes key, bytes field, object low, object hi
 
 _STATE_FIELDS = (b"round", b"status", b"min", b"max", b"cutoff", b"world", b"last_final")
 
+# The bytes and the record of the last state record decoded: a node's watch,
+# its reads and its view see each record more than once, and the nodes of one
+# process (a simulation's) the same ones. A record is immutable once built.
+cdef tuple _last_state = (None, None)
+
 
 def decode_state(data, key=b"state"):
     """Parse a state record; raise ``RendezvousStateError`` naming ``key`` if bad.
@@ -257,8 +262,12 @@ def decode_state(data, key=b"state"):
         data: the bytes stored at the state key.
         key: the key they came from, for the error message.
     """
+    global _last_state
     if not isinstance(data, bytes):
         raise TypeError("state record must be bytes")
+    cdef tuple last = _last_state
+    if data == last[0]:
+        return last[1]
     cdef bytes k = key if isinstance(key, bytes) else str(key).encode()
     name = k.decode(errors="replace")
     parts = data.split(b" ")
@@ -310,6 +319,7 @@ def decode_state(data, key=b"state"):
         raise RendezvousStateError(
             f"state record at {name!r} has last_final={s.last_final} >= round={s.round}"
         )
+    _last_state = (data, s)
     return s
 
 
