@@ -561,11 +561,11 @@ class SimNode:
         # (the loop ended on watches in sync with what the node machine asks for)
         if self.until <= sim.now:
             # The handler drains its inbox with a timeout <= 0 and calls
-            # advance() again at once: once is a step, five times is a spin.
+            # next_action() again at once: once is a step, five times is a spin.
             self.spins += 1
             if self.spins >= 5:
                 raise sim.failure(
-                    f"{self.name}: advance() asked five times in a row to wait until a "
+                    f"{self.name}: next_action() asked five times in a row to wait until a "
                     f"time that has passed (t={self.until:.4f}, phase {node.phase}): "
                     "the driver would spin")
         else:
