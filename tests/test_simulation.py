@@ -34,9 +34,9 @@ def _sweep(first: int, count: int) -> tuple[list[str], int, int]:
 @pytest.mark.timeout(600)
 def test_seeded_runs_keep_every_guarantee():
     workers = max(1, min(4, os.cpu_count() or 1))
-    # Chunks of at most 250 seeds: a worker that other processes slow down (or
+    # Chunks of at most 50 seeds: a worker that other processes slow down (or
     # that draws the longer runs) takes fewer of them, and the others finish the rest.
-    chunk = min(250, -(-SEEDS // workers))
+    chunk = min(50, -(-SEEDS // workers))
     # Spawned, not forked: this process may hold gRPC threads of other tests.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_sweep, range(0, SEEDS, chunk),
