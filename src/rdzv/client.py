@@ -371,6 +371,15 @@ class EtcdClient:
         other.retry = retry
         return other
 
+    @property
+    def one_connection(self) -> bool:
+        """True if every stream of this client shares one connection: one etcd
+        endpoint given as an address (a name may resolve to several members,
+        between which gRPC balances)."""
+        endpoints = self.config.endpoints
+        return len(endpoints) == 1 and (
+            _is_ipv4(endpoints[0][0]) or ":" in endpoints[0][0])
+
     def _target(self) -> tuple[str, int]:
         endpoints = self.config.endpoints
         if len(endpoints) == 1:

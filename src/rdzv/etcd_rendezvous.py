@@ -7,7 +7,6 @@ and the deadlines, and turns a completed round into a ``RendezvousInfo``.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import random
@@ -69,15 +68,6 @@ BACKEND_NAMES = ("etcd3", "etcd-v3", "etcd")
 # waits for the view's read (one attempt's deadline); past it, it answers from
 # the view.
 _FIRST_READ_WAIT = 2.0
-
-
-def _is_address(host: str) -> bool:
-    """True if ``host`` is an IP address, not a name (which may resolve to several)."""
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 class EtcdRendezvousHandler(RendezvousHandler):
@@ -173,9 +163,6 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._view_outage: float | None = None
         self._view_retry_at = 0.0
         self._view_last_call = 0.0
-        # One etcd address: every stream of the client shares one connection.
-        endpoints = client.config.endpoints
-        self._one_connection = len(endpoints) == 1 and _is_address(endpoints[0][0])
         self._session = self._open_session()
         try:
             self._node = self._new_node()
@@ -644,7 +631,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         """
         if self._view_watch is None or self._view_rewatch:
             return
-        if not self._one_connection and self._lease_ttl < DEAD_CONNECTION_WITHIN:
+        if not self._client.one_connection and self._lease_ttl < DEAD_CONNECTION_WITHIN:
             return
         since, last = self._session.answered_span
         if since <= view.verified_at:
