@@ -1,8 +1,11 @@
 """The client's retry policy and its shared connection: a client under another
-policy stays one client for closing, and a bounded policy gives up at its horizon."""
+policy stays one client for closing, a bounded policy gives up at its horizon,
+and a keep-alive stream with nothing to answer is left open."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 import uuid
 
@@ -54,5 +57,35 @@ def test_a_bounded_client_gives_up_at_its_horizon() -> None:
         with pytest.raises(RendezvousConnectionError, match="cannot reach etcd"):
             quick.get(b"/k")
         assert time.monotonic() - start < 3
+    finally:
+        client.close()
+
+
+def test_an_idle_keep_alive_stream_is_not_taken_for_a_hung_one(
+    etcd_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A configuration of its own: this test's connection and keep-alive stream.
+    client = EtcdClient(_config(f"{etcd_endpoint},{etcd_endpoint}"))
+    answered: list[threading.Event] = []
+
+    def keep(ttl: int) -> int:
+        lease_id = client.lease_grant(ttl)
+        event = threading.Event()
+        answered.append(event)
+        client.keep_alive(lease_id, ttl, ttl, threading.Event(),
+                          lambda left: left > 0 and event.set(), lambda: None)
+        assert event.wait(10), "etcd did not answer the first keep-alive"
+        return lease_id
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="rdzv._mux"):
+            first = keep(2)
+            client.stop_keep_alive(first)
+            # The stream now has nothing to answer for longer than half the
+            # next lease's TTL: quiet, not hung.
+            time.sleep(1.5)
+            keep(2)
+        assert "answered nothing" not in caplog.text
+        assert "keep-alive stream broke" not in caplog.text
     finally:
         client.close()

@@ -35,6 +35,8 @@ class _WatchNeverConfirmed(EtcdClient):
         return self.granted
 
     def watch(self, *args: Any, **kwargs: Any) -> Any:
+        # The node does not hear of it: no keep-alive answer says the lease is gone.
+        self.stop_keep_alive(self.granted)
         self.lease_revoke(self.granted)
         raise RendezvousConnectionError(
             "cannot reach etcd (watch): etcd did not confirm the watch within 30 s"

@@ -338,7 +338,11 @@ class KeepAliveHub:
         self._closed = False
         self._call: Any = None
         self._requests: queue.Queue | None = None
+        # Since when the stream owes an answer: its last answer, or the first
+        # keep-alive sent after it had answered them all (an idle stream is
+        # not a hung one); and how many answers it owes.
         self._stream_answered = 0.0
+        self._unanswered = 0
         self._stream_lock = threading.Lock()
         self._stream_metadata: Any = None
         self._thread: threading.Thread | None = None
@@ -408,9 +412,10 @@ class KeepAliveHub:
                         continue
                     due.append(lease)
                     heapq.heappush(self._heap, (now + lease.interval, next(self._order), lease))
-                # Half a TTL leaves time to reopen the stream (on another member,
-                # round robin) before the lease is lost.
-                stalled = (self._call is not None and due
+                # A stream that owes answers for half a TTL is replaced: that
+                # leaves time to reopen it (on another member, round robin)
+                # before the lease is lost.
+                stalled = (self._call is not None and due and self._unanswered > 0
                            and now - self._stream_answered > min(x.ttl for x in due) / 2)
             for lease in silent:
                 lease.silent()
@@ -428,7 +433,7 @@ class KeepAliveHub:
         with fork_gate, self._stream_lock:
             if self._call is None:
                 requests: queue.Queue = queue.Queue()
-                self._stream_answered = time.monotonic()
+                self._unanswered = 0
                 try:
                     call = self._stub.LeaseKeepAlive(_drain_queue(requests), metadata=metadata)
                 except ValueError:  # the channel is closed
@@ -439,13 +444,19 @@ class KeepAliveHub:
                                                 name="rdzv-keepalive-answers", daemon=True)
                 self._reader.start()
             assert self._requests is not None
+            if self._unanswered == 0:
+                self._stream_answered = time.monotonic()
+            self._unanswered += len(lease_ids)
             for lease_id in lease_ids:
                 self._requests.put(self._rpc.LeaseKeepAliveRequest(ID=lease_id))
 
     def _read(self, call: Any) -> None:
         try:
             for response in call:
-                self._stream_answered = time.monotonic()
+                with self._stream_lock:
+                    if call is self._call:
+                        self._stream_answered = time.monotonic()
+                        self._unanswered = max(0, self._unanswered - 1)
                 lease = self._leases.get(response.ID)
                 if lease is None or lease.stop.is_set():
                     continue
