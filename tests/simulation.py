@@ -198,20 +198,37 @@ class SimEtcd:
 
     # transactions
     def txn(self, compares, success, failure) -> tuple[bool, int, list[Any]]:
-        holds = self._holds
-        ok = True
-        for compare in compares:
-            if not holds(compare):
-                ok = False
-                break
-        ops = success if ok else failure
-        leases = self.leases
-        for op in ops:
-            if op[0] == "put" and op[3] and op[3] not in leases:
-                raise LeaseLostError("etcdserver: requested lease not found")
-        results: list[Any] = []
+        # As etcd does: every compare, nested ones included, is decided on what
+        # the keys held before any write, and only then do the writes apply.
+        ok, ops, inner = self._path(compares, success, failure)
+        if any(op[0] == "put" and op[3] and op[3] not in self.leases for op in inner):
+            raise LeaseLostError("etcdserver: requested lease not found")
         events: list[tuple[bool, bytes, bytes]] = []
-        revision = self.revision + 1  # nothing below can fail: the writes apply in place
+        results = self._apply(ops, self.revision + 1, events)
+        if events:
+            self._commit(events, applied=True)
+        return ok, self.revision, results
+
+    def _path(self, compares, success, failure):
+        """``(succeeded, branch, every operation the branch runs, nested ones
+        included)``, decided now; a nested transaction's op is replaced by
+        ``("txn", succeeded, branch)``."""
+        ok = all(self._holds(compare) for compare in compares)
+        ops = []
+        flat = []
+        for op in success if ok else failure:
+            if op[0] == "txn":
+                inner_ok, inner_ops, inner_flat = self._path(op[1], op[2], op[3])
+                ops.append(("txn", inner_ok, inner_ops))
+                flat.extend(inner_flat)
+            else:
+                ops.append(op)
+                flat.append(op)
+        return ok, ops, flat
+
+    def _apply(self, ops, revision: int, events: list) -> list[Any]:
+        """Run a decided branch's operations at ``revision``; nothing here can fail."""
+        results: list[Any] = []
         for op in ops:
             kind = op[0]
             if kind == "get":
@@ -239,11 +256,11 @@ class SimEtcd:
                     self._delete(k)
                     events.append((False, k, b""))
                 results.append(len(doomed))
+            elif kind == "txn":
+                results.append((op[1], self._apply(op[2], revision, events)))
             else:
                 raise ValueError(f"unknown operation {kind!r}")
-        if events:
-            self._commit(events, applied=True)
-        return ok, self.revision, results
+        return results
 
     def _holds(self, compare) -> bool:
         kind, key, expected = compare

@@ -89,3 +89,29 @@ def test_an_idle_keep_alive_stream_is_not_taken_for_a_hung_one(
         assert "keep-alive stream broke" not in caplog.text
     finally:
         client.close()
+
+
+def test_a_nested_transaction_decides_on_what_etcd_held_before_it(etcd_endpoint: str) -> None:
+    # The first of two identical transactions takes the key; the second finds it
+    # taken and reads who holds it. Both put their own key.
+    client = EtcdClient(_config(etcd_endpoint))
+    prefix = f"/rdzv-test/{uuid.uuid4()}/".encode()
+    counter = prefix + b"counter"
+
+    def join(name: bytes) -> tuple[bool, list]:
+        ok, _revision, results = client.txn([], [
+            ("put", prefix + b"m/" + name, b"", 0),
+            ("txn", [("create", counter, 0)], [("put", counter, name, 0),
+                                              ("count", prefix + b"m/")], [("get", counter)]),
+        ])
+        assert ok
+        return results[1]
+
+    try:
+        assert join(b"a") == (True, [None, 1])
+        took, (held,) = join(b"b")
+        assert not took and held[0] == b"a"
+        assert client.count(prefix + b"m/") == 2
+    finally:
+        client.delete(prefix, prefix=True)
+        client.close()

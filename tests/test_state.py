@@ -240,8 +240,11 @@ def test_a_lone_node_is_driven_by_its_actions_without_a_server():
     join = node.next_action(0.0)
     assert [spec.tag for spec in node.watches] == ["state"]
     assert join.success[0] == ("put", keys.members(0) + b"a", me, 7)
-    node.feed((True, 2, [None, 1]))
+    # The first joiner takes the counter key and counts the members (itself).
+    assert join.success[1][0] == "txn" and join.success[1][2][0][1] == keys.counter(0)
+    node.feed((True, 2, [None, (True, [None, 1])]))
     opening = node.next_action(0.0)
+    assert node.counter
     assert opening.compares == [("mod", keys.state, 0)]
     node.feed((True, 3, [None]))
     freeze_read = node.next_action(0.0)

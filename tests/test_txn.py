@@ -111,3 +111,23 @@ def test_only_transactions_without_writes_are_read_only() -> None:
     assert is_read_only([("get", b"k"), ("count", b"p")], [("range", b"p", 1), ("list", b"p", 1)])
     assert not is_read_only([("get", b"k")], [("put", b"k", b"v", 0)])
     assert not is_read_only([("delete", b"k")], [])
+    # A transaction inside one writes if either of its branches does.
+    assert is_read_only([("txn", [], [("get", b"k")], [("count", b"p")])], [])
+    assert not is_read_only([("txn", [], [("get", b"k")], [("put", b"k", b"v", 0)])], [])
+
+
+def test_a_nested_transaction_is_sent_and_read_back_as_one() -> None:
+    op = ("txn", [("create", b"/c", 0)], [("put", b"/c", b"me", 7), ("count", b"/m/")],
+          [("get", b"/c")])
+    sent = request_op(rpc, op).request_txn
+    assert sent.compare[0].key == b"/c" and sent.compare[0].create_revision == 0
+    assert sent.success[0].request_put.lease == 7
+    assert sent.success[1].request_range.count_only
+    assert sent.failure[0].request_range.key == b"/c"
+    took = rpc.ResponseOp(response_txn=rpc.TxnResponse(succeeded=True, responses=[
+        rpc.ResponseOp(response_put=rpc.PutResponse()),
+        rpc.ResponseOp(response_range=rpc.RangeResponse(count=5))]))
+    assert txn_results([op], [took]) == [(True, [None, 5])]
+    held = rpc.ResponseOp(response_txn=rpc.TxnResponse(succeeded=False, responses=[
+        rpc.ResponseOp(response_range=_kvs((b"/c", b"other", 4, 4)))]))
+    assert txn_results([op], [held]) == [(False, [(b"other", 4, 4)])]

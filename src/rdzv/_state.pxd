@@ -142,6 +142,12 @@ cdef class Node:
     cdef bint awaiting                      # a request is out
     cdef double wall_offset                 # wall clock minus the driver's clock
     cdef readonly bint freeze_pending
+    cdef readonly bint counter              # this node counts the members of joined_round
+    cdef readonly double poll_at            # when the counter counts them next
+    cdef double poll_delay
+    cdef long long last_count
+    cdef bint last_call_armed               # the counter armed the last call (wake_at)
+    cdef bint announce_due                  # ... and has yet to publish its deadline
     cdef readonly bint freezer
     cdef readonly set confirmed
     cdef set world_ids                      # the freezer's world, for its watch's events
@@ -158,6 +164,9 @@ cdef class Node:
     cdef int _joined(self, long long round, long long revision, long long count,
                      int min_nodes, int max_nodes, double now) except -1
     cdef int _stop_freezing(self) except -1
+    cdef bint _counting(self)
+    cdef int _counted(self, long long count, int min_nodes, int max_nodes,
+                      double now) except -1
 
 
 cdef class RunView:

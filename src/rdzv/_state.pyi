@@ -176,6 +176,8 @@ class Node:
     check_at: float
     state_watch_start: int
     freeze_pending: bool
+    counter: bool
+    poll_at: float
     freezer: bool
     confirmed: set[str]
     check_liveness: bool

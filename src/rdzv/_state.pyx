@@ -12,9 +12,14 @@ a node joins round r with one transaction that succeeds only while the record is
 unchanged, puts its member key (on its lease) and counts the members; etcd's
 revision order is the join order. So N joins cost N writes and no CAS retries.
 
-The node whose join brings the count to ``max_nodes`` freezes the round; a node
-whose join brings it to ``min_nodes`` or beyond arms the last-call timer and
-freezes when it fires (the CAS makes racing freezers safe). The freezer computes
+A join counts nothing (etcd counts a range by walking it: a count in every
+join would cost a round O(N^2) in etcd's serial apply loop). The first joiner
+of a round takes its counter key in the same transaction and counts the
+members now and then, more often while they change (``_POLL_MIN``). When the
+count reaches ``max_nodes`` it freezes the round; when it reaches ``min_nodes``
+it arms the last-call timer and freezes when it fires (the CAS makes racing
+freezers safe). The key lives on the counter's lease: if the counter dies or
+gives up, a joiner that finds the key gone takes it over. The freezer computes
 the rank assignment here, publishes it with the frozen record in one
 transaction, and watches the round's keys: each world member confirms it is
 alive with one put; when all have, the freezer marks the round final. A world
@@ -105,6 +110,16 @@ _MOVE_NAMES = ("begin", "join", "confirm", "surplus", "register", "complete", "l
 # CAS returns the newer record, so a loss means progress by someone else; this
 # only stops a pathological livelock.
 _MAX_CAS_ATTEMPTS = 1000
+
+# How often the node counting a joinable round's members counts them again:
+# at least every _POLL_MIN seconds, and no more often than _POLL_PER_MEMBER
+# seconds per member counted, so that etcd (which walks its index, about 0.1
+# us per key) spends at most a few percent of its time on it at any size. A
+# count that did not change doubles the delay, up to _POLL_MAX (or the
+# per-member bound, if longer): a round that waits for nodes costs little.
+cdef double _POLL_MIN = 0.005
+cdef double _POLL_PER_MEMBER = 2e-6
+cdef double _POLL_MAX = 0.25
 
 
 class TransitionError(RendezvousError):
@@ -1535,7 +1550,14 @@ cdef class Node:
     @property
     def next_wake(self):
         """The earliest time at which the node has something to do unprompted."""
-        return min(self.wake_at, self.open_at, self.retry_at, self.check_at)
+        return min(self.wake_at, self.open_at, self.retry_at, self.check_at,
+                   self.poll_at if self._counting() else INFINITY)
+
+    cdef bint _counting(self):
+        """Whether this node counts the members of the open round it joined."""
+        cdef StateRecord s = self.state
+        return (self.counter and self.phase == JOINED and s is not None
+                and s.status == JOINABLE and s.round == self.joined_round)
 
     @property
     def watches(self):
@@ -1608,6 +1630,8 @@ cdef class Node:
         self.retry_at = INFINITY
         self.check_at = INFINITY
         self.freeze_pending = False
+        self.counter = False
+        self.poll_at = INFINITY
         self.check_liveness = False
         self.watch_revision = 0
         self._start(self._rendezvous())
@@ -1797,6 +1821,10 @@ cdef class Node:
                     # the state record's: count the world once.
                     self.check_liveness = True
                 yield from self._check_state_watch()
+                if (self.phase == JOINED and not self.counter and self.state is not None
+                        and self.state.status == JOINABLE
+                        and self.state.round == self.joined_round):
+                    yield from self._check_counter()
             if self.round_snapshot_due:
                 # The freezer's round watch started: what the members did since
                 # the freeze, read once (with the watch's events, in either
@@ -1890,6 +1918,10 @@ cdef class Node:
         if s.status == JOINABLE:
             if self.phase == JOINED and self.joined_round == s.round:
                 self.open_at = INFINITY
+                if self._counting() and now >= self.poll_at:
+                    yield from self._count_members(s, now)
+                    if self.state is not s:
+                        return _AGAIN
                 if self.freeze_pending or now >= self.wake_at:
                     self.freeze_pending = False
                     self.wake_at = INFINITY
@@ -1977,20 +2009,31 @@ cdef class Node:
         return 0
 
     def _join_txn(self, long long round):
-        """Put this node's member key of ``round`` and count the members.
+        """Put this node's member key of ``round``; the first joiner also takes
+        the round's counter key and counts the members.
 
         The transaction succeeds while ``round`` has no world record, that is
         until it is frozen; it does not depend on the state record, so joins
-        never conflict with each other nor with the round being opened. On
-        failure the newer state record is observed and None returned, unless
-        this node's member key is there with this call's descriptor: then an
-        earlier attempt committed and only its answer was lost (the client
-        retries after a timeout), and the node is a member all the same. It
-        reports a count of 0, as the round is frozen and no longer its to freeze.
+        never conflict with each other nor with the round being opened. It
+        counts nothing for the other joiners: etcd counts a range by walking
+        it, and a count in every join would cost the round O(N^2).
+
+        Returns ``(revision, count)``: ``count`` > 0 if this node holds the
+        counter key (the members it counted; 1 if an earlier attempt took the
+        key and only its answer was lost), 0 if another node does, -1 if the
+        round was frozen but this node's member key is there with this call's
+        descriptor (an earlier attempt committed and only its answer was lost:
+        the node is a member all the same). None if the round froze before it
+        joined; the newer state record is observed.
         """
         cdef bytes members = self.keys.members(round)
-        cdef bytes own = members + self.node_id.encode()
-        success = [("put", own, self.descriptor, self.lease), ("count", members)]
+        cdef bytes me = self.node_id.encode()
+        cdef bytes own = members + me
+        cdef bytes counter = self.keys.counter(round)
+        success = [("put", own, self.descriptor, self.lease),
+                   ("txn", [("create", counter, 0)],
+                    [("put", counter, me, self.lease), ("count", members)],
+                    [("get", counter)])]
         for key in self.stale_keys:
             success.append(("delete", key))
         ok, revision, results = yield _txn(
@@ -2001,9 +2044,13 @@ cdef class Node:
             self.observe_state(None if got is None else got[0], 0 if got is None else got[1])
             mine = results[1]
             if mine is not None and mine[0] == self.descriptor:
-                return mine[1], 0
+                return mine[1], -1
             return None
-        return revision, results[1]
+        took, counted = results[1]
+        if took:
+            return revision, counted[1]
+        holder = counted[0]
+        return revision, 1 if holder is not None and holder[0] == me else 0
 
     def _join(self, StateRecord s, double now):
         """Join the open round ``s.round``; False if it froze first."""
@@ -2011,7 +2058,7 @@ cdef class Node:
         if joined is None:
             return False
         self._joined(s.round, joined[0], joined[1], s.min_nodes, s.max_nodes, now)
-        yield from self._announce_last_call(s.round, joined[1], s.min_nodes, s.max_nodes, now)
+        yield from self._announce_last_call(s.round)
         if self.freeze_pending:
             self.freeze_pending = False
             yield from self._freeze(s, now)
@@ -2019,29 +2066,86 @@ cdef class Node:
 
     cdef int _joined(self, long long round, long long revision, long long count,
                      int min_nodes, int max_nodes, double now) except -1:
-        """Record a join of ``round`` that made the member count ``count``."""
+        """Record a join of ``round``; ``count`` as ``_join_txn`` returns it."""
         self.stale_keys = [self.keys.members(round) + self.node_id.encode()]
         self._move(JOIN)
         self.joined_round = round
         self.join_revision = revision
         self.waiting_round = -1
+        self.counter = count > 0
+        self.poll_at = INFINITY
+        self.announce_due = False
+        if self.counter:
+            self.stale_keys.append(self.keys.counter(round))
+            self.last_call_armed = False
+            self.last_count = 0
+            self._counted(count, min_nodes, max_nodes, now)
+        return 0
+
+    cdef int _counted(self, long long count, int min_nodes, int max_nodes,
+                      double now) except -1:
+        """As the counter: act on a count of the members, and time the next one."""
+        cdef double floor = count * _POLL_PER_MEMBER
+        if count != self.last_count:
+            self.poll_delay = max(_POLL_MIN, floor)
+        else:
+            self.poll_delay = min(self.poll_delay * 2, max(_POLL_MAX, floor))
+        self.last_count = count
+        self.poll_at = now + self.poll_delay
         if count >= max_nodes:
             self.freeze_pending = True
-        elif count >= min_nodes:
+        elif count >= min_nodes and not self.last_call_armed:
+            self.last_call_armed = True
+            self.announce_due = True
             self.wake_at = now + self.last_call_timeout
         return 0
 
-    def _announce_last_call(self, long long round, long long count, int min_nodes,
-                            int max_nodes, double now):
+    def _count_members(self, StateRecord s, double now):
+        """As the counter: count the members of the open round ``s.round``."""
+        _ok, _revision, (count,) = yield _txn([], [("count", self.keys.members(s.round))], [])
+        self._counted(count, s.min_nodes, s.max_nodes, now)
+        yield from self._announce_last_call(s.round)
+        return 0
+
+    def _check_counter(self):
+        """Take over counting the open round this node joined if its counter
+        left: the counter key went with its node's lease or its withdrawal.
+
+        Checked every ``liveness_interval`` while the node waits in the round;
+        the key is read first, so that a live counter costs one read.
+        """
+        cdef long long r = self.joined_round
+        cdef bytes counter = self.keys.counter(r)
+        got = yield _get(counter)
+        if got is not None:
+            return 0
+        ok, _revision, results = yield _txn(
+            [("create", counter, 0), ("create", self.keys.world(r), 0)],
+            [("put", counter, self.node_id.encode(), self.lease),
+             ("count", self.keys.members(r))], [])
+        if not ok:
+            return 0
+        logger.info("run %r round %d: its counter left; node %s counts its members",
+                    self.keys.run_id, r, self.node_id)
+        self.counter = True
+        self.stale_keys.append(counter)
+        self.last_call_armed = False
+        self.last_count = 0
+        self._counted(results[1], self.state.min_nodes, self.state.max_nodes, self.now)
+        yield from self._announce_last_call(r)
+        return 0
+
+    def _announce_last_call(self, long long round):
         """Publish when round ``round``'s last call ends, for ``rdzv status``.
 
-        Only the join that brought the count to exactly ``min_nodes`` (below
-        ``max_nodes``) does it: its timer is the first armed, so its deadline is
-        the round's. One put, on this node's lease, and only while the round has
-        no world record; the value is the wall-clock deadline in seconds.
+        The counter does it when its count first reaches ``min_nodes`` (below
+        ``max_nodes``) and arms the round's last call. One put, on this
+        node's lease, and only while the round has no world record; the value
+        is the wall-clock deadline in seconds.
         """
-        if count != min_nodes or count >= max_nodes:
+        if not self.announce_due:
             return 0
+        self.announce_due = False
         deadline = self.wall_offset + self.wake_at
         yield _txn([("create", self.keys.world(round), 0)],
                    [("put", self.keys.last_call(round), b"%.3f" % deadline, self.lease)], [])
@@ -2052,8 +2156,8 @@ cdef class Node:
 
         Every member of a final round asks for the next one at about the same
         time. Rather than all racing to open it (one lost CAS each), they join
-        it while the record still says final, and only the first of them (member
-        count 1) opens it. The others wait for the record to change; if the
+        it while the record still says final, and only the first of them (the
+        one that took the counter key) opens it. The others wait for the record to change; if the
         opener dies first, the next one to wake opens it after
         ``liveness_interval``.
         """
@@ -2074,12 +2178,10 @@ cdef class Node:
         self._joined(target, joined[0], joined[1],
                      self.min_nodes if s is None else s.min_nodes,
                      self.max_nodes if s is None else s.max_nodes, now)
-        yield from self._announce_last_call(target, joined[1],
-                                            self.min_nodes if s is None else s.min_nodes,
-                                            self.max_nodes if s is None else s.max_nodes, now)
-        if joined[1] == 0:
+        yield from self._announce_last_call(target)
+        if joined[1] < 0:
             return True  # a lost answer: the round is frozen already
-        if joined[1] == 1:
+        if self.counter:
             self.open_at = INFINITY
             yield from self._cas(OPEN, s)
             return True
@@ -2110,7 +2212,9 @@ cdef class Node:
             return False
         listed = [(key[len(members):].decode(), value) for key, value, _ in results[0]]
         if len(listed) < s.min_nodes:
-            # Members died since the count reached min: wait for more joins.
+            # Members died since the count reached min: wait for more joins,
+            # and arm the last call again when the count is back at min.
+            self.last_call_armed = False
             return False
         previous = []
         if len(results) > 1 and results[1] is not None:

@@ -129,6 +129,10 @@ class RunKeys:
         """Key of round ``r``'s world header (size, cutoff, rank 0's address)."""
         return self.round(r) + b"world"
 
+    def counter(self, r: int) -> bytes:
+        """Key held by the node that counts round ``r``'s members (its node id)."""
+        return self.round(r) + b"counter"
+
     def last_call(self, r: int) -> bytes:
         """Key of the wall-clock time round ``r``'s last call ends (``rdzv status``)."""
         return self.round(r) + b"last_call"

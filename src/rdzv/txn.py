@@ -19,7 +19,11 @@ operations
     many keys are under ``prefix`` and the first ``limit`` of them, in one read;
     ``("put", key, value, lease)`` -> ``None``;
     ``("delete", key[, range_end])`` -> number of keys deleted (with
-    ``range_end``: every key in ``[key, range_end)``).
+    ``range_end``: every key in ``[key, range_end)``);
+    ``("txn", compares, success, failure)`` -> ``(succeeded, results)``: a
+    transaction inside the transaction. etcd decides its compares on what the
+    keys held before the outer transaction's writes, and runs its branch in
+    place, at the same revision.
 
 ``rpc`` below is etcd3's generated protobuf module (``etcd3.etcdrpc``).
 """
@@ -58,7 +62,10 @@ def prefix_end(prefix: bytes) -> bytes:
 
 def is_read_only(success: Sequence[Sequence[Any]], failure: Sequence[Sequence[Any]]) -> bool:
     """Whether neither branch of a transaction writes."""
-    return all(op[0] in READ_OPS for op in (*success, *failure))
+    return all(
+        op[0] in READ_OPS or (op[0] == "txn" and is_read_only(op[2], op[3]))
+        for op in (*success, *failure)
+    )
 
 
 def txn_request(
@@ -123,6 +130,8 @@ def request_op(rpc: Any, op: Sequence[Any]) -> Any:
         if len(op) > 2:
             request.range_end = op[2]
         return rpc.RequestOp(request_delete_range=request)
+    if kind == "txn":
+        return rpc.RequestOp(request_txn=txn_request(rpc, op[1], op[2], op[3]))
     raise ValueError(f"unknown transaction operation {kind!r}")
 
 
@@ -159,6 +168,10 @@ def txn_results(ops: Sequence[Sequence[Any]], responses: Sequence[Any]) -> list[
             results.append(item.response_delete_range.deleted)
         elif kind == "put":
             results.append(None)
+        elif kind == "txn":
+            inner = item.response_txn
+            branch = op[2] if inner.succeeded else op[3]
+            results.append((inner.succeeded, txn_results(branch, inner.responses)))
         else:
             results.append(range_result(kind, item.response_range))
     return results
