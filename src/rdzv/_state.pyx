@@ -2119,12 +2119,17 @@ cdef class Node:
         got = yield _get(counter)
         if got is not None:
             return 0
+        cdef bytes me = self.node_id.encode()
         ok, _revision, results = yield _txn(
             [("create", counter, 0), ("create", self.keys.world(r), 0)],
-            [("put", counter, self.node_id.encode(), self.lease),
-             ("count", self.keys.members(r))], [])
+            [("put", counter, me, self.lease), ("count", self.keys.members(r))],
+            [("get", counter)])
         if not ok:
-            return 0
+            held = results[0]
+            if held is None or held[0] != me:
+                return 0
+            # An earlier attempt took the key and only its answer was lost.
+            results = [None, 1]
         logger.info("run %r round %d: its counter left; node %s counts its members",
                     self.keys.run_id, r, self.node_id)
         self.counter = True
