@@ -480,6 +480,8 @@ class SimNode:
                 node.observe_round_events(delivery.item[1])
             elif tag == "waiting":
                 node.observe_member_deleted()
+            elif tag == "counter":
+                node.observe_counter_deleted()
 
     # calls
     @property

@@ -148,6 +148,8 @@ cdef class Node:
     cdef long long last_count
     cdef bint last_call_armed               # the counter armed the last call (wake_at)
     cdef bint announce_due                  # ... and has yet to publish its deadline
+    cdef readonly double counter_watch_at   # when a joiner starts watching the counter key
+    cdef bint counter_gone                  # that watch saw the key deleted
     cdef readonly bint freezer
     cdef readonly set confirmed
     cdef set world_ids                      # the freezer's world, for its watch's events

@@ -120,6 +120,11 @@ _MAX_CAS_ATTEMPTS = 1000
 cdef double _POLL_MIN = 0.005
 cdef double _POLL_PER_MEMBER = 2e-6
 cdef double _POLL_MAX = 0.25
+# A joiner that waits this long in a round it does not count watches the
+# counter key: if the counter dies (or gives up), its key goes with its lease
+# and the joiner takes the count over at once. Rounds that freeze sooner
+# never set these watches up.
+cdef double _COUNTER_WATCH_AFTER = 1.0
 
 
 class TransitionError(RendezvousError):
@@ -1551,7 +1556,9 @@ cdef class Node:
     def next_wake(self):
         """The earliest time at which the node has something to do unprompted."""
         return min(self.wake_at, self.open_at, self.retry_at, self.check_at,
-                   self.poll_at if self._counting() else INFINITY)
+                   self.poll_at if self._counting() else INFINITY,
+                   self.counter_watch_at
+                   if self.phase == JOINED and self.now < self.counter_watch_at else INFINITY)
 
     cdef bint _counting(self):
         """Whether this node counts the members of the open round it joined."""
@@ -1567,7 +1574,8 @@ cdef class Node:
         freezer's of its round (confirmations and deaths), from when it starts
         (what happened before is read once it has: see ``watch_started``); a
         late node's of the deletions among the members it waits on, from its
-        registration.
+        registration; a joiner's of the deletion of its round's counter key,
+        from its join, once it has waited ``_COUNTER_WATCH_AFTER`` seconds.
         """
         specs = []
         if self.state_watch_start > 0:
@@ -1577,6 +1585,10 @@ cdef class Node:
         if self.phase == WAITING:
             specs.append(WatchSpec("waiting", self.keys.members(self.waiting_round), True,
                                    self.watch_revision + 1, True))
+        if (self.phase == JOINED and not self.counter and self.now >= self.counter_watch_at
+                and (self.state is None or self.state.status != FROZEN)):
+            specs.append(WatchSpec("counter", self.keys.counter(self.joined_round), False,
+                                   self.join_revision + 1, True))
         return specs
 
     def watch_started(self, str tag):
@@ -1632,6 +1644,8 @@ cdef class Node:
         self.freeze_pending = False
         self.counter = False
         self.poll_at = INFINITY
+        self.counter_watch_at = INFINITY
+        self.counter_gone = False
         self.check_liveness = False
         self.watch_revision = 0
         self._start(self._rendezvous())
@@ -1722,6 +1736,10 @@ cdef class Node:
     def observe_member_deleted(self):
         """A member key of the round this late node waits on was deleted."""
         self.check_liveness = True
+
+    def observe_counter_deleted(self):
+        """The counter key of the round this node joined was deleted."""
+        self.counter_gone = True
 
     def forget_state(self):
         """Drop the cached state record so that the next step re-reads it."""
@@ -1918,6 +1936,9 @@ cdef class Node:
         if s.status == JOINABLE:
             if self.phase == JOINED and self.joined_round == s.round:
                 self.open_at = INFINITY
+                if self.counter_gone and not self.counter:
+                    self.counter_gone = False
+                    yield from self._check_counter()
                 if self._counting() and now >= self.poll_at:
                     yield from self._count_members(s, now)
                     if self.state is not s:
@@ -2075,10 +2096,12 @@ cdef class Node:
         self.counter = count > 0
         self.poll_at = INFINITY
         self.announce_due = False
+        self.counter_gone = False
+        self.counter_watch_at = INFINITY if self.counter else now + _COUNTER_WATCH_AFTER
         if self.counter:
             self.stale_keys.append(self.keys.counter(round))
             self.last_call_armed = False
-            self.last_count = 0
+            self.last_count = -1
             self._counted(count, min_nodes, max_nodes, now)
         return 0
 
@@ -2089,7 +2112,7 @@ cdef class Node:
         if count != self.last_count:
             self.poll_delay = max(_POLL_MIN, floor)
         else:
-            self.poll_delay = min(self.poll_delay * 2, max(_POLL_MAX, floor))
+            self.poll_delay = min(max(self.poll_delay * 2, _POLL_MIN), max(_POLL_MAX, floor))
         self.last_count = count
         self.poll_at = now + self.poll_delay
         if count >= max_nodes:
@@ -2133,9 +2156,10 @@ cdef class Node:
         logger.info("run %r round %d: its counter left; node %s counts its members",
                     self.keys.run_id, r, self.node_id)
         self.counter = True
+        self.counter_watch_at = INFINITY
         self.stale_keys.append(counter)
         self.last_call_armed = False
-        self.last_count = 0
+        self.last_count = -1
         self._counted(results[1], self.state.min_nodes, self.state.max_nodes, self.now)
         yield from self._announce_last_call(r)
         return 0

@@ -241,6 +241,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 node.observe_round_events(item[1])
             elif tag == "waiting":
                 node.observe_member_deleted()
+            elif tag == "counter":
+                node.observe_counter_deleted()
             elif tag == "error":
                 # A watch could not be resumed: etcd unreachable (the node raises
                 # the error), or the history it was to resume from compacted (it
