@@ -265,41 +265,45 @@ def test_join_whose_answer_was_lost_still_counts(etcd_server, run_id, handlers):
 
 # ------------------------------------------- 2b'. two freezers, one decision
 def test_second_freezer_with_the_same_decision_still_confirms(etcd_server, run_id, handlers):
-    """Two last-call timers fire on the same read: both nodes compute the same
-    frozen record, one commits it with its confirmation, the other's CAS finds
-    exactly the bytes it meant to write. The round's state is as it wanted, but
-    its confirmation is not in etcd: it must confirm like any member."""
+    """Another node froze the round on the same read, a moment earlier: this
+    freezer's CAS finds exactly the bytes it meant to write. The round's state is
+    as it wanted, but its confirmation, which its own CAS carried, is not in
+    etcd: it must confirm like any member."""
     endpoint = etcd_server.get_endpoint()
     options = {"timeout": 15, "last_call_timeout": 1}
-    handlers.append(make_handler(endpoint, run_id, 2, 4, **options))
-    second_handler, second_faults = faulty_handler(endpoint, run_id, 2, 4, **options)
-    handlers.extend([second_handler, make_handler(endpoint, run_id, 2, 4, **options)])
-    first, second, third = (ThreadNode(h) for h in handlers)
+    freezer_handler, freezer_faults = faulty_handler(endpoint, run_id, 2, 2, **options)
+    handlers.extend([freezer_handler, make_handler(endpoint, run_id, 2, 2, **options)])
+    freezer, other = (ThreadNode(h) for h in handlers)
     keys = RunKeys("/rdzv", run_id)
     client = _client(etcd_server)
     sent: list[bytes] = []
     committed: list[bytes] = []
 
-    def freeze_after_the_third(send: Any) -> Any:
-        # The third node's timer fires next, on the same read (nothing was
-        # written since): let it freeze first, then send the same decision.
-        wait_for(lambda: client.get(keys.world(0)), what="the third node froze round 0")
+    def another_freezer_first(send: Any) -> Any:
+        # The other freezer's transaction: the same decision, without this
+        # node's confirmation.
+        theirs = type(send.request)()
+        theirs.CopyFrom(send.request)
+        del theirs.success[:]
+        theirs.success.extend(op for op in send.request.success
+                              if not op.request_put.key.startswith(keys.confirmed(0)))
+        assert len(theirs.success) == len(send.request.success) - 1
+        assert client.etcd3.kvstub.Txn(theirs).succeeded
         committed.append(client.get(keys.state)[0])
         sent.extend(op.request_put.value for op in send.request.success
                     if op.request_put.key == keys.state)
         return send()
 
-    intercept_txn(second_faults, puts_key(keys.world(0)), freeze_after_the_third)
+    intercept_txn(freezer_faults, puts_key(keys.world(0)), another_freezer_first)
     try:
-        first.start()
-        wait_for(lambda: client.count(keys.members(0)) == 1, what="the first node joined")
-        second.start()
-        wait_for(lambda: client.count(keys.members(0)) == 2, what="the second node joined")
-        third.start()
-        infos = [node.join(30) for node in (first, second, third)]
+        freezer.start()  # the first joiner: it counts the members, and freezes
+        wait_for(lambda: client.count(keys.members(0)) == 1, what="the freezer joined")
+        other.start()
+        infos = [node.join(30) for node in (freezer, other)]
         assert sent == committed and sent[0].startswith(b"rdzv1 round=0 status=frozen"), (
             sent, committed)
-        assert_one_world(infos, 3)
+        assert_one_world(infos, 2)
+        assert client.get(keys.confirmed(0) + freezer.handler.node_id.encode()) is not None
     finally:
         client.close()
 
@@ -350,6 +354,17 @@ def test_round_is_final_only_when_its_world_confirmed(etcd_server, run_id, handl
                   wait_to_withdraw)
     intercept_txn(member_faults, lambda request: request.key == keys.confirmed(0),
                   liveness_check, method="Range")
+
+    def count_once_the_surplus_node_joined(send: Any) -> Any:
+        wait_for(lambda: client.count(keys.members(0)) == 3, what="the third node joined")
+        return send()
+
+    # The member joined first and counts the members: it freezes on a count
+    # that includes the surplus node.
+    intercept_txn(member_faults, lambda request: (request.key == keys.members(0)
+                                                  and request.count_only
+                                                  and not request.max_create_revision),
+                  count_once_the_surplus_node_joined, method="Range")
     try:
         member.start()
         wait_for(lambda: client.get(keys.state) and client.count(keys.members(0)) == 1,
@@ -475,16 +490,28 @@ def test_node_killed_at_each_phase(etcd_server, run_id, handlers, processes, pha
     lease_ttl + last_call_timeout (+ SLACK)."""
     endpoint = etcd_server.get_endpoint()
     client = _client(etcd_server)
-    doomed = ProcessNode(endpoint, run_id, 2, 3, **FAST)
+    # A stopped node that never confirms must be in the world: a member that
+    # does not count the round. The first joiner counts; the doomed node joins
+    # second, and the last call leaves time for the third to join.
+    last_call = 3.0 if phase == "frozen_unconfirmed" else LAST_CALL
+    options = {**FAST, "last_call_timeout": last_call}
+    doomed = ProcessNode(endpoint, run_id, 2, 3, **options)
     processes.append(doomed)
-    handlers.extend(make_handler(endpoint, run_id, 2, 3, **FAST) for _ in range(2))
+    handlers.extend(make_handler(endpoint, run_id, 2, 3, **options) for _ in range(2))
     survivors = [ThreadNode(h) for h in handlers]
     try:
         if phase == "after_completion":
             doomed.send("join")
             first = [node.start() for node in survivors]
             assert_one_world([*(node.join(30) for node in first), _Info(doomed.result())], 3)
-        elif phase in ("joined", "frozen_unconfirmed"):
+        elif phase == "frozen_unconfirmed":
+            survivors[0].start()
+            wait_for(lambda: survivors[0].handler.node_id in member_ids(client, run_id, 0),
+                     what="the first survivor joined")
+            doomed.send("join")
+            wait_for(lambda: doomed.node_id in member_ids(client, run_id, 0),
+                     what="the doomed node joined")
+        elif phase == "joined":
             doomed.send("join")
             wait_for(lambda: doomed.node_id in member_ids(client, run_id, 0),
                      what="the doomed node joined")
@@ -492,8 +519,7 @@ def test_node_killed_at_each_phase(etcd_server, run_id, handlers, processes, pha
             # Stopped, it cannot confirm: the round freezes with it in the world
             # and waits for a confirmation that never comes.
             signal_node(doomed, signal.SIGSTOP)
-            for node in survivors:
-                node.start()
+            survivors[1].start()
             keys = RunKeys("/rdzv", run_id)
             wait_for(lambda: client.count(keys.confirmed(0)) == 2, what="survivors confirmed")
             assert state_of(client, run_id).status == _state.Status.FROZEN
@@ -508,7 +534,7 @@ def test_node_killed_at_each_phase(etcd_server, run_id, handlers, processes, pha
         assert_one_world(infos, 2)
         check_worlds(client, run_id, thread_results(survivors), 2, 3,
                      dead=frozenset({doomed.node_id}))
-        assert elapsed < LEASE_TTL + LAST_CALL + SLACK, (phase, elapsed)
+        assert elapsed < LEASE_TTL + last_call + SLACK, (phase, elapsed)
     finally:
         client.close()
 
