@@ -38,8 +38,10 @@ def test_a_joinable_round_in_placement_order_with_its_last_call(
         config = {} if label is None else {"topology": label}
         handlers.append(make_handler(etcd_endpoint, run_id, 3, 4, local_addr=host, **config))
     nodes = [ThreadNode(handlers[0]).start(), ThreadNode(handlers[1]).start()]
-    status = wait_for(lambda: (s := read_run_status(client, run_id)).joined == 2 and s,
-                      what="two members")
+    wait_for(lambda: read_run_status(client, run_id).joined == 2, what="two members")
+    # Read again: a status taken while the nodes joined may have read the run's
+    # keys (first) before they existed.
+    status = read_run_status(client, run_id)
     assert (status.state, status.round, status.min_nodes, status.max_nodes) == (
         RunState.JOINABLE, 0, 3, 4)
     assert (status.world_size, status.world, status.last_call_ends) == (None, None, None)
