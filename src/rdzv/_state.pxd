@@ -169,6 +169,8 @@ cdef class Node:
     cdef bint _counting(self)
     cdef int _counted(self, long long count, int min_nodes, int max_nodes,
                       double now) except -1
+    cdef int _start_counting(self, long long round, long long count, int min_nodes,
+                             int max_nodes, double now) except -1
 
 
 cdef class RunView:

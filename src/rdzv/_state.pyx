@@ -2093,16 +2093,24 @@ cdef class Node:
         self.joined_round = round
         self.join_revision = revision
         self.waiting_round = -1
-        self.counter = count > 0
+        self.counter = False
         self.poll_at = INFINITY
         self.announce_due = False
         self.counter_gone = False
-        self.counter_watch_at = INFINITY if self.counter else now + _COUNTER_WATCH_AFTER
-        if self.counter:
-            self.stale_keys.append(self.keys.counter(round))
-            self.last_call_armed = False
-            self.last_count = -1
-            self._counted(count, min_nodes, max_nodes, now)
+        self.counter_watch_at = now + _COUNTER_WATCH_AFTER
+        if count > 0:
+            self._start_counting(round, count, min_nodes, max_nodes, now)
+        return 0
+
+    cdef int _start_counting(self, long long round, long long count, int min_nodes,
+                             int max_nodes, double now) except -1:
+        """Become the counter of ``round``, whose members number ``count``."""
+        self.counter = True
+        self.counter_watch_at = INFINITY
+        self.stale_keys.append(self.keys.counter(round))
+        self.last_call_armed = False
+        self.last_count = -1
+        self._counted(count, min_nodes, max_nodes, now)
         return 0
 
     cdef int _counted(self, long long count, int min_nodes, int max_nodes,
@@ -2155,12 +2163,8 @@ cdef class Node:
             results = [None, 1]
         logger.info("run %r round %d: its counter left; node %s counts its members",
                     self.keys.run_id, r, self.node_id)
-        self.counter = True
-        self.counter_watch_at = INFINITY
-        self.stale_keys.append(counter)
-        self.last_call_armed = False
-        self.last_count = -1
-        self._counted(results[1], self.state.min_nodes, self.state.max_nodes, self.now)
+        self._start_counting(r, results[1], self.state.min_nodes, self.state.max_nodes,
+                             self.now)
         yield from self._announce_last_call(r)
         return 0
 
@@ -2186,8 +2190,8 @@ cdef class Node:
         Every member of a final round asks for the next one at about the same
         time. Rather than all racing to open it (one lost CAS each), they join
         it while the record still says final, and only the first of them (the
-        one that took the counter key) opens it. The others wait for the record to change; if the
-        opener dies first, the next one to wake opens it after
+        one that took the counter key) opens it. The others wait for the record
+        to change; if the opener dies first, the next one to wake opens it after
         ``liveness_interval``.
         """
         cdef long long target = 0 if s is None else s.round + 1
