@@ -1,6 +1,7 @@
 """The client's retry policy and its shared connection: a client under another
 policy stays one client for closing, a bounded policy gives up at its horizon,
-and a keep-alive stream with nothing to answer is left open."""
+a keep-alive stream with nothing to answer is left open, and a closed
+connection leaves no thread behind."""
 
 from __future__ import annotations
 
@@ -89,6 +90,28 @@ def test_an_idle_keep_alive_stream_is_not_taken_for_a_hung_one(
         assert "keep-alive stream broke" not in caplog.text
     finally:
         client.close()
+
+
+def test_a_closed_connection_leaves_none_of_its_threads_running(etcd_endpoint: str) -> None:
+    # A process that exits (or forks) while a stream's thread is still on its
+    # way out may keep that thread's lock of a gRPC call held for good; gRPC's
+    # clean-up of the call at exit then waits on it forever. So close() returns
+    # only once the streams' threads, gRPC's senders among them, have ended.
+    config = _config(f"{etcd_endpoint},{etcd_endpoint}")
+    for _ in range(5):
+        before = set(threading.enumerate())
+        client = EtcdClient(config)
+        answered = threading.Event()
+        watch = client.watch(f"/rdzv-test/{uuid.uuid4()}".encode(), lambda _events: None, 0)
+        lease_id = client.lease_grant(5)
+        client.keep_alive(lease_id, 5, 1, threading.Event(),
+                          lambda ttl: ttl > 0 and answered.set(), lambda: None)
+        assert answered.wait(10), "etcd did not answer the first keep-alive"
+        assert watch.created.is_set()
+        client.lease_revoke(lease_id)
+        client.close()
+        left = sorted(t.name for t in set(threading.enumerate()) - before if t.is_alive())
+        assert left == [], f"threads still running after close(): {left}"
 
 
 def test_a_nested_transaction_decides_on_what_etcd_held_before_it(etcd_endpoint: str) -> None:

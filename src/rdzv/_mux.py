@@ -19,12 +19,13 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a closing hub waits for its threads, which end within one gRPC poll.
+#: Seconds a closing connection waits for its streams' threads, which end
+#: within one gRPC poll.
 _THREAD_EXIT_TIMEOUT = 2.0
 
 #: What a watch's callback gets: a list of ``(is_put, key, value, mod_revision)``
@@ -32,13 +33,46 @@ _THREAD_EXIT_TIMEOUT = 2.0
 WatchCallback = Callable[[Any], None]
 
 
-def _drain_queue(requests: queue.Queue) -> Iterator[Any]:
-    """A stream's request iterator: what is queued, until a None."""
-    while True:
-        item = requests.get()
-        if item is None:
-            return
-        yield item
+class _Requests:
+    """What a stream sends, in order, until ``end()``.
+
+    gRPC sends a stream's requests from a thread of its own, which takes the
+    call's lock around each one. A process that exits, or forks, while that
+    thread is still on its way out can be left with the lock held for good,
+    and gRPC's clean-up of the call then waits on it forever; ``sender`` is
+    that thread, for the stream's owner to wait for (``_join``).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self.sender: threading.Thread | None = None
+
+    def put(self, request: Any) -> None:
+        self._queue.put(request)
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def drain(self) -> Iterator[Any]:
+        """The request iterator to give gRPC (run by its sending thread)."""
+        self.sender = threading.current_thread()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            yield item
+
+
+def _join(threads: Iterable[threading.Thread | None], deadline: float) -> bool:
+    """Wait until ``threads`` ended, up to ``deadline``; whether they did.
+
+    None and the calling thread are skipped."""
+    for thread in threads:
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+    return True
 
 
 # ========================================================================= forks
@@ -136,7 +170,7 @@ class _WatchStream:
     def __init__(self, stub: Any, rpc: Any, metadata: Any) -> None:
         self._rpc = rpc
         self._lock = threading.Lock()
-        self._requests: queue.Queue = queue.Queue()
+        self._requests = _Requests()
         self._pending: deque[WatchHandle] = deque()  # creates not yet answered, in order
         self._active: dict[int, WatchHandle] = {}
         self.broken = False
@@ -144,8 +178,9 @@ class _WatchStream:
         self._retiring = False
         #: What ended the stream.
         self.error: BaseException | None = None
-        self._call = stub.Watch(_drain_queue(self._requests), metadata=metadata)
-        threading.Thread(target=self._read, name="rdzv-watches", daemon=True).start()
+        self._call = stub.Watch(self._requests.drain(), metadata=metadata)
+        self._reader = threading.Thread(target=self._read, name="rdzv-watches", daemon=True)
+        self._reader.start()
 
     def create(self, request: Any, callback: WatchCallback) -> WatchHandle:
         """Send a create request; its handle's ``created`` is set on the answer.
@@ -190,8 +225,12 @@ class _WatchStream:
     def close(self) -> None:
         with self._lock:
             self.broken = True
-        self._requests.put(None)
+        self._requests.end()
         self._call.cancel()
+
+    def join(self, deadline: float) -> bool:
+        """Wait for the closed stream's threads to end, up to ``deadline``."""
+        return _join((self._reader, self._requests.sender), deadline)
 
     def _read(self) -> None:
         try:
@@ -207,7 +246,7 @@ class _WatchStream:
             self.error = error
             pending, self._pending = list(self._pending), deque()
             active, self._active = list(self._active.values()), {}
-        self._requests.put(None)
+        self._requests.end()
         for handle in pending:
             handle.error = error
             handle.created.set()
@@ -294,11 +333,21 @@ class WatchMux:
             raise handle.error
         return handle
 
-    def close(self) -> None:
+    def close(self, deadline: float | None = None) -> bool:
+        """Close the stream (the next watch opens another); wait for its
+        threads up to ``deadline`` (``time.monotonic()``; default: a moment).
+
+        Returns:
+            Whether its threads ended in time.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + _THREAD_EXIT_TIMEOUT
         with self._lock:
             stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.close()
+        if stream is None:
+            return True
+        stream.close()
+        return stream.join(deadline)
 
 
 # =================================================================== keep-alives
@@ -337,7 +386,7 @@ class KeepAliveHub:
         self._order = itertools.count()
         self._closed = False
         self._call: Any = None
-        self._requests: queue.Queue | None = None
+        self._requests: _Requests | None = None
         # Since when the stream owes an answer: its last answer, or the first
         # keep-alive sent after it had answered them all (an idle stream is
         # not a hung one); and how many answers it owes.
@@ -373,20 +422,24 @@ class KeepAliveHub:
             self._leases.pop(lease_id, None)
             self._cond.notify_all()
 
-    def close(self) -> None:
-        """Stop keeping every lease alive; the hub's threads have ended on return
-        (unless one of them is the caller)."""
+    def close(self) -> bool:
+        """Stop keeping every lease alive; the hub's threads, and the stream's,
+        have ended on return (unless one of them is the caller, or they took
+        longer than a moment).
+
+        Returns:
+            Whether the threads ended in time.
+        """
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._close_stream()
-        for thread in (self._thread, self._reader):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(_THREAD_EXIT_TIMEOUT)
+        deadline = time.monotonic() + _THREAD_EXIT_TIMEOUT
+        return _join((self._thread, *self._close_stream()), deadline)
 
-    def close_stream(self) -> None:
-        """Close the keep-alive stream; the next keep-alive opens another."""
-        self._close_stream()
+    def close_stream(self, deadline: float) -> bool:
+        """Close the keep-alive stream (the next keep-alive opens another);
+        wait for its threads up to ``deadline``; whether they ended."""
+        return _join(self._close_stream(), deadline)
 
     # ---------------------------------------------------------------- threads
     def _schedule(self) -> None:
@@ -432,10 +485,10 @@ class KeepAliveHub:
             self._close_stream(self._call)
         with fork_gate, self._stream_lock:
             if self._call is None:
-                requests: queue.Queue = queue.Queue()
+                requests = _Requests()
                 self._unanswered = 0
                 try:
-                    call = self._stub.LeaseKeepAlive(_drain_queue(requests), metadata=metadata)
+                    call = self._stub.LeaseKeepAlive(requests.drain(), metadata=metadata)
                 except ValueError:  # the channel is closed
                     return
                 self._requests, self._call = requests, call
@@ -469,14 +522,16 @@ class KeepAliveHub:
             logger.debug("keep-alive stream broke: %s", err)
         self._close_stream(call)
 
-    def _close_stream(self, only: Any = None) -> None:
-        """Close the stream (only if it is still ``only``, when given)."""
+    def _close_stream(self, only: Any = None) -> tuple[threading.Thread | None, ...]:
+        """Close the stream (only if it is still ``only``, when given); return
+        its threads (its reader, gRPC's sender), which end soon after."""
         with self._stream_lock:
             if only is not None and self._call is not only:
-                return
-            call, requests = self._call, self._requests
+                return ()
+            call, requests, reader = self._call, self._requests, self._reader
             self._call = self._requests = None
-        if requests is not None:
-            requests.put(None)
-        if call is not None:
-            call.cancel()
+        if requests is None:
+            return ()
+        requests.end()
+        call.cancel()
+        return (reader, requests.sender)

@@ -131,10 +131,11 @@ class _Connection:
         beat) and wait until gRPC has finished them, up to ``deadline``.
 
         Returns:
-            Whether gRPC finished every call of the channel in time.
+            Whether gRPC finished every call of the channel, and their threads
+            ended, in time.
         """
-        self.watches.close()
-        self.keepalives.close_stream()
+        quiet = self.watches.close(deadline)
+        quiet = self.keepalives.close_stream(deadline) and quiet
         # gRPC polls a channel's streams from a thread of its own until the
         # last one has ended; its count is the only sign that it stopped.
         calls = getattr(self.etcd.channel, "_call_state", None)
@@ -142,12 +143,17 @@ class _Connection:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.001)
-        return True
+        return quiet
 
     def close(self) -> None:
-        self.watches.close()
-        self.keepalives.close()
+        """Close the streams and the channel; their threads have ended on
+        return, unless they took longer than a moment (then it is logged)."""
+        ended = self.watches.close()
+        ended = self.keepalives.close() and ended
         self.etcd.close()
+        if not ended:
+            logger.warning("the connection to etcd closed but some of its stream threads "
+                           "had not ended after %g s", _mux._THREAD_EXIT_TIMEOUT)
 
 
 # Connections by (process id, configuration). A forked child shares its parent's
