@@ -65,9 +65,9 @@ def test_round_costs_are_constant_per_node(etcd_server, run_id, n):
     # Per node: the state record, when the handler is created (its rank shard
     # comes back from the confirmation). Per round: the freezer's read of the members.
     assert reads <= n + 8, (reads, delta)
-    # Per node: the round opening, frozen and final on its state watch, and its
-    # confirmation to the freezer.
-    assert events <= 4 * n + 8, (events, delta)
+    # Per node: the round opening, frozen and final on its state watch (the
+    # freezer counts the confirmations, and watches only deletions).
+    assert events <= 3 * n + 8, (events, delta)
     # Per node, whatever N: the answers to its own requests, its state watch's
     # events and its rank shard (a few KB), never the whole world; the freezer's
     # read of the members (about 110 bytes each) spread over the round.

@@ -143,16 +143,17 @@ cdef class Node:
     cdef double wall_offset                 # wall clock minus the driver's clock
     cdef readonly bint freeze_pending
     cdef readonly bint counter              # this node counts the members of joined_round
-    cdef readonly double poll_at            # when the counter counts them next
+    cdef readonly double poll_at            # when the counter (or freezer) counts next
     cdef double poll_delay
     cdef long long last_count
+    cdef long long verified_count           # the freezer's confirmation count last checked by name
     cdef bint last_call_armed               # the counter armed the last call (wake_at)
     cdef bint announce_due                  # ... and has yet to publish its deadline
     cdef readonly double counter_watch_at   # when a joiner starts watching the counter key
     cdef bint counter_gone                  # that watch saw the key deleted
     cdef readonly bint freezer
     cdef readonly set confirmed
-    cdef set world_ids                      # the freezer's world, for its watch's events
+    cdef set world_ids                      # the freezer's world
     cdef readonly bint check_liveness
     cdef readonly long long watch_revision
     cdef readonly long long freeze_round
@@ -167,6 +168,7 @@ cdef class Node:
                      int min_nodes, int max_nodes, double now) except -1
     cdef int _stop_freezing(self) except -1
     cdef bint _counting(self)
+    cdef int _poll_after(self, long long count, double now) except -1
     cdef int _counted(self, long long count, int min_nodes, int max_nodes,
                       double now) except -1
     cdef int _start_counting(self, long long round, long long count, int min_nodes,

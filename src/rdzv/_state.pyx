@@ -21,10 +21,11 @@ it arms the last-call timer and freezes when it fires (the CAS makes racing
 freezers safe). The key lives on the counter's lease: if the counter dies or
 gives up, a joiner that finds the key gone takes it over. The freezer computes
 the rank assignment here, publishes it with the frozen record in one
-transaction, and watches the round's keys: each world member confirms it is
-alive with one put; when all have, the freezer marks the round final. A world
-member whose key vanishes (lease expiry) before that makes it restart the
-round. Everyone else only watches the state record: O(1) events per node.
+transaction, and counts the round's confirmations the same way: each world
+member confirms it is alive with one put; when all have, the freezer marks the
+round final. It watches the round's deletions only: a world member whose key
+vanishes (lease expiry) before that makes it restart the round. Everyone else
+only watches the state record: O(1) events per node.
 
 Old rounds are deleted by the transitions that make them old, inside the CAS
 that the transition is anyway (``_retired_rounds``): opening round r+1 after
@@ -111,8 +112,9 @@ _MOVE_NAMES = ("begin", "join", "confirm", "surplus", "register", "complete", "l
 # only stops a pathological livelock.
 _MAX_CAS_ATTEMPTS = 1000
 
-# How often the node counting a joinable round's members counts them again:
-# at least every _POLL_MIN seconds, and no more often than _POLL_PER_MEMBER
+# How often the node counting a joinable round's members counts them again
+# (and the freezer of a frozen round its confirmations): at least every
+# _POLL_MIN seconds, and no more often than _POLL_PER_MEMBER
 # seconds per member counted, so that etcd (which walks its index, about 0.1
 # us per key) spends at most a few percent of its time on it at any size. A
 # count that did not change doubles the delay, up to _POLL_MAX (or the
@@ -1400,8 +1402,10 @@ cdef class WatchSpec:
 
     Args:
         tag: ``"state"`` (the state record; feed ``observe_state``),
-            ``"round"`` (the freezer's round; ``observe_round_events``) or
-            ``"waiting"`` (a late node's world; ``observe_member_deleted``).
+            ``"round"`` (the freezer's round; ``observe_round_events``),
+            ``"waiting"`` (a late node's world; ``observe_member_deleted``) or
+            ``"counter"`` (the counter key of a joiner's round;
+            ``observe_counter_deleted``).
         key: the key, or the prefix if ``prefix``.
         prefix: watch every key under ``key``.
         start: the first revision to deliver; 0: from when it starts.
@@ -1556,7 +1560,7 @@ cdef class Node:
     def next_wake(self):
         """The earliest time at which the node has something to do unprompted."""
         return min(self.wake_at, self.open_at, self.retry_at, self.check_at,
-                   self.poll_at if self._counting() else INFINITY,
+                   self.poll_at if self._counting() or self.freezer else INFINITY,
                    self.counter_watch_at
                    if self.phase == JOINED and self.now < self.counter_watch_at else INFINITY)
 
@@ -1571,7 +1575,7 @@ cdef class Node:
         """The watches the driver should hold now: a list of ``WatchSpec``.
 
         The state record's, from right after the read that it follows; the
-        freezer's of its round (confirmations and deaths), from when it starts
+        freezer's of its round's deletions (deaths), from when it starts
         (what happened before is read once it has: see ``watch_started``); a
         late node's of the deletions among the members it waits on, from its
         registration; a joiner's of the deletion of its round's counter key,
@@ -1581,7 +1585,7 @@ cdef class Node:
         if self.state_watch_start > 0:
             specs.append(WatchSpec("state", self.keys.state, False, self.state_watch_start, False))
         if self.freezer:
-            specs.append(WatchSpec("round", self.keys.round(self.freeze_round), True, 0, False))
+            specs.append(WatchSpec("round", self.keys.round(self.freeze_round), True, 0, True))
         if self.phase == WAITING:
             specs.append(WatchSpec("waiting", self.keys.members(self.waiting_round), True,
                                    self.watch_revision + 1, True))
@@ -1701,22 +1705,16 @@ cdef class Node:
         self.observe_state(None if got is None else got[0], 0 if got is None else got[1])
 
     def observe_round_events(self, events):
-        """Feed the freezer's watch of its round: ``[(is_put, key, value, rev)]``."""
+        """Feed the freezer's watch of its round's deletions:
+        ``[(is_put, key, value, rev)]`` (puts are ignored: it counts the
+        confirmations by polling)."""
         if not self.freezer:
             return
-        confirmed_prefix = self.keys.confirmed(self.freeze_round)
-        members_prefix = self.keys.members(self.freeze_round)
         world = self.world_ids
-        for is_put, key, _value, _rev in events:
-            if key.startswith(confirmed_prefix):
-                node_id = key[len(confirmed_prefix):].decode()
-                if node_id in world:
-                    if is_put:
-                        self.confirmed.add(node_id)
-                    else:
-                        self.world_member_lost = True
-            elif not is_put and key.startswith(members_prefix):
-                if key[len(members_prefix):].decode() in world:
+        for prefix in (self.keys.confirmed(self.freeze_round),
+                       self.keys.members(self.freeze_round)):
+            for is_put, key, _value, _rev in events:
+                if not is_put and key.startswith(prefix) and key[len(prefix):].decode() in world:
                     self.world_member_lost = True
 
     def observe_round_snapshot(self, long long round, confirmed_ids, member_ids):
@@ -1910,7 +1908,7 @@ cdef class Node:
             raise RendezvousClosedError(
                 f"the rendezvous of run {self.keys.run_id!r} is closed")
         if self.freezer and s is not None:
-            if (yield from self._freezer_duties(s)) is not None:
+            if (yield from self._freezer_duties(s, now)) is not None:
                 return _AGAIN
         if (s is not None and self.phase == CONFIRMED and s.round > self.joined_round
                 and s.last_final == self.joined_round):
@@ -2113,9 +2111,8 @@ cdef class Node:
         self._counted(count, min_nodes, max_nodes, now)
         return 0
 
-    cdef int _counted(self, long long count, int min_nodes, int max_nodes,
-                      double now) except -1:
-        """As the counter: act on a count of the members, and time the next one."""
+    cdef int _poll_after(self, long long count, double now) except -1:
+        """Time the next count after one that found ``count`` keys."""
         cdef double floor = count * _POLL_PER_MEMBER
         if count != self.last_count:
             self.poll_delay = max(_POLL_MIN, floor)
@@ -2123,6 +2120,12 @@ cdef class Node:
             self.poll_delay = min(max(self.poll_delay * 2, _POLL_MIN), max(_POLL_MAX, floor))
         self.last_count = count
         self.poll_at = now + self.poll_delay
+        return 0
+
+    cdef int _counted(self, long long count, int min_nodes, int max_nodes,
+                      double now) except -1:
+        """As the counter: act on a count of the members, and time the next one."""
+        self._poll_after(count, now)
         if count >= max_nodes:
             self.freeze_pending = True
         elif count >= min_nodes and not self.last_call_armed:
@@ -2285,6 +2288,9 @@ cdef class Node:
         self.master = (master_addr, master_port)
         self.confirmed = set()
         self.world_member_lost = False
+        self.last_count = -1
+        self.verified_count = -1
+        self._poll_after(0, now)
         if in_world and won == 1:
             # (With won == 2 the confirmation may be another freezer's; this node
             # confirms the usual way.)
@@ -2316,11 +2322,18 @@ cdef class Node:
             wrote = True
         return True
 
-    def _freezer_duties(self, StateRecord s):
-        """As the freezer: finalize when all confirmed, restart if one is lost."""
+    def _freezer_duties(self, StateRecord s, double now):
+        """As the freezer: count the confirmations when due, finalize when the
+        whole world confirmed, restart if one of it is lost."""
         if s.status != FROZEN or s.round != self.freeze_round:
             self._stop_freezing()
             return None
+        if not self.world_member_lost and len(self.confirmed) < s.world_size:
+            if now < self.poll_at:
+                return None
+            yield from self._count_confirmations(s, now)
+            if self.state is not s:
+                return True
         if self.world_member_lost:
             yield from self._cas(RESTART, s)
             return True
@@ -2328,6 +2341,22 @@ cdef class Node:
             yield from self._cas(FINALIZE, s)
             return True
         return None
+
+    def _count_confirmations(self, StateRecord s, double now):
+        """As the freezer: count round ``s.round``'s confirmations.
+
+        Surplus nodes confirm too, before they learn they are surplus, so a
+        count that reaches the world's size is checked by name, once per count.
+        """
+        cdef bytes confirmed = self.keys.confirmed(s.round)
+        _ok, _revision, (count,) = yield _txn([], [("count", confirmed)], [])
+        if count >= s.world_size and count != self.verified_count:
+            self.verified_count = count
+            _ok, _revision, (got,) = yield _txn([], [("range", confirmed, 0, True)], [])
+            self.confirmed.update(self.world_ids.intersection(
+                [key[len(confirmed):].decode() for key, _value, _rev in got]))
+        self._poll_after(count, now)
+        return 0
 
     def _confirm_or_leave(self, StateRecord s, double now):
         """In a frozen round: read this node's rank shard and confirm, in one
