@@ -272,3 +272,39 @@ def test_a_failed_request_is_the_node_machines_to_decide():
         node.next_action(0.0)
     with pytest.raises(RuntimeError, match="no task"):
         node.next_action(0.0)
+
+
+def _joined_waiter(keys, node_id, min_nodes, max_nodes):
+    """A node that joined open round 0 of ``keys``' run (another counts), at time 0."""
+    node = core.Node(node_id, keys, min_nodes, max_nodes, 7, b"", 30.0, 5.0, random.Random(0))
+    node.begin()
+    node.next_action(0.0)
+    opened = record(Status.JOINABLE, min_nodes=min_nodes, max_nodes=max_nodes)
+    node.feed((True, 1, [(opened.encode(), 1, 1)]))
+    join = node.next_action(0.0)
+    assert join.success[0][1] == keys.members(0) + node_id.encode()
+    node.feed((True, 2, [None, (False, [(b"counter", 2, 2)])]))
+    wait = node.next_action(0.0)
+    assert wait.step == core.Step.STEP_WAIT and not node.counter
+    return node
+
+
+@pytest.mark.parametrize("min_nodes, max_nodes, fewest, most", [
+    (4, 4, 4, 4),            # a small round: every joiner
+    (1000, 1000, 2, 20),     # about 8 of the 1,000
+    (4000, 10000, 2, 20),
+])
+def test_only_a_few_joiners_of_a_large_round_watch_its_counter(min_nodes, max_nodes, fewest,
+                                                               most):
+    """A joiner that has waited a second watches the counter key (to take the
+    count over at once if the counter dies); in a large round only a few do,
+    and the others find the key gone by their periodic check."""
+    keys = RunKeys("/p", "large")
+    watching = 0
+    for i in range(min_nodes):
+        node = _joined_waiter(keys, f"n{i:05d}", min_nodes, max_nodes)
+        assert [spec.tag for spec in node.watches] == ["state"]
+        later = node.next_action(1.5)  # past the second, before any periodic check
+        assert later.step == core.Step.STEP_WAIT
+        watching += "counter" in [spec.tag for spec in node.watches]
+    assert fewest <= watching <= most, watching

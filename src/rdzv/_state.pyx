@@ -125,8 +125,13 @@ cdef double _POLL_MAX = 0.25
 # A joiner that waits this long in a round it does not count watches the
 # counter key: if the counter dies (or gives up), its key goes with its lease
 # and the joiner takes the count over at once. Rounds that freeze sooner
-# never set these watches up.
+# never set these watches up. In rounds of more than _COUNTER_WATCHERS nodes
+# only about that many joiners watch it (chosen by a hash of their id and the
+# round): one watch per joiner would cost each node a watch to create and
+# cancel (and etcd a watcher to catch up with the joins) in every round that
+# lasts a second; the others find the key gone by their periodic check.
 cdef double _COUNTER_WATCH_AFTER = 1.0
+cdef int _COUNTER_WATCHERS = 8
 
 
 class TransitionError(RendezvousError):
@@ -1579,7 +1584,8 @@ cdef class Node:
         (what happened before is read once it has: see ``watch_started``); a
         late node's of the deletions among the members it waits on, from its
         registration; a joiner's of the deletion of its round's counter key,
-        from its join, once it has waited ``_COUNTER_WATCH_AFTER`` seconds.
+        from its join, once it has waited ``_COUNTER_WATCH_AFTER`` seconds (in
+        a large round, only about ``_COUNTER_WATCHERS`` of its joiners do).
         """
         specs = []
         if self.state_watch_start > 0:
@@ -2086,7 +2092,8 @@ cdef class Node:
     cdef int _joined(self, long long round, long long revision, long long count,
                      int min_nodes, int max_nodes, double now) except -1:
         """Record a join of ``round``; ``count`` as ``_join_txn`` returns it."""
-        self.stale_keys = [self.keys.members(round) + self.node_id.encode()]
+        cdef bytes me = self.node_id.encode()
+        self.stale_keys = [self.keys.members(round) + me]
         self._move(JOIN)
         self.joined_round = round
         self.join_revision = revision
@@ -2095,7 +2102,10 @@ cdef class Node:
         self.poll_at = INFINITY
         self.announce_due = False
         self.counter_gone = False
-        self.counter_watch_at = now + _COUNTER_WATCH_AFTER
+        self.counter_watch_at = INFINITY
+        if (min_nodes <= _COUNTER_WATCHERS
+                or zlib.crc32(b"%d/%s" % (round, me)) % min_nodes < _COUNTER_WATCHERS):
+            self.counter_watch_at = now + _COUNTER_WATCH_AFTER
         if count > 0:
             self._start_counting(round, count, min_nodes, max_nodes, now)
         return 0
