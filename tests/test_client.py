@@ -105,7 +105,8 @@ def test_a_closed_connection_leaves_none_of_its_threads_running(etcd_endpoint: s
         watch = client.watch(f"/rdzv-test/{uuid.uuid4()}".encode(), lambda _events: None, 0)
         lease_id = client.lease_grant(5)
         client.keep_alive(lease_id, 5, 1, threading.Event(),
-                          lambda ttl: ttl > 0 and answered.set(), lambda: None)
+                          lambda ttl, answered=answered: ttl > 0 and answered.set(),
+                          lambda: None)
         assert answered.wait(10), "etcd did not answer the first keep-alive"
         assert watch.created.is_set()
         client.lease_revoke(lease_id)
