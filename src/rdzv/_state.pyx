@@ -1945,8 +1945,6 @@ cdef class Node:
                     yield from self._check_counter()
                 if self._counting() and now >= self.poll_at:
                     yield from self._count_members(s, now)
-                    if self.state is not s:
-                        return _AGAIN
                 if self.freeze_pending or now >= self.wake_at:
                     self.freeze_pending = False
                     self.wake_at = INFINITY
@@ -2342,8 +2340,6 @@ cdef class Node:
             if now < self.poll_at:
                 return None
             yield from self._count_confirmations(s, now)
-            if self.state is not s:
-                return True
         if self.world_member_lost:
             yield from self._cas(RESTART, s)
             return True
