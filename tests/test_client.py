@@ -6,6 +6,7 @@ connection leaves no thread behind."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -60,6 +61,30 @@ def test_a_bounded_client_gives_up_at_its_horizon() -> None:
         assert time.monotonic() - start < 3
     finally:
         client.close()
+
+
+def test_the_clients_of_one_connection_look_for_tls_once(monkeypatch) -> None:
+    # A plain-http client whose requests fail checks once whether the endpoint
+    # serves TLS, to say so. Under load every client of a process may fail at
+    # once: they share the connection, and so the check.
+    probes = []
+    connect = socket.create_connection
+
+    def probe(address, *args, **kwargs):
+        probes.append(address)
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", probe)
+    clients = [EtcdClient(_config("127.0.0.1:1", connect_timeout=0.3)) for _ in range(4)]
+    try:
+        clients.append(clients[0].with_retry(RetryPolicy(connect_timeout=0.3)))
+        for client in clients:
+            with pytest.raises(RendezvousConnectionError, match="cannot reach etcd"):
+                client.get(b"/k")
+        assert probes == [("127.0.0.1", 1)]
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_an_idle_keep_alive_stream_is_not_taken_for_a_hung_one(

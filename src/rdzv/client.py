@@ -120,6 +120,8 @@ class _Connection:
         self.users = 0
         self.held: dict[int, HeldLease] = {}
         self.pid = os.getpid()
+        #: Whether a failure already led to the check for a TLS endpoint.
+        self.tls_checked = False
         self.watches = WatchMux(rpc.WatchStub(etcd.channel), rpc)
         self.keepalives = KeepAliveHub(rpc.LeaseStub(etcd.channel), rpc, lambda: etcd.metadata)
         with _live_lock:
@@ -275,7 +277,6 @@ class EtcdClient:
     ) -> None:
         self.config = config
         self.retry = retry or RetryPolicy(connect_timeout=config.connect_timeout)
-        self._tls_checked = False
         etcd3 = load_etcd3()
         self._rpc = etcd3.etcdrpc
         host, port = self._target()
@@ -480,10 +481,13 @@ class EtcdClient:
 
     def _serves_tls(self) -> bool:
         """Whether an endpoint answers a TLS handshake (a plain-http client then
-        only sees its connection closed). Checked once, on the first failure."""
-        if self._tls_checked:
+        only sees its connection closed). Checked once per connection, on its
+        first failure: under load, every client of a process failing at once
+        must not each open sockets and load certificates."""
+        connection = self._connection
+        if connection.tls_checked:
             return False
-        self._tls_checked = True
+        connection.tls_checked = True
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
