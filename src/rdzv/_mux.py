@@ -7,6 +7,9 @@ threads per node: a thousand nodes in one process (a benchmark, a simulator)
 spent most of a core on them and let their leases lapse. etcd multiplexes
 watches on one stream (by watch id) and keep-alives on one stream (by lease
 id), so a connection needs only one of each, whatever the number of nodes.
+The nodes of one run in one process also watch the same ranges: watches that
+ask for it share one etcd watch of a range (``_SharedWatch``), so that etcd
+sends each event to the process once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ logger = logging.getLogger(__name__)
 #: Seconds a closing connection waits for its streams' threads, which end
 #: within one gRPC poll.
 _THREAD_EXIT_TIMEOUT = 2.0
+
+#: Events a shared watch keeps for subscribers that start from a revision it
+#: has already delivered (see ``_SharedWatch``).
+_SHARED_HISTORY = 256
 
 #: What a watch's callback gets: a list of ``(is_put, key, value, mod_revision)``
 #: or the exception that ended the watch.
@@ -297,6 +304,102 @@ class _WatchStream:
                 ])
 
 
+class _SharedWatch:
+    """One etcd watch whose events go to every subscriber that asked for the
+    same range from a revision it still holds.
+
+    It keeps the last ``_SHARED_HISTORY`` events it delivered, so that a
+    subscriber starting from revision S gets every event from S once: those
+    already delivered from the history, the rest as they come. Events reach
+    subscribers under the watch's lock, in order, history before live.
+    """
+
+    def __init__(self, mux: WatchMux, key: tuple[Any, ...], start: int) -> None:
+        self._mux = mux
+        self._key = key
+        self._lock = threading.Lock()
+        self._subscribers: dict[_Subscriber, None] = {}
+        self._history: deque[tuple[Any, ...]] = deque()
+        #: The first revision the history holds every event from.
+        self._covered_from = start
+        self.ended = False
+        self.handle: WatchHandle | None = None
+
+    def subscribe(self, callback: WatchCallback, start: int) -> _Subscriber | None:
+        """Add a subscriber from revision ``start``; None if the watch cannot
+        serve it (it ended, or no longer holds what came from ``start``)."""
+        with self._lock:
+            refused = self.handle is not None and self.handle.error is not None
+            if self.ended or refused or start < self._covered_from:
+                return None
+            subscriber = _Subscriber(self, callback, start)
+            missed = [event for event in self._history if event[3] >= start]
+            if missed:
+                callback(missed)
+            self._subscribers[subscriber] = None
+        return subscriber
+
+    def unsubscribe(self, subscriber: _Subscriber) -> None:
+        with self._lock:
+            self._subscribers.pop(subscriber, None)
+            if self._subscribers or self.ended:
+                return
+            self.ended = True
+        self._mux._forget(self)
+        if self.handle is not None:
+            self.handle.cancel()
+
+    def end(self) -> None:
+        """Take no more subscribers (its etcd watch failed or was refused)."""
+        with self._lock:
+            self.ended = True
+        self._mux._forget(self)
+
+    def on_events(self, events: Any) -> None:
+        """The etcd watch's callback: hand the events (or its end) to all."""
+        if isinstance(events, Exception):
+            with self._lock:
+                self.ended = True
+                subscribers, self._subscribers = list(self._subscribers), {}
+            self._mux._forget(self)
+            for subscriber in subscribers:
+                subscriber.callback(events)
+            return
+        with self._lock:
+            history = self._history
+            history.extend(events)
+            while len(history) > _SHARED_HISTORY:
+                self._covered_from = history.popleft()[3] + 1
+            first = events[0][3]
+            for subscriber in self._subscribers:
+                if first >= subscriber.start:
+                    subscriber.callback(events)
+                else:
+                    # It started after what the watch is delivering now.
+                    wanted = [event for event in events if event[3] >= subscriber.start]
+                    if wanted:
+                        subscriber.callback(wanted)
+
+
+class _Subscriber:
+    """A watch served by a ``_SharedWatch``; ``cancel()`` ends it."""
+
+    def __init__(self, shared: _SharedWatch, callback: WatchCallback, start: int) -> None:
+        self._shared = shared
+        self.callback = callback
+        #: The first revision it wants.
+        self.start = start
+
+    @property
+    def created_revision(self) -> int:
+        handle = self._shared.handle
+        return 0 if handle is None else handle.created_revision
+
+    def cancel(self) -> None:
+        """Stop the watch; idempotent."""
+        self._shared.unsubscribe(self)
+
+
 class WatchMux:
     """The watches of one connection, on one stream (a new one after a break)."""
 
@@ -305,33 +408,70 @@ class WatchMux:
         self._rpc = rpc
         self._lock = threading.Lock()
         self._stream: _WatchStream | None = None
+        self._shared: dict[tuple[Any, ...], list[_SharedWatch]] = {}
+
+    def _current_stream(self, metadata: Any) -> _WatchStream:
+        old = self._stream
+        if old is None or old.broken or old.metadata != metadata:
+            # etcd checks a watch's auth token when it is created, with the
+            # one its stream was opened with: a renewed token needs a new
+            # stream. The old one serves its watches until they end.
+            self._stream = _WatchStream(self._stub, self._rpc, metadata)
+            if old is not None and not old.broken:
+                old.retire()
+            self._shared.clear()
+        return self._stream
 
     def watch(self, request: Any, callback: WatchCallback, wait: float,
-              metadata: Any) -> WatchHandle:
+              metadata: Any, share: bool = False) -> WatchHandle | _Subscriber:
         """Create a watch; wait up to ``wait`` s for etcd to confirm it.
+
+        With ``share``, a watch of the same range with the same filters that
+        started at or before ``request.start_revision`` (which must then be
+        over 0) serves this one too, so that etcd sends each event to this
+        connection once, however many of its watches want it.
 
         Raises:
             TimeoutError: etcd did not confirm it in time (the watch is dropped).
             WatchRefused: etcd refused it.
             Exception: what broke the stream (grpc.RpcError).
         """
+        if share and request.start_revision <= 0:
+            raise ValueError("a shared watch needs a start revision over 0")
         with fork_gate, self._lock:
-            old = self._stream
-            if old is None or old.broken or old.metadata != metadata:
-                # etcd checks a watch's auth token when it is created, with the
-                # one its stream was opened with: a renewed token needs a new
-                # stream. The old one serves its watches until they end.
-                self._stream = _WatchStream(self._stub, self._rpc, metadata)
-                if old is not None and not old.broken:
-                    old.retire()
-            stream = self._stream
-            handle = stream.create(request, callback)
-        if not handle.created.wait(wait):
+            stream = self._current_stream(metadata)
+            if not share:
+                handle = stream.create(request, callback)
+                waited: Any = handle
+            else:
+                key = (request.key, request.range_end, tuple(request.filters))
+                handle = None
+                for shared in self._shared.get(key, ()):
+                    handle = shared.subscribe(callback, request.start_revision)
+                    if handle is not None:
+                        break
+                else:
+                    shared = _SharedWatch(self, key, request.start_revision)
+                    shared.handle = stream.create(request, shared.on_events)
+                    handle = shared.subscribe(callback, request.start_revision)
+                    self._shared.setdefault(key, []).append(shared)
+                waited = shared.handle
+        if not waited.created.wait(wait):
             handle.cancel()
             raise TimeoutError(f"etcd did not confirm the watch within {wait:g} s")
-        if handle.error is not None:
-            raise handle.error
+        if waited.error is not None:
+            if share:
+                shared.end()
+            raise waited.error
         return handle
+
+    def _forget(self, shared: _SharedWatch) -> None:
+        with self._lock:
+            group = self._shared.get(shared._key)
+            if group is not None and shared in group:
+                group.remove(shared)
+                if not group:
+                    del self._shared[shared._key]
 
     def close(self, deadline: float | None = None) -> bool:
         """Close the stream (the next watch opens another); wait for its
@@ -344,6 +484,7 @@ class WatchMux:
             deadline = time.monotonic() + _THREAD_EXIT_TIMEOUT
         with self._lock:
             stream, self._stream = self._stream, None
+            self._shared.clear()
         if stream is None:
             return True
         stream.close()

@@ -746,11 +746,15 @@ class EtcdClient:
         prefix: bool = False,
         no_put: bool = False,
         range_end: bytes | None = None,
+        share: bool = False,
     ) -> WatchHandle:
         """Call ``callback(events)`` for changes of ``key`` from ``start_revision``.
 
         ``prefix`` watches every key under ``key``; ``range_end`` every key from
-        ``key`` up to (not including) ``range_end``.
+        ``key`` up to (not including) ``range_end``. With ``share`` (and a
+        ``start_revision`` over 0), watches of the same range and filters on
+        this connection share one etcd watch where they can: etcd then sends
+        each event to the process once, and it is handed to each of them.
 
         ``start_revision`` 0 starts after the current revision, which the
         handle's ``created_revision`` then gives. A watch that starts in the
@@ -787,7 +791,8 @@ class EtcdClient:
             wait = max(self.config.connect_timeout, _WATCH_CREATE_TIMEOUT)
             wait = min(wait, max(self.retry.until_horizon(time.monotonic()), 0.1))
             try:
-                return self._connection.watches.watch(create, callback, wait, self._etcd.metadata)
+                return self._connection.watches.watch(
+                    create, callback, wait, self._etcd.metadata, share=share)
             except TimeoutError as err:
                 raise _WatchNotStarted(grpc.StatusCode.DEADLINE_EXCEEDED, str(err)) from None
             except WatchRefused as err:

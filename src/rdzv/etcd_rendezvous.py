@@ -266,8 +266,10 @@ class EtcdRendezvousHandler(RendezvousHandler):
             # round's, retried only while this node's lease may be alive.
             client = self._client if tag == "state" else self._round_client
             try:
+                # The state record's watch is the same for every node of the
+                # run: the process's nodes share one etcd watch of it.
                 watch = Watch(client, spec.key, spec.start, self._inbox, tag,
-                              prefix=spec.prefix, no_put=spec.no_put)
+                              prefix=spec.prefix, no_put=spec.no_put, share=tag == "state")
             except WatchRefused as err:
                 self._watch_failed(tag, err)
                 return True
@@ -673,7 +675,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def _new_view_watch(self, spec: Any, start: int) -> tuple[Any, Watch, Inbox, int]:
         inbox = Inbox()
         key, range_end = spec
-        watch = Watch(self._client, key, start, inbox, "view", range_end=range_end)
+        watch = Watch(self._client, key, start, inbox, "view", range_end=range_end,
+                      share=start > 0)
         return spec, watch, inbox, start
 
     def _view_job_done(self, view: Any, item: tuple[Any, ...], now: float) -> None:

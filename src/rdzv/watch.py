@@ -53,6 +53,8 @@ class Watch:
         prefix: watch every key under ``key``.
         no_put: deliver deletions only.
         range_end: watch every key from ``key`` up to this one (not included).
+        share: let one etcd watch serve the connection's watches of the same
+            range (``EtcdClient.watch``); needs a ``start_revision`` over 0.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Watch:
         prefix: bool = False,
         no_put: bool = False,
         range_end: bytes | None = None,
+        share: bool = False,
     ) -> None:
         self._client = client
         self._key = key
@@ -74,6 +77,7 @@ class Watch:
         self._prefix = prefix
         self._no_put = no_put
         self._range_end = range_end
+        self._share = share
         self._lock = threading.Lock()
         self._cancelled = False
         self._watch_id: int | None = None
@@ -87,14 +91,18 @@ class Watch:
             prefix=self._prefix,
             no_put=self._no_put,
             range_end=self._range_end,
+            share=self._share,
         )
         with self._lock:
             # Started "now": a resume must go on from there, not from "now" again.
             self._next_revision = max(self._next_revision, watch_id.created_revision + 1)
-            if self._cancelled:
-                self._client.cancel_watch(watch_id)
-            else:
+            cancelled = self._cancelled
+            if not cancelled:
                 self._watch_id = watch_id
+        if cancelled:
+            # Outside the lock: a shared watch hands out events under its own
+            # lock, and its callback (``_on_events``) takes this one.
+            self._client.cancel_watch(watch_id)
 
     def _on_events(self, events: Any) -> None:
         if isinstance(events, Exception):
