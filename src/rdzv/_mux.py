@@ -379,6 +379,10 @@ class _SharedWatch:
                     wanted = [event for event in events if event[3] >= subscriber.start]
                     if wanted:
                         subscriber.callback(wanted)
+                # Let the thread just woken run before waking the next: a
+                # thousand woken at once contend for the interpreter and the
+                # cores, and starve the connection's other threads and etcd.
+                time.sleep(0)
 
 
 class _Subscriber:
