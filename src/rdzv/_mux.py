@@ -7,9 +7,8 @@ threads per node: a thousand nodes in one process (a benchmark, a simulator)
 spent most of a core on them and let their leases lapse. etcd multiplexes
 watches on one stream (by watch id) and keep-alives on one stream (by lease
 id), so a connection needs only one of each, whatever the number of nodes.
-The nodes of one run in one process also watch the same ranges: watches that
-ask for it share one etcd watch of a range (``_SharedWatch``), so that etcd
-sends each event to the process once.
+Watches of the same range may also share one etcd watch (``_SharedWatch``),
+so that etcd sends each event to the process once.
 """
 
 from __future__ import annotations
@@ -311,7 +310,9 @@ class _SharedWatch:
     It keeps the last ``_SHARED_HISTORY`` events it delivered, so that a
     subscriber starting from revision S gets every event from S once: those
     already delivered from the history, the rest as they come. Events reach
-    subscribers under the watch's lock, in order, history before live.
+    subscribers under the watch's lock, in order, history before live, all
+    of them at once: callbacks that wake a thread each would wake them all
+    together, which a process of thousands of waiting threads cannot afford.
     """
 
     def __init__(self, mux: WatchMux, key: tuple[Any, ...], start: int) -> None:
@@ -379,10 +380,6 @@ class _SharedWatch:
                     wanted = [event for event in events if event[3] >= subscriber.start]
                     if wanted:
                         subscriber.callback(wanted)
-                # Let the thread just woken run before waking the next: a
-                # thousand woken at once contend for the interpreter and the
-                # cores, and starve the connection's other threads and etcd.
-                time.sleep(0)
 
 
 class _Subscriber:

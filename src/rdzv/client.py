@@ -754,7 +754,8 @@ class EtcdClient:
         ``key`` up to (not including) ``range_end``. With ``share`` (and a
         ``start_revision`` over 0), watches of the same range and filters on
         this connection share one etcd watch where they can: etcd then sends
-        each event to the process once, and it is handed to each of them.
+        each event to the process once, and it is handed to each of them at
+        once (for callbacks that record, not for ones that each wake a thread).
 
         ``start_revision`` 0 starts after the current revision, which the
         handle's ``created_revision`` then gives. A watch that starts in the

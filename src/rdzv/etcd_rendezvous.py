@@ -266,10 +266,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
             # round's, retried only while this node's lease may be alive.
             client = self._client if tag == "state" else self._round_client
             try:
-                # The state record's watch is the same for every node of the
-                # run: the process's nodes share one etcd watch of it.
+                # Not shared, though every node of the run watches the state
+                # record: one etcd watch would wake all of a process's waiting
+                # nodes at once for each change (see docs/SCALE.md).
                 watch = Watch(client, spec.key, spec.start, self._inbox, tag,
-                              prefix=spec.prefix, no_put=spec.no_put, share=tag == "state")
+                              prefix=spec.prefix, no_put=spec.no_put)
             except WatchRefused as err:
                 self._watch_failed(tag, err)
                 return True
@@ -675,6 +676,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def _new_view_watch(self, spec: Any, start: int) -> tuple[Any, Watch, Inbox, int]:
         inbox = Inbox()
         key, range_end = spec
+        # The view's inbox wakes nobody (it is read when asked): the process's
+        # nodes share one etcd watch of the range.
         watch = Watch(self._client, key, start, inbox, "view", range_end=range_end,
                       share=start > 0)
         return spec, watch, inbox, start
