@@ -94,8 +94,12 @@ class Watch:
             share=self._share,
         )
         with self._lock:
-            # Started "now": a resume must go on from there, not from "now" again.
-            self._next_revision = max(self._next_revision, watch_id.created_revision + 1)
+            if self._next_revision <= 0:
+                # Started "now": a resume must go on from there, not from "now"
+                # again. A watch from a revision in the past keeps it: etcd's
+                # created revision is the current one, and the events between
+                # the two may not have come yet.
+                self._next_revision = watch_id.created_revision + 1
             cancelled = self._cancelled
             if not cancelled:
                 self._watch_id = watch_id
