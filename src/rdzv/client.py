@@ -42,6 +42,7 @@ from rdzv.config import (
     parse_endpoints,
     seconds_option,
 )
+from rdzv.driver import RoundDriver
 from rdzv.retry import Failure, OutOfTime, RetryPolicy, classify, explain
 from rdzv.txn import (
     compare_holds,
@@ -124,6 +125,7 @@ class _Connection:
         self.tls_checked = False
         self.watches = WatchMux(rpc.WatchStub(etcd.channel), rpc)
         self.keepalives = KeepAliveHub(rpc.LeaseStub(etcd.channel), rpc, lambda: etcd.metadata)
+        self.driver = RoundDriver()
         with _live_lock:
             _live_connections.add(self)
 
@@ -150,6 +152,7 @@ class _Connection:
     def close(self) -> None:
         """Close the streams and the channel; their threads have ended on
         return, unless they took longer than a moment (then it is logged)."""
+        self.driver.close()
         ended = self.watches.close()
         ended = self.keepalives.close() and ended
         self.etcd.close()
@@ -336,6 +339,7 @@ class EtcdClient:
             channel = grpc.intercept_channel(channel, *interceptors)
         self._kv = self._rpc.KVStub(channel)
         self._leases = self._rpc.LeaseStub(channel)
+        self._intercepted = bool(interceptors)
 
     def check_process(self, what: str = "this etcd client") -> None:
         """Refuse to work in a process forked after this client was created.
@@ -604,6 +608,56 @@ class EtcdClient:
         response = self._call(self._kv.Txn, request, "transaction", once)
         ops = success if response.succeeded else failure
         return response.succeeded, response.header.revision, txn_results(ops, response.responses)
+
+    def txn_nowait(
+        self,
+        compares: Sequence[Sequence[Any]],
+        success: Sequence[Sequence[Any]],
+        failure: Sequence[Sequence[Any]],
+        done: Callable[[Any], None],
+    ) -> bool:
+        """Send a transaction without waiting for its answer: one attempt.
+
+        ``done`` gets what ``txn`` would return, or the exception the attempt
+        failed with (retry it with ``txn``), on a thread of gRPC's: it must
+        not block. Nothing is sent, and False returned, for a transaction
+        ``txn`` would send as range requests (one that only reads), or when
+        this client's requests pass through interceptors (they may block, and
+        would here block the caller).
+
+        Raises:
+            ForkedProcessError: this client was created in another process.
+        """
+        if self._intercepted or is_read_only(success, failure):
+            return False
+        self.check_process()
+        request = txn_request(self._rpc, compares, success, failure)
+        gate = _mux.fork_gate
+        gate.__enter__()
+        try:
+            future = self._kv.Txn.future(
+                request, self.retry.attempt_timeout, metadata=self._etcd.metadata)
+        except BaseException:
+            gate.__exit__(None, None, None)
+            raise
+
+        def answered(future: Any) -> None:
+            gate.__exit__(None, None, None)
+            try:
+                response = future.result()
+            except Exception as err:
+                done(err)
+                return
+            ops = success if response.succeeded else failure
+            done((response.succeeded, response.header.revision,
+                  txn_results(ops, response.responses)))
+
+        future.add_done_callback(answered)
+        return True
+
+    def round_driver(self) -> RoundDriver:
+        """The thread that steps the rendezvous calls of this client's connection."""
+        return self._connection.driver
 
     def _read_only_txn(
         self,

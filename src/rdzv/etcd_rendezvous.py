@@ -230,9 +230,17 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._session_abandoned = False
         self._node = self._new_node()
 
-    def _drain(self, timeout: float | None) -> None:
+    def _absorb(self) -> bool:
+        """Feed the node machine what its watches and session sent; return
+        whether they sent anything.
+
+        Raises:
+            RendezvousError: the handler was shut down.
+            LeaseLostError: this node's lease was lost.
+        """
         node = self._node
-        for item in self._inbox.drain(timeout):
+        items = self._inbox.drain(0)
+        for item in items:
             tag = item[0]
             if tag == "state":
                 for is_put, _key, value, revision in item[1]:
@@ -249,7 +257,23 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 # goes on from now; see Node.watch_failed).
                 self._watch_failed(item[1], item[2])
             elif tag in ("shutdown", "lost"):
-                return
+                break
+        self._check_not_shut_down()
+        if self._session.lost:
+            raise LeaseLostError("its keep-alives went unanswered")
+        return bool(items)
+
+    def _watches_stale(self) -> bool:
+        """Whether the watches held differ from those the node machine wants."""
+        wanted = self._node.watches
+        held = self._watches
+        if len(wanted) != len(held):
+            return True
+        for spec in wanted:
+            watch = held.get(spec.tag)
+            if watch is None or watch[0] != spec:
+                return True
+        return False
 
     def _sync_watches(self) -> bool:
         """Start and stop watches to match the node machine's; True if one started
@@ -266,11 +290,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
             # round's, retried only while this node's lease may be alive.
             client = self._client if tag == "state" else self._round_client
             try:
-                # Not shared, though every node of the run watches the state
-                # record: one etcd watch would wake all of a process's waiting
-                # nodes at once for each change (see docs/SCALE.md).
+                # Every node of the run watches the state record: the nodes of
+                # a process share one etcd watch of it (their round driver,
+                # not a thread per node, takes each change).
                 watch = Watch(client, spec.key, spec.start, self._inbox, tag,
-                              prefix=spec.prefix, no_put=spec.no_put)
+                              prefix=spec.prefix, no_put=spec.no_put, share=tag == "state")
             except WatchRefused as err:
                 self._watch_failed(tag, err)
                 return True
@@ -352,25 +376,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
             node = self._node
             node.begin(self._descriptor(), time.time() - start)
             try:
-                while True:
-                    action = node.next_action(time.monotonic())
-                    if action.step == _state.Step.STEP_DONE:
-                        break
-                    if action.step != _state.Step.STEP_WAIT:
-                        _carry_out(node, action, self._round_client)
-                        continue
-                    if self._sync_watches():
-                        continue
-                    now = time.monotonic()
-                    if now >= deadline:
-                        raise RendezvousTimeoutError(
-                            f"run {self._run_id!r}: no round completed within "
-                            f"{self._timeout:g} s: {self._describe_wait(now - start)}"
-                        )
-                    self._drain(min(deadline, action.wake_at) - now)
-                    self._check_not_shut_down()
-                    if self._session.lost:
-                        raise LeaseLostError("its keep-alives went unanswered")
+                if not self._client.round_driver().drive(_Round(self, deadline)):
+                    raise RendezvousTimeoutError(
+                        f"run {self._run_id!r}: no round completed within "
+                        f"{self._timeout:g} s: {self._describe_wait(time.monotonic() - start)}"
+                    )
             except LeaseLostError as err:
                 self._session.mark_lost(f"node {node.node_id} of run {self._run_id!r}: {err}")
                 self._withdraw()
@@ -774,6 +784,32 @@ class EtcdRendezvousHandler(RendezvousHandler):
     def lease_id(self) -> int:
         """This node's lease id."""
         return self._session.lease_id
+
+
+class _Round:
+    """A ``next_rendezvous()`` call as its connection's round driver steps it
+    (``rdzv.driver.Round``)."""
+
+    __slots__ = ("_handler", "client", "deadline", "inbox", "node")
+
+    def __init__(self, handler: EtcdRendezvousHandler, deadline: float) -> None:
+        self._handler = handler
+        self.node = handler._node
+        self.client = handler._round_client
+        self.inbox = handler._inbox
+        self.deadline = deadline
+
+    def absorb(self) -> bool:
+        return self._handler._absorb()
+
+    def watches_stale(self) -> bool:
+        return self._handler._watches_stale()
+
+    def run(self, job: tuple[Any, ...]) -> None:
+        if job[0] == "request":
+            _carry_out(self.node, job[1], self.client)
+        else:
+            self._handler._sync_watches()
 
 
 def _carry_out(node: Any, action: Any, client: EtcdClient) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from rdzv._mux import WatchRefused
@@ -14,17 +15,26 @@ logger = logging.getLogger(__name__)
 
 
 class Inbox:
-    """A queue of watch events that one driver thread waits on."""
+    """A queue of watch events that one driver thread waits on.
+
+    Attributes:
+        listener: None, or a function called after each ``put`` (it must
+            not block), for a driver that does not wait on the inbox itself.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._items: deque[tuple[Any, ...]] = deque()
+        self.listener: Callable[[], None] | None = None
 
     def put(self, item: tuple[Any, ...]) -> None:
-        """Add an item and wake the waiter."""
+        """Add an item and wake the waiter (and call the listener)."""
         with self._cond:
             self._items.append(item)
             self._cond.notify_all()
+        listener = self.listener
+        if listener is not None:
+            listener()
 
     def drain(self, timeout: float | None) -> list[tuple[Any, ...]]:
         """Return every queued item, waiting up to ``timeout`` s for the first."""

@@ -1,0 +1,305 @@
+"""One thread per connection steps the rounds of the connection's handlers.
+
+A ``next_rendezvous()`` call runs its node machine (``rdzv._state.Node``) until
+the round completes. Run by the calling thread, each of the machine's
+requests is a blocking gRPC call and each watch event wakes that thread; in a
+process that hosts thousands of nodes (a benchmark, a test, a launcher of many
+agents) those hand-offs between threads cost more than the requests do. So
+the calls of a connection are stepped by one thread, the driver: a
+transaction goes out without waiting (its answer comes back to the driver's
+queue), watch events are fed to the machine as they arrive, and a waiting
+machine is looked at again when its clock says so. The calling thread sleeps
+until its round is over.
+
+What blocks is handed back to the calling thread as a *job*: a read (sent as
+range requests, see ``EtcdClient.txn``), a request whose first attempt failed
+(retried there as the client's policy says), a request of a client whose calls
+pass through interceptors (they may block), and starting or stopping watches.
+The calling thread runs the job and gives the machine back.
+
+The machine is touched by one thread at a time: the driver, or the calling
+thread while the call is *busy* with a job or with a request in flight (the
+driver then leaves it alone until the answer or the job's end).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+from collections import deque
+from time import monotonic as _now
+from typing import Any, Protocol
+
+from rdzv import _state
+from rdzv.api import RendezvousConnectionError
+
+__all__ = ["Round", "RoundDriver"]
+
+logger = logging.getLogger(__name__)
+
+_STEP_TXN = _state.Step.STEP_TXN
+_STEP_WAIT = _state.Step.STEP_WAIT
+_STEP_DONE = _state.Step.STEP_DONE
+# The driver's own end of a call whose deadline passed.
+_TIMED_OUT = "timed out"
+# How long a closing connection waits for its driver thread.
+_THREAD_EXIT_TIMEOUT = 5.0
+
+
+class Round(Protocol):
+    """What the driver needs of one ``next_rendezvous()`` call.
+
+    Attributes:
+        node: the node machine, begun.
+        client: the client of the round's requests (``EtcdClient``).
+        inbox: where the node's watches and session put their items (an
+            ``rdzv.watch.Inbox``; the driver sets its ``listener``).
+        deadline: ``time.monotonic()`` time at which the call times out.
+    """
+
+    node: Any
+    client: Any
+    inbox: Any
+    deadline: float
+
+    def absorb(self) -> bool:
+        """Feed the machine the inbox's items; return whether there were any.
+
+        Raises:
+            Exception: the call must end (the handler shut down, the lease
+                was lost, a watch failed for good).
+        """
+
+    def watches_stale(self) -> bool:
+        """Whether the watches held differ from those the machine wants."""
+
+    def run(self, job: tuple[Any, ...]) -> None:
+        """In the calling thread: ``("request", action)``, carry out the
+        machine's request and feed it the answer; ``("watches",)``, start and
+        stop watches to match the machine's."""
+
+
+class _Call:
+    __slots__ = ("_cond", "_jobs", "action", "busy", "finished", "round", "timer", "waiting")
+
+    def __init__(self, round: Round) -> None:
+        self.round = round
+        self.busy = False
+        self.waiting = False  # its last action was a wait
+        self.finished = False
+        self.action: Any = None
+        self.timer = 0  # the generation of its wake-up; older ones are stale
+        # From the driver to the calling thread: jobs, then ("end", outcome).
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: deque[tuple[Any, ...]] = deque()
+
+    def hand(self, job: tuple[Any, ...]) -> None:
+        """Give the calling thread a job (or the call's end)."""
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def take(self) -> tuple[Any, ...]:
+        """In the calling thread: the next job, waiting for it."""
+        with self._cond:
+            while not self._jobs:
+                self._cond.wait()
+            return self._jobs.popleft()
+
+
+class RoundDriver:
+    """The thread that steps the ``next_rendezvous()`` calls of one connection.
+
+    It starts with the first call and ends with ``close()``.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, _Call, Any]] = deque()
+        self._timers: list[tuple[float, int, _Call, int]] = []
+        self._order = itertools.count()
+        self._calls: set[_Call] = set()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def drive(self, round: Round) -> bool:
+        """Step ``round`` until it ends; run the jobs it hands back meanwhile.
+
+        Returns:
+            True when the machine is done (the round completed, or the run
+            closed: the machine says which), False when the deadline passed.
+
+        Raises:
+            Whatever the machine, the inbox or a job raised.
+        """
+        call = _Call(round)
+        round.inbox.listener = lambda: self._post("wake", call)
+        self._post("begin", call)
+        try:
+            while True:
+                job = call.take()
+                if job[0] == "end":
+                    outcome = job[1]
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    return outcome is not _TIMED_OUT
+                round.run(job)
+                self._post("resume", call)
+        except BaseException:
+            if not call.finished:
+                # A job failed, or the wait was interrupted: take the machine
+                # back before the caller cleans up after it.
+                self._post("abandon", call)
+                while call.take()[0] != "end":
+                    pass
+            raise
+
+    def close(self) -> None:
+        """End the thread (calls still running end with an error); idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_THREAD_EXIT_TIMEOUT)
+
+    # ------------------------------------------------------------ the thread
+    def _post(self, kind: str, call: _Call, payload: Any = None) -> None:
+        with self._cond:
+            if self._closed:
+                if kind in ("begin", "abandon"):
+                    call.finished = True
+                    call.hand(("end", RendezvousConnectionError(
+                        "the connection to etcd was closed")))
+                return
+            self._queue.append((kind, call, payload))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="rdzv-round-driver", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        failure: BaseException
+        try:
+            self._loop()
+            failure = RendezvousConnectionError("the connection to etcd was closed")
+        except BaseException as err:  # a bug: fail the calls rather than hang them
+            logger.exception("the round driver failed")
+            failure = err
+        with self._cond:
+            self._closed = True
+            calls = self._calls | {call for _, call, _ in self._queue}
+            self._queue.clear()
+        for call in calls:
+            if not call.finished:
+                self._finish(call, failure)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    timeout = None
+                    if self._timers:
+                        timeout = self._timers[0][0] - _now()
+                        if timeout <= 0:
+                            break
+                    self._cond.wait(timeout)
+                if self._closed:
+                    return
+                items = list(self._queue)
+                self._queue.clear()
+            ready: dict[_Call, None] = {}
+            for kind, call, payload in items:
+                if call.finished:
+                    continue
+                if kind == "begin":
+                    self._calls.add(call)
+                    ready[call] = None
+                elif kind == "answer":
+                    if self._answered(call, payload):
+                        ready[call] = None
+                elif kind == "resume":
+                    call.busy = False
+                    ready[call] = None
+                elif kind == "wake":
+                    ready[call] = None
+                else:  # abandon
+                    self._finish(call, None)
+            now = _now()
+            timers = self._timers
+            while timers and timers[0][0] <= now:
+                _, _, call, generation = heapq.heappop(timers)
+                if call.timer == generation:
+                    ready[call] = None
+            for call in ready:
+                if not call.finished and not call.busy:
+                    self._advance(call)
+
+    def _answered(self, call: _Call, answer: Any) -> bool:
+        """Feed a request's answer; True if the machine can go on."""
+        if isinstance(answer, BaseException):
+            # The first attempt failed: the calling thread retries it (the
+            # call stays busy).
+            call.hand(("request", call.action))
+            return False
+        call.busy = False
+        try:
+            call.round.node.feed(answer)
+        except BaseException as err:
+            self._finish(call, err)
+            return False
+        return True
+
+    def _advance(self, call: _Call) -> None:
+        """Step the machine until it waits, sends a request or is done."""
+        round = call.round
+        node = round.node
+        try:
+            if call.waiting:
+                # Watch events are fed only to a machine that waits: a
+                # request's answer is decided on the state it was built on.
+                round.absorb()
+                call.waiting = False
+            while True:
+                now = _now()
+                action = node.next_action(now)
+                step = action.step
+                if step == _STEP_DONE:
+                    self._finish(call, None)
+                    return
+                if step == _STEP_WAIT:
+                    call.waiting = True
+                    if round.watches_stale():
+                        call.busy = True
+                        call.hand(("watches",))
+                    elif round.absorb():
+                        # Events came while it was busy: decide on them first.
+                        continue
+                    elif now >= round.deadline:
+                        self._finish(call, _TIMED_OUT)
+                    else:
+                        call.timer += 1
+                        at = min(round.deadline, action.wake_at)
+                        if at < math.inf:
+                            heapq.heappush(self._timers, (at, next(self._order), call, call.timer))
+                    return
+                call.action = action
+                call.busy = True
+                if not (step == _STEP_TXN and not action.once and round.client.txn_nowait(
+                        action.compares, action.success, action.failure,
+                        lambda answer: self._post("answer", call, answer))):
+                    call.hand(("request", action))
+                return
+        except BaseException as err:
+            self._finish(call, err)
+
+    def _finish(self, call: _Call, outcome: Any) -> None:
+        call.finished = True
+        call.timer += 1
+        call.round.inbox.listener = None
+        self._calls.discard(call)
+        call.hand(("end", outcome))

@@ -1,0 +1,264 @@
+"""The round driver (``rdzv.driver``): scripted machines, no etcd.
+
+The rounds it drives against etcd are the rest of the suite's; here each rule
+of the hand-off between the driver and the calling thread is checked on its
+own: what goes out without a job, what comes back to the calling thread,
+what wakes a waiting machine, deadlines, errors and closing.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from rdzv import _state
+from rdzv.api import RendezvousConnectionError
+from rdzv.driver import RoundDriver
+from rdzv.watch import Inbox
+
+TXN = _state.Step.STEP_TXN
+GET = _state.Step.STEP_GET
+WAIT = _state.Step.STEP_WAIT
+DONE = _state.Step.STEP_DONE
+ANSWER = (True, 7, [])
+
+
+class Machine:
+    """A node machine that plays a script of actions: ``("txn",)``, ``("get",)``,
+    ``("wait", until)`` (until an inbox item, or ``until`` on the clock), ``("done",)``.
+    It fails the test if two threads step it at once."""
+
+    def __init__(self, *script: tuple[Any, ...]) -> None:
+        self.script = list(script)
+        self.fed: list[Any] = []
+        self.items: list[Any] = []
+        self.steps = 0
+        self.last_step: Any = None
+        self._inside = threading.Lock()
+
+    def next_action(self, now: float) -> Any:
+        assert self._inside.acquire(blocking=False), "two threads step the machine"
+        try:
+            self.steps += 1
+            kind = self.script[0]
+            if kind[0] == "wait" and (self.items or now >= kind[1]):
+                self.script.pop(0)
+                kind = self.script[0]
+            if kind[0] == "txn":
+                action = _state.Action(TXN, [], [("put", b"k", b"v", 0)], [])
+            elif kind[0] == "get":
+                action = _state.Action(GET, key=b"k")
+            elif kind[0] == "wait":
+                action = _state.Action(WAIT, wake_at=kind[1])
+            else:
+                action = _state.Action(DONE, result=None)
+            self.last_step = action.step
+            return action
+        finally:
+            self._inside.release()
+
+    def feed(self, answer: Any) -> None:
+        self.fed.append(answer)
+        self.script.pop(0)
+
+
+class Client:
+    """``txn_nowait`` as ``EtcdClient`` has it: answers from another thread."""
+
+    def __init__(self, answer: Any = ANSWER, sends: bool = True) -> None:
+        self.answer = answer
+        self.sends = sends
+        self.sent = 0
+
+    def txn_nowait(self, compares: Any, success: Any, failure: Any, done: Any) -> bool:
+        if not self.sends:
+            return False
+        self.sent += 1
+        threading.Thread(target=done, args=(self.answer,)).start()
+        return True
+
+
+class Round:
+    def __init__(self, node: Machine, client: Client | None = None,
+                 deadline: float = math.inf) -> None:
+        self.node = node
+        self.client = client or Client()
+        self.inbox = Inbox()
+        self.deadline = deadline
+        self.stale = False
+        self.absorb_error: BaseException | None = None
+        self.job_error: BaseException | None = None
+        self.jobs: list[tuple[Any, int]] = []
+
+    def absorb(self) -> bool:
+        # Events go only to a machine that waits (see Node.next_action).
+        assert self.node.last_step == WAIT, self.node.last_step
+        if self.absorb_error is not None:
+            raise self.absorb_error
+        items = self.inbox.drain(0)
+        self.node.items.extend(items)
+        return bool(items)
+
+    def watches_stale(self) -> bool:
+        return self.stale
+
+    def run(self, job: tuple[Any, ...]) -> None:
+        self.jobs.append((job[0], threading.get_ident()))
+        if self.job_error is not None:
+            raise self.job_error
+        if job[0] == "request":
+            self.node.feed(("from the calling thread", job[1].step))
+        else:
+            self.stale = False
+
+
+@pytest.fixture
+def driver() -> Any:
+    driver = RoundDriver()
+    yield driver
+    driver.close()
+
+
+def test_a_transaction_goes_out_and_its_answer_comes_back_without_the_calling_thread(driver):
+    round = Round(Machine(("txn",), ("txn",), ("done",)))
+    assert driver.drive(round) is True
+    assert round.node.fed == [ANSWER, ANSWER]
+    assert round.client.sent == 2
+    assert round.jobs == []
+
+
+def test_what_blocks_is_a_job_for_the_calling_thread(driver):
+    me = threading.get_ident()
+    # A failed first attempt, a read, a client that sends nothing itself
+    # (interceptors), watches to start.
+    failing = Round(Machine(("txn",), ("done",)), Client(answer=TimeoutError("deadline")))
+    assert driver.drive(failing) is True
+    assert failing.jobs == [("request", me)]
+    assert failing.node.fed == [("from the calling thread", TXN)]
+
+    reading = Round(Machine(("get",), ("txn",), ("done",)), Client(sends=False))
+    assert driver.drive(reading) is True
+    assert reading.jobs == [("request", me), ("request", me)]
+    assert reading.node.fed == [("from the calling thread", GET), ("from the calling thread", TXN)]
+
+    watching = Round(Machine(("wait", math.inf)))
+    watching.stale = True
+
+    def wake() -> None:
+        deadline = time.monotonic() + 10
+        while not watching.jobs and time.monotonic() < deadline:
+            time.sleep(0.001)
+        watching.inbox.put(("state",))
+
+    threading.Thread(target=wake).start()
+    watching.node.script.append(("done",))
+    assert driver.drive(watching) is True
+    assert watching.jobs == [("watches", me)]
+
+
+def test_an_item_in_the_inbox_wakes_a_waiting_machine(driver):
+    round = Round(Machine(("wait", math.inf), ("done",)))
+    waker = threading.Thread(target=lambda: _put_when_waiting(round))
+    waker.start()
+    assert driver.drive(round) is True
+    waker.join()
+    assert round.node.items == [("state",)]
+
+
+def _put_when_waiting(round: Round) -> None:
+    deadline = time.monotonic() + 10
+    while round.node.steps == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    round.inbox.put(("state",))
+
+
+def test_events_wait_for_the_answer_of_a_request_in_flight(driver):
+    round = Round(Machine(("txn",), ("wait", math.inf), ("done",)),
+                  deadline=time.monotonic() + 10)
+
+    class EventFirst(Client):
+        def txn_nowait(self, compares: Any, success: Any, failure: Any, done: Any) -> bool:
+            round.inbox.put(("state",))  # while the transaction is in flight
+            return super().txn_nowait(compares, success, failure, done)
+
+    round.client = EventFirst()
+    assert driver.drive(round) is True
+    assert round.node.fed == [ANSWER]
+    assert round.node.items == [("state",)]
+
+
+def test_the_clock_wakes_a_machine_at_the_time_it_asked_for(driver):
+    at = time.monotonic() + 0.2
+    round = Round(Machine(("wait", at), ("done",)))
+    assert driver.drive(round) is True
+    assert time.monotonic() >= at
+
+
+def test_the_deadline_ends_a_waiting_call(driver):
+    start = time.monotonic()
+    round = Round(Machine(("wait", math.inf)), deadline=start + 0.2)
+    assert driver.drive(round) is False
+    assert 0.2 <= time.monotonic() - start < 5
+
+
+def test_errors_reach_the_caller_and_the_machine_is_left_alone(driver):
+    broken = Round(Machine(("wait", math.inf)))
+    broken.absorb_error = ValueError("bad record")
+    with pytest.raises(ValueError, match="bad record"):
+        driver.drive(broken)
+
+    failing_job = Round(Machine(("get",), ("done",)))
+    failing_job.job_error = KeyError("job")
+    with pytest.raises(KeyError):
+        driver.drive(failing_job)
+    steps = failing_job.node.steps
+    # Items for a finished call wake nothing: the driver goes on with others.
+    failing_job.inbox.put(("state",))
+    assert driver.drive(Round(Machine(("txn",), ("done",)))) is True
+    assert failing_job.node.steps == steps
+
+
+def test_many_calls_at_once_each_stepped_by_one_thread_at_a_time(driver):
+    rounds = [Round(Machine(("txn",), ("get",), ("txn",), ("done",))) for _ in range(200)]
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda r=r: results.append(driver.drive(r)))
+               for r in rounds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 200
+    assert all(len(r.node.fed) == 3 for r in rounds)
+
+
+def test_closing_ends_a_call_in_progress_and_the_thread():
+    before = set(threading.enumerate())
+    driver = RoundDriver()
+    round = Round(Machine(("wait", math.inf)))
+    errors: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            driver.drive(round)
+        except RendezvousConnectionError as err:
+            errors.append(err)
+
+    caller = threading.Thread(target=drive)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while round.node.steps == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    driver.close()
+    caller.join(10)
+    assert not caller.is_alive()
+    assert errors and "closed" in str(errors[0])
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive()
+                and t.name == "rdzv-round-driver"]
+    with pytest.raises(RendezvousConnectionError):
+        driver.drive(Round(Machine(("done",))))
