@@ -263,16 +263,15 @@ class RoundDriver:
                 # Watch events are fed only to a machine that waits: a
                 # request's answer is decided on the state it was built on.
                 round.absorb()
-                call.waiting = False
             while True:
                 now = _now()
                 action = node.next_action(now)
                 step = action.step
+                call.waiting = step == _STEP_WAIT
                 if step == _STEP_DONE:
                     self._finish(call, None)
                     return
                 if step == _STEP_WAIT:
-                    call.waiting = True
                     if round.watches_stale():
                         call.busy = True
                         call.hand(("watches",))
