@@ -606,8 +606,7 @@ class EtcdClient:
             return self._read_only_txn(compares, success, failure, once)
         request = txn_request(self._rpc, compares, success, failure)
         response = self._call(self._kv.Txn, request, "transaction", once)
-        ops = success if response.succeeded else failure
-        return response.succeeded, response.header.revision, txn_results(ops, response.responses)
+        return _txn_answer(response, success, failure)
 
     def txn_nowait(
         self,
@@ -648,9 +647,7 @@ class EtcdClient:
             except Exception as err:
                 done(err)
                 return
-            ops = success if response.succeeded else failure
-            done((response.succeeded, response.header.revision,
-                  txn_results(ops, response.responses)))
+            done(_txn_answer(response, success, failure))
 
         future.add_done_callback(answered)
         return True
@@ -904,6 +901,15 @@ class EtcdClient:
             if _connections.get(self._use.key) is connection:
                 del _connections[self._use.key]
         connection.close()
+
+
+def _txn_answer(
+    response: Any, success: Sequence[Sequence[Any]], failure: Sequence[Sequence[Any]]
+) -> tuple[bool, int, list[Any]]:
+    """A TxnResponse as ``EtcdClient.txn`` returns it: ``(succeeded, revision,
+    results)``, the results shaped by the branch that ran."""
+    ops = success if response.succeeded else failure
+    return response.succeeded, response.header.revision, txn_results(ops, response.responses)
 
 
 class _WatchNotStarted(grpc.RpcError):

@@ -264,16 +264,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
         return bool(items)
 
     def _watches_stale(self) -> bool:
-        """Whether the watches held differ from those the node machine wants."""
-        wanted = self._node.watches
-        held = self._watches
-        if len(wanted) != len(held):
-            return True
-        for spec in wanted:
-            watch = held.get(spec.tag)
-            if watch is None or watch[0] != spec:
-                return True
-        return False
+        """Whether ``_sync_watches`` has anything to start or stop."""
+        held = {tag: watch[0] for tag, watch in self._watches.items()}
+        return held != {spec.tag: spec for spec in self._node.watches}
 
     def _sync_watches(self) -> bool:
         """Start and stop watches to match the node machine's; True if one started
