@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import pytest
 
 from rdzv import _state
@@ -28,7 +29,7 @@ ANSWER = (True, 7, [])
 
 
 class Machine:
-    """A node machine that plays a script of actions: ``("txn",)``, ``("get",)``,
+    """A node machine that plays a script of actions: ``("txn"[, key])``, ``("get",)``,
     ``("wait", until)`` (until a new inbox item, or ``until`` on the clock), ``("done",)``.
     It fails the test if two threads step it at once."""
 
@@ -50,7 +51,10 @@ class Machine:
                 self.script.pop(0)
                 self.seen = len(self.items)
                 kind = self.script[0]
-            if kind[0] == "txn":
+            if kind[0] == "txn" and len(kind) > 1:
+                # A confirmation's shape: a shared read and a put of its own.
+                action = _state.Action(TXN, [], [("get", b"shard"), ("put", kind[1], b"", 0)], [])
+            elif kind[0] == "txn":
                 action = _state.Action(TXN, [], [("put", b"k", b"v", 0)], [])
             elif kind[0] == "get":
                 action = _state.Action(GET, key=b"k")
@@ -75,13 +79,29 @@ class Client:
         self.answer = answer
         self.sends = sends
         self.sent = 0
+        self.requests: list[Any] = []
 
     def txn_nowait(self, compares: Any, success: Any, failure: Any, done: Any) -> bool:
         if not self.sends:
             return False
         self.sent += 1
+        self.requests.append(success)
         threading.Thread(target=done, args=(self.answer,)).start()
         return True
+
+
+class Echo(Client):
+    """Answers each operation with what it names: ``("read", key)`` for a get."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        super().__init__()
+        self.error = error
+
+    def txn_nowait(self, compares: Any, success: Any, failure: Any, done: Any) -> bool:
+        self.answer = self.error or (True, 7, [
+            ("read", op[1]) if op[0] == "get" else None for op in success])
+        self.error = None  # only the first request fails
+        return super().txn_nowait(compares, success, failure, done)
 
 
 class Round:
@@ -266,3 +286,78 @@ def test_closing_ends_a_call_in_progress_and_the_thread():
                 and t.name == "rdzv-round-driver"]
     with pytest.raises(RendezvousConnectionError):
         driver.drive(Round(Machine(("done",))))
+
+
+def _confirm_together(driver: RoundDriver, client: Client, count: int) -> list[Round]:
+    """``count`` calls that wait, then confirm in one pass of the driver: their
+    wake-ups are queued while the driver is held inside a request."""
+    rounds = [Round(Machine(("wait", math.inf), ("txn", b"confirmed/%d" % i), ("done",)),
+                    client) for i in range(count)]
+    results: list[bool] = []
+    callers = [threading.Thread(target=lambda r=r: results.append(driver.drive(r)))
+               for r in rounds]
+    for caller in callers:
+        caller.start()
+    deadline = time.monotonic() + 10
+    while not all(r.node.steps for r in rounds):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    entered, go = threading.Event(), threading.Event()
+
+    class Held(Client):
+        def txn_nowait(self, compares: Any, success: Any, failure: Any, done: Any) -> bool:
+            entered.set()
+            go.wait(10)
+            return super().txn_nowait(compares, success, failure, done)
+
+    holder = threading.Thread(target=driver.drive, args=(Round(Machine(("txn",), ("done",)),
+                                                               Held()),))
+    holder.start()
+    assert entered.wait(10)
+    for r in rounds:
+        r.inbox.put(("frozen",))
+    go.set()
+    for caller in [holder, *callers]:
+        caller.join(10)
+    assert results == [True] * count
+    return rounds
+
+
+def test_unconditional_transactions_of_one_pass_go_out_as_one(driver):
+    client = Echo()
+    rounds = _confirm_together(driver, client, 200)
+    # 200 confirmations, one read between them: 2 requests of at most 128 operations.
+    assert client.sent == 2
+    assert sorted(len(ops) for ops in client.requests) == [74, 128]
+    for r in rounds:
+        assert r.node.fed == [(True, 7, [("read", b"shard"), None])]
+        assert r.jobs == []
+    assert sorted(op[1] for ops in client.requests for op in ops if op[0] == "put") == \
+        sorted(b"confirmed/%d" % i for i in range(200))
+
+
+def test_a_merged_transaction_that_fails_is_retried_call_by_call(driver):
+    me = threading.get_ident()
+    rounds = _confirm_together(driver, Echo(error=TimeoutError("deadline")), 3)
+    for r in rounds:
+        # Retried by its calling thread, as a failed first attempt is.
+        assert [kind for kind, _ in r.jobs] == ["request"]
+        assert r.jobs[0][1] != me
+        assert r.node.fed == [("from the calling thread", TXN)]
+
+
+class _Refused(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self) -> str:
+        return "etcdserver: too many operations in txn request"
+
+
+def test_an_etcd_that_refuses_merged_transactions_gets_them_one_by_one(driver):
+    client = Echo(error=_Refused())
+    _confirm_together(driver, client, 3)
+    sent = client.sent
+    rounds = _confirm_together(driver, client, 3)
+    assert client.sent == sent + 3
+    assert all(r.node.fed == [(True, 7, [("read", b"shard"), None])] for r in rounds)

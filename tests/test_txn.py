@@ -11,6 +11,7 @@ from rdzv._etcd3_compat import load_etcd3
 from rdzv.txn import (
     compare_holds,
     is_read_only,
+    merge_unconditional,
     prefix_end,
     range_result,
     request_op,
@@ -131,3 +132,46 @@ def test_a_nested_transaction_is_sent_and_read_back_as_one() -> None:
     held = rpc.ResponseOp(response_txn=rpc.TxnResponse(succeeded=False, responses=[
         rpc.ResponseOp(response_range=_kvs((b"/c", b"other", 4, 4)))]))
     assert txn_results([op], [held]) == [(False, [(b"other", 4, 4)])]
+
+
+def _confirm(node: int, shard: int) -> list[tuple[Any, ...]]:
+    return [("get", b"shard/%d" % shard), ("put", b"confirmed/%d" % node, b"", node)]
+
+
+def test_unconditional_transactions_merge_with_each_get_sent_once() -> None:
+    parts = [_confirm(node, node % 2) for node in range(5)]
+    ((ops, picks),) = merge_unconditional(parts, 128)
+    assert ops.count(("get", b"shard/0")) == ops.count(("get", b"shard/1")) == 1
+    assert len(ops) == 2 + 5
+    # Each part reads back its own operations' results, in its own order.
+    for index, pick in picks:
+        assert [ops[i] for i in pick] == parts[index]
+    assert [index for index, _ in picks] == list(range(5))
+
+
+def test_merged_transactions_stay_within_the_operations_etcd_takes() -> None:
+    parts = [_confirm(node, node) for node in range(100)]
+    groups = merge_unconditional(parts, 128)
+    assert [len(ops) for ops, _ in groups] == [128, 72]
+    assert [index for _, picks in groups for index, _ in picks] == list(range(100))
+    with pytest.raises(ValueError, match="exceeds max_ops=1"):
+        merge_unconditional(parts, 1)
+
+
+def test_parts_that_touch_a_key_another_puts_go_in_another_transaction() -> None:
+    # A second put of the same key, a read of a key put before, a put of a
+    # key read before: each run alone would see what the merge would hide.
+    parts = [
+        [("put", b"a", b"1", 0)],
+        [("put", b"a", b"2", 0)],
+        [("get", b"a")],
+        [("get", b"b")],
+        [("put", b"b", b"3", 0)],
+    ]
+    groups = merge_unconditional(parts, 128)
+    assert [[index for index, _ in picks] for _, picks in groups] == [[0], [1], [2, 3], [4]]
+
+
+def test_only_gets_and_puts_merge() -> None:
+    with pytest.raises(ValueError, match="not 'delete'"):
+        merge_unconditional([[("get", b"a")], [("delete", b"a")]], 128)

@@ -11,6 +11,11 @@ queue), watch events are fed to the machine as they arrive, and a waiting
 machine is looked at again when its clock says so. The calling thread sleeps
 until its round is over.
 
+The unconditional transactions that calls ask for in one pass of the driver
+(a round's confirmations: every node of the process sees the round frozen by
+the same event) go out merged, up to etcd's 128 operations per transaction,
+each call getting its share of the answer.
+
 What blocks is handed back to the calling thread as a *job*: a read (sent as
 range requests, see ``EtcdClient.txn``), a request whose first attempt failed
 (retried there as the client's policy says), a request of a client whose calls
@@ -33,8 +38,11 @@ from collections import deque
 from time import monotonic as _now
 from typing import Any, Protocol
 
+import grpc
+
 from rdzv import _state
 from rdzv.api import RendezvousConnectionError
+from rdzv.txn import merge_unconditional
 
 __all__ = ["Round", "RoundDriver"]
 
@@ -47,6 +55,15 @@ _STEP_DONE = _state.Step.STEP_DONE
 _TIMED_OUT = "timed out"
 # How long a closing connection waits for its driver thread.
 _THREAD_EXIT_TIMEOUT = 5.0
+# The most operations of a merged transaction: etcd's default --max-txn-ops.
+_MERGE_OPS = 128
+
+
+def _unconditional(action: Any) -> bool:
+    """Whether a transaction always runs its success branch, of gets and puts
+    only: those of several calls can be sent as one (``_send_unconditional``)."""
+    return not action.compares and not action.failure and len(action.success) <= _MERGE_OPS \
+        and all(op[0] == "get" or op[0] == "put" for op in action.success)
 
 
 class Round(Protocol):
@@ -124,6 +141,10 @@ class RoundDriver:
         self._calls: set[_Call] = set()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # Calls of this pass with an unconditional transaction to send, and
+        # whether to merge those (etcd took the merged transactions so far).
+        self._unsent: list[_Call] = []
+        self._merge = True
 
     def drive(self, round: Round) -> bool:
         """Step ``round`` until it ends; run the jobs it hands back meanwhile.
@@ -182,6 +203,12 @@ class RoundDriver:
                 self._thread.start()
             self._cond.notify()
 
+    def _post_all(self, items: list[tuple[str, _Call, Any]]) -> None:
+        with self._cond:
+            if not self._closed:
+                self._queue.extend(items)
+                self._cond.notify()
+
     def _run(self) -> None:
         failure: BaseException
         try:
@@ -238,6 +265,8 @@ class RoundDriver:
             for call in ready:
                 if not call.finished and not call.busy:
                     self._advance(call)
+            if self._unsent:
+                self._send_unconditional()
 
     def _answered(self, call: _Call, answer: Any) -> bool:
         """Feed a request's answer; True if the machine can go on."""
@@ -288,13 +317,65 @@ class RoundDriver:
                     return
                 call.action = action
                 call.busy = True
-                if not (step == _STEP_TXN and not action.once and round.client.txn_nowait(
+                if step == _STEP_TXN and not action.once and self._merge and _unconditional(action):
+                    # Sent with the others of this pass (_send_unconditional).
+                    self._unsent.append(call)
+                elif not (step == _STEP_TXN and not action.once and round.client.txn_nowait(
                         action.compares, action.success, action.failure,
                         lambda answer: self._post("answer", call, answer))):
                     call.hand(("request", action))
                 return
         except BaseException as err:
             self._finish(call, err)
+
+    def _send_unconditional(self) -> None:
+        """Send the unconditional transactions of this pass's calls, merged.
+
+        A round's confirmations come from every node of the process at once
+        (they all see the round frozen by one event of the shared watch):
+        merged, they cost one request per ``_MERGE_OPS`` operations instead
+        of one each. A merged transaction that fails hands each call its own
+        request to retry, as a failed first attempt does.
+        """
+        calls, self._unsent = self._unsent, []
+        groups = merge_unconditional([call.action.success for call in calls], _MERGE_OPS)
+        for ops, picks in groups:
+            members = [(calls[index], pick) for index, pick in picks]
+            try:
+                if len(members) == 1:
+                    call = members[0][0]
+                    action = call.action
+                    sent = call.round.client.txn_nowait(
+                        action.compares, action.success, action.failure,
+                        lambda answer, call=call: self._post("answer", call, answer))
+                else:
+                    sent = members[0][0].round.client.txn_nowait(
+                        [], ops, [], lambda answer, members=members: self._merged_answer(
+                            members, answer))
+            except BaseException as err:
+                for call, _ in members:
+                    self._finish(call, err)
+                continue
+            if not sent:
+                for call, _ in members:
+                    call.hand(("request", call.action))
+
+    def _merged_answer(self, members: list[tuple[_Call, list[int]]], answer: Any) -> None:
+        """On gRPC's thread: each call's share of a merged transaction's answer."""
+        if isinstance(answer, BaseException):
+            if isinstance(answer, grpc.RpcError) and \
+                    answer.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # An etcd that takes fewer operations per transaction
+                # (--max-txn-ops): send each call's alone from now on.
+                if self._merge:
+                    logger.info("etcd refused a merged transaction of %d calls (%s); "
+                                "sending them one by one", len(members), answer.details())
+                self._merge = False
+            self._post_all([("answer", call, answer) for call, _ in members])
+            return
+        _ok, revision, results = answer
+        self._post_all([("answer", call, (True, revision, [results[i] for i in pick]))
+                        for call, pick in members])
 
     def _finish(self, call: _Call, outcome: Any) -> None:
         call.finished = True

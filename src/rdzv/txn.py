@@ -37,6 +37,7 @@ __all__ = [
     "READ_OPS",
     "compare_holds",
     "is_read_only",
+    "merge_unconditional",
     "prefix_end",
     "range_request",
     "range_result",
@@ -66,6 +67,67 @@ def is_read_only(success: Sequence[Sequence[Any]], failure: Sequence[Sequence[An
         op[0] in READ_OPS or (op[0] == "txn" and is_read_only(op[2], op[3]))
         for op in (*success, *failure)
     )
+
+
+def merge_unconditional(
+    parts: Sequence[Sequence[Sequence[Any]]], max_ops: int
+) -> list[tuple[list[Sequence[Any]], list[tuple[int, list[int]]]]]:
+    """Group unconditional transactions into as few transactions as possible.
+
+    Each part is the operations of a transaction without compares (it always
+    runs its success branch), gets and puts only. Parts that touch no key
+    another part of their group puts run as one transaction exactly as they
+    would one after the other: each get reads what it would alone, and the
+    puts land together. Gets of the same key are sent once.
+
+    Args:
+        parts: the parts' operations, ``("get", key)`` and ``("put", ...)``.
+        max_ops: the most operations one merged transaction may hold (etcd's
+            ``--max-txn-ops``, 128 by default).
+
+    Returns:
+        ``[(ops, picks), ...]``: per merged transaction, its operations, and
+        for each of its parts ``(index in parts, [index in ops of each of the
+        part's operations])``, in the order of ``parts``.
+
+    Raises:
+        ValueError: a part has an operation other than a get or a put, or
+            more than ``max_ops`` operations.
+    """
+    groups: list[tuple[list[Sequence[Any]], list[tuple[int, list[int]]]]] = []
+    ops: list[Sequence[Any]] = []
+    picks: list[tuple[int, list[int]]] = []
+    gets: dict[bytes, int] = {}
+    puts: set[bytes] = set()
+    for index, part in enumerate(parts):
+        for op in part:
+            if op[0] not in ("get", "put"):
+                raise ValueError(f"only gets and puts can be merged, not {op[0]!r}")
+        if len(part) > max_ops:
+            raise ValueError(f"a part of {len(part)} operations exceeds max_ops={max_ops}")
+        part_gets = {op[1] for op in part if op[0] == "get"}
+        part_puts = {op[1] for op in part if op[0] == "put"}
+        new_ops = sum(1 for op in part if op[0] == "put" or op[1] not in gets)
+        if ops and (len(ops) + new_ops > max_ops or not part_puts.isdisjoint(puts)
+                    or not part_puts.isdisjoint(gets) or not part_gets.isdisjoint(puts)):
+            groups.append((ops, picks))
+            ops, picks, gets, puts = [], [], {}, set()
+        pick = []
+        for op in part:
+            if op[0] == "get":
+                at = gets.get(op[1])
+                if at is None:
+                    at = gets[op[1]] = len(ops)
+                    ops.append(op)
+            else:
+                at = len(ops)
+                ops.append(op)
+            pick.append(at)
+        puts |= part_puts
+        picks.append((index, pick))
+    if ops:
+        groups.append((ops, picks))
+    return groups
 
 
 def txn_request(
