@@ -1,8 +1,9 @@
 """Rounds of thousands of nodes, against one etcd and a 3-member cluster, beside the floor.
 
 N nodes spread over P node processes (each hosts N/P handlers on its one shared
-connection) are released together into one round (``min_nodes = max_nodes =
-N``); the clock runs from the release to the last node's return. Each N runs
+connection; P fixed by ``--procs``, or growing with N by ``--per-proc``) are
+released together into one round (``min_nodes = max_nodes = N``); the clock
+runs from the release to the last node's return. Each N runs
 against one etcd and against a local 3-member ``EtcdCluster`` (endpoint = the
 member list), both started here, one after the other.
 
@@ -28,6 +29,7 @@ Usage::
 
     python benchmarks/scale.py --nodes 1024,2048,4096 --procs 4 --append
     python benchmarks/scale.py --nodes 8192 --procs 8 --backends single --repeats 1
+    python benchmarks/scale.py --nodes 1024,4096,16384 --per-proc 128 --backends single
 """
 
 from __future__ import annotations
@@ -237,7 +239,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=lambda t: [int(x) for x in t.split(",")],
                         default=list(DEFAULT_NODES), help="comma-separated N values")
-    parser.add_argument("--procs", type=int, default=4, help="node processes")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--procs", type=int, default=4, help="node processes, at every N")
+    group.add_argument("--per-proc", type=int, default=None, metavar="K",
+                       help="handlers per node process: ceil(N/K) processes at each N "
+                            "(instead of --procs)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per N and backend")
     parser.add_argument("--backends", type=lambda t: t.split(","), default=list(BACKENDS),
                         help="single, cluster or both")
@@ -248,6 +254,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a rendezvous option for every handler, e.g. lease_ttl=30")
     parser.add_argument("--append", action="store_true", help=f"append to {RESULTS}")
     args = parser.parse_args(argv)
+    for name in ("procs", "per_proc"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     for backend in args.backends:
         if backend not in BACKENDS:
             parser.error(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -270,10 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not versions:
                 versions = jl.environment(view, os.getloadavg())
             for nodes in args.nodes:
-                point = run_point(view, backend, nodes, args.procs, args.repeats, args.limit,
+                procs = args.procs if args.per_proc is None else -(-nodes // args.per_proc)
+                point = run_point(view, backend, nodes, procs, args.repeats, args.limit,
                                   others, args.option)
                 points.append(point)
                 print(table([point]), file=sys.stderr, flush=True)
+    hosting = (f"N/{args.procs} handlers in each of {args.procs} processes"
+               if args.per_proc is None else
+               f"{args.per_proc} handlers per process (N/{args.per_proc} processes)")
     section = "\n".join([
         f"## Scale run of {started:%Y-%m-%d %H:%M} UTC",
         "",
@@ -282,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *versions,
         f"- Load average (1, 5, 15 min) before: {load_before}; after: {_uptime()}; "
         f"whole run {(time.monotonic() - wall) / 60:.1f} min",
-        f"- Nodes: N/{args.procs} handlers in each of {args.procs} processes; single = one "
+        f"- Nodes: {hosting}; single = one "
         "etcd, cluster = 3 members on this machine; floor = N concurrent puts and one "
         "watch on one grpc.aio channel, 3 runs before and 3 after the rounds (fastest shown)",
         f"- rdzv options: {', '.join(f'{k}={v}' for k, v in args.option) or 'defaults'}",
