@@ -10,9 +10,11 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 
+from rdzv._mux import KeepAliveHub
 from rdzv.api import RendezvousConnectionError
 from rdzv.client import EtcdClient, EtcdConfig, LeaseLostError, parse_endpoints
 from rdzv.retry import RetryPolicy
@@ -113,6 +115,47 @@ def test_an_idle_keep_alive_stream_is_not_taken_for_a_hung_one(
             keep(2)
         assert "answered nothing" not in caplog.text
         assert "keep-alive stream broke" not in caplog.text
+    finally:
+        client.close()
+
+
+def test_keep_alives_due_close_together_go_out_together(
+    etcd_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process of many leases, kept alive one by one on their own beats,
+    # would wake the keep-alive threads once per lease. A lease whose
+    # keep-alive is due soon goes with those due now, and keeps their beat.
+    sends: list[list[int]] = []
+    sent = threading.Condition()
+    send = KeepAliveHub._send
+
+    def spy(hub: KeepAliveHub, lease_ids: list[int]) -> None:
+        with sent:
+            sends.append(list(lease_ids))
+            sent.notify_all()
+        send(hub, lease_ids)
+
+    def wait_for(predicate: Any) -> None:
+        with sent:
+            assert sent.wait_for(predicate, timeout=20), sends
+
+    monkeypatch.setattr(KeepAliveHub, "_send", spy)
+    client = EtcdClient(_config(f"{etcd_endpoint},{etcd_endpoint}"))
+    interval = 1.0
+    try:
+        first = client.lease_grant(30)
+        client.keep_alive(first, 30, interval, threading.Event(), lambda ttl: None, lambda: None)
+        wait_for(lambda: any(first in s for s in sends))
+        # Registered after the first's keep-alive went out: due a moment after it.
+        second = client.lease_grant(30)
+        client.keep_alive(second, 30, interval, threading.Event(), lambda ttl: None,
+                          lambda: None)
+        wait_for(lambda: sum(first in s for s in sends) == 2)
+        together = [s for s in sends if first in s][1]
+        assert second in together, sends
+        wait_for(lambda: sum(first in s for s in sends) == 3)
+        # And the beat holds: the next ones go out together again.
+        assert sorted([s for s in sends if first in s][2]) == sorted([first, second]), sends
     finally:
         client.close()
 

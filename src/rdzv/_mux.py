@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 #: within one gRPC poll.
 _THREAD_EXIT_TIMEOUT = 2.0
 
+#: How early, as a share of its interval, a lease's keep-alive may go out
+#: with others that are due.
+_EARLY = 0.25
+
 #: Events a shared watch keeps for subscribers that start from a revision it
 #: has already delivered (see ``_SharedWatch``).
 _SHARED_HISTORY = 256
@@ -597,7 +601,14 @@ class KeepAliveHub:
                 if self._closed:
                     return
                 now = time.monotonic()
-                while self._heap and self._heap[0][0] <= now:
+                # The leases due now, and with them those due within a
+                # quarter of their interval: sent a little early, they keep
+                # the same beat from then on, so a process of many leases
+                # wakes this thread, and gRPC's, a few times per interval
+                # rather than once per lease.
+                while self._heap and (self._heap[0][0] <= now or (
+                        (due or silent) and self._heap[0][0] - now
+                        <= self._heap[0][2].interval * _EARLY)):
                     _, _, lease = heapq.heappop(self._heap)
                     if lease.stop.is_set() or self._leases.get(lease.lease_id) is not lease:
                         continue
