@@ -80,3 +80,14 @@ def test_bytes_per_node_stay_a_few_kb(etcd_server, run_id):
     n = 256
     sent = round_counters(etcd_server, run_id, n)["etcd_network_client_grpc_sent_bytes_total"]
     assert sent <= 4096 * n, sent / n
+
+
+def test_the_nodes_of_one_process_confirm_in_merged_requests(etcd_server, run_id):
+    """Every node of a process sees the round frozen by the same event of
+    their shared watch; their confirmations go out merged (up to 128
+    operations a request), not one request each."""
+    n = 64
+    txns = round_counters(etcd_server, run_id, n)[COUNTERS[5]]
+    # Per node: its join. Per round: the opening, the freeze, the final and
+    # a few merged confirmations. One request per confirmation would be 2n.
+    assert txns <= n + n / 4 + 8, txns
