@@ -320,13 +320,20 @@ class RoundDriver:
                 if step == _STEP_TXN and not action.once and self._merge and _unconditional(action):
                     # Sent with the others of this pass (_send_unconditional).
                     self._unsent.append(call)
-                elif not (step == _STEP_TXN and not action.once and round.client.txn_nowait(
-                        action.compares, action.success, action.failure,
-                        lambda answer: self._post("answer", call, answer))):
-                    call.hand(("request", action))
+                else:
+                    self._send(call)
                 return
         except BaseException as err:
             self._finish(call, err)
+
+    def _send(self, call: _Call) -> None:
+        """Send a call's request without waiting, or hand it to the calling
+        thread when it blocks (a read, a client with interceptors)."""
+        action = call.action
+        if not (action.step == _STEP_TXN and not action.once and call.round.client.txn_nowait(
+                action.compares, action.success, action.failure,
+                lambda answer: self._post("answer", call, answer))):
+            call.hand(("request", action))
 
     def _send_unconditional(self) -> None:
         """Send the unconditional transactions of this pass's calls, merged.
@@ -343,15 +350,11 @@ class RoundDriver:
             members = [(calls[index], pick) for index, pick in picks]
             try:
                 if len(members) == 1:
-                    call = members[0][0]
-                    action = call.action
-                    sent = call.round.client.txn_nowait(
-                        action.compares, action.success, action.failure,
-                        lambda answer, call=call: self._post("answer", call, answer))
-                else:
-                    sent = members[0][0].round.client.txn_nowait(
-                        [], ops, [], lambda answer, members=members: self._merged_answer(
-                            members, answer))
+                    self._send(members[0][0])
+                    continue
+                sent = members[0][0].round.client.txn_nowait(
+                    [], ops, [], lambda answer, members=members: self._merged_answer(
+                        members, answer))
             except BaseException as err:
                 for call, _ in members:
                     self._finish(call, err)
