@@ -189,6 +189,7 @@ cdef class RunView:
     cdef readonly bint state_unreadable     # the record vanished or cannot be decoded
     cdef readonly long long revision        # every change up to here is applied
     cdef readonly long long read_revision   # revision of the last read
+    cdef readonly bint read_counted         # the last read counted the round's members
     cdef readonly long long watched_revision  # a watch delivered everything up to here
     cdef readonly double verified_at        # when a read or a live connection last confirmed it
     cdef readonly double check_interval

@@ -2582,6 +2582,7 @@ cdef class RunView:
         # Until its first read the view knows the record and nothing more.
         self.revision = state_mod
         self.read_revision = 0
+        self.read_counted = False
         self.watched_revision = state_mod
         self.verified_at = -INFINITY
         self.check_interval = check_interval
@@ -2662,16 +2663,23 @@ cdef class RunView:
             return (state_key, None)
         return (self.members_prefix, state_key + b"\x00")
 
-    def read_ops(self):
-        """Operations of one read-only transaction that re-reads what the view holds."""
+    def read_ops(self, bint count=True):
+        """Operations of one read-only transaction that re-reads what the view holds.
+
+        ``count=False`` leaves out the count of the round's member keys, which
+        costs etcd a walk of all N of them: a read that a new watch goes with,
+        started at ``watch_start``, needs none, since that watch names every
+        member lost since the last one's events (``observe_events``).
+        """
         cdef list ops = [("get", self.keys.state)]
         if self.moved_on or self.closed:
             return ops
         ops.extend([
             ("list", self.waiting_prefix, VIEW_LIST_LIMIT),
             ("list", self.next_prefix, VIEW_LIST_LIMIT),
-            ("count", self.members_prefix, self.cutoff),
         ])
+        if count:
+            ops.append(("count", self.members_prefix, self.cutoff))
         return ops
 
     def check_due(self, double now):
@@ -2711,9 +2719,11 @@ cdef class RunView:
             self.waiting = {key[len(self.waiting_prefix):].decode() for key in waiting_keys}
             self.next_members = {key[len(self.next_prefix):].decode() for key in next_keys}
             self.unlisted = (waiting_count - len(self.waiting)) + (next_count - len(self.next_members))
-            # A lost member never comes back (its lease is gone): the named ones
-            # stay, and what else is missing is counted without a name.
-            self.unnamed_lost = max(0, self.world_size - results[3] - len(self.lost))
+            if len(results) > 3:
+                # A lost member never comes back (its lease is gone): the named
+                # ones stay, and what else is missing is counted without a name.
+                self.unnamed_lost = max(0, self.world_size - results[3] - len(self.lost))
+        self.read_counted = len(results) > 3
         self.revision = revision
         self.read_revision = revision
         return before != (self.state_mod, self.state_unreadable, frozenset(self.waiting),
@@ -2739,8 +2749,10 @@ cdef class RunView:
                 self.watched_revision = revision
             if revision <= self.read_revision:
                 # Already in the last read, which counted a lost member without
-                # its name: the deletion gives the name.
-                if not is_put and self.unnamed_lost > 0 and key.startswith(self.members_prefix):
+                # its name (the deletion gives the name), or did not count the
+                # members at all (the deletion is the news).
+                if not is_put and (self.unnamed_lost > 0 or not self.read_counted) \
+                        and key.startswith(self.members_prefix):
                     self._member_deleted(key)
                 continue
             self._apply(is_put, key, value, revision)

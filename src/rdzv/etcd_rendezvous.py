@@ -613,7 +613,10 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._view_job_running = True
                 threading.Thread(
                     target=self._view_job,
-                    args=(view, view.read_ops() if need_read else None,
+                    # A read with a new watch leaves out the count of the round's
+                    # members (a walk of all N in etcd, by every node): the
+                    # watch names those lost since the last one's events.
+                    args=(view, view.read_ops(count=not need_watch) if need_read else None,
                           spec if need_watch else None, view.watch_start),
                     name="rdzv-view", daemon=True,
                 ).start()
@@ -664,9 +667,10 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 try:
                     watch = self._new_view_watch(spec, start)
                 except WatchRefused:
-                    if read is None:
-                        _, revision, results = self._client.txn([], view.read_ops(), [])
-                        read = (revision, results)
+                    # Its start was compacted: a read counts the members lost
+                    # before it, which that watch would have named.
+                    _, revision, results = self._client.txn([], view.read_ops(), [])
+                    read = (revision, results)
                     watch = self._new_view_watch(spec, read[0] + 1)
             self._view_jobs.put(("done", view, read, watch))
         except RendezvousError as err:
