@@ -8,9 +8,11 @@ what wakes a waiting machine, deadlines, errors and closing.
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
+import weakref
 from typing import Any
 
 import grpc
@@ -228,6 +230,33 @@ def test_the_deadline_ends_a_waiting_call(driver):
     round = Round(Machine(("wait", math.inf)), deadline=start + 0.2)
     assert driver.drive(round) is False
     assert 0.2 <= time.monotonic() - start < 5
+
+
+def test_finished_calls_are_not_held_until_their_deadline(driver):
+    """A waiting call's wake-up is set at its round's deadline, here an hour
+    away: once done, the calls (and their rounds) must not stay with the
+    driver that long."""
+    deadline = time.monotonic() + 3600
+    rounds = [Round(Machine(("wait", math.inf), ("done",)), deadline=deadline)
+              for _ in range(100)]
+    wakers = [threading.Thread(target=_put_when_waiting, args=(r,)) for r in rounds]
+    threads = [threading.Thread(target=driver.drive, args=(r,)) for r in rounds]
+    for thread in (*wakers, *threads):
+        thread.start()
+    for thread in (*wakers, *threads):
+        thread.join()
+    assert all(r.node.items == [("state",)] and r.node.script == [("done",)] for r in rounds)
+    held = [weakref.ref(r) for r in rounds]
+    del rounds, wakers, threads
+    # One more call, whose wait comes after them all.
+    last = Round(Machine(("wait", math.inf), ("done",)), deadline=deadline)
+    waker = threading.Thread(target=_put_when_waiting, args=(last,))
+    waker.start()
+    assert driver.drive(last) is True
+    waker.join()
+    gc.collect()
+    # Stale wake-ups are dropped once they outnumber the live ones by 64.
+    assert sum(ref() is not None for ref in held) <= 64
 
 
 def test_errors_reach_the_caller_and_the_machine_is_left_alone(driver):

@@ -57,6 +57,8 @@ _TIMED_OUT = "timed out"
 _THREAD_EXIT_TIMEOUT = 5.0
 # The most operations of a merged transaction: etcd's default --max-txn-ops.
 _MERGE_OPS = 128
+# Stale wake-ups tolerated beyond twice the live calls before they are dropped.
+_STALE_TIMERS = 64
 
 
 def _unconditional(action: Any) -> bool:
@@ -314,6 +316,8 @@ class RoundDriver:
                         at = min(round.deadline, action.wake_at)
                         if at < math.inf:
                             heapq.heappush(self._timers, (at, next(self._order), call, call.timer))
+                            if len(self._timers) > 2 * len(self._calls) + _STALE_TIMERS:
+                                self._drop_stale_timers()
                     return
                 call.action = action
                 call.busy = True
@@ -325,6 +329,16 @@ class RoundDriver:
                 return
         except BaseException as err:
             self._finish(call, err)
+
+    def _drop_stale_timers(self) -> None:
+        """Forget the wake-ups of finished calls and those a later wait
+        replaced (a call keeps only its newest), in place. They would stay
+        until due, holding their calls, and a round's deadline may be many
+        minutes away; dropped when they outnumber the live ones, the cost is
+        O(1) per wake-up."""
+        timers = self._timers
+        timers[:] = [timer for timer in timers if timer[2].timer == timer[3]]
+        heapq.heapify(timers)
 
     def _send(self, call: _Call) -> None:
         """Send a call's request without waiting, or hand it to the calling
