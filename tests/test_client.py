@@ -6,6 +6,7 @@ connection leaves no thread behind."""
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
 import time
@@ -158,6 +159,67 @@ def test_keep_alives_due_close_together_go_out_together(
         assert sorted([s for s in sends if first in s][2]) == sorted([first, second]), sends
     finally:
         client.close()
+
+
+class _KeepAliveRequest:
+    def __init__(self, ID: int) -> None:
+        self.ID = ID
+
+
+class _Rpc:
+    LeaseKeepAliveRequest = _KeepAliveRequest
+
+
+class _KeepAliveStream:
+    """A LeaseKeepAlive stream that answers only the leases in ``answered``,
+    reading its requests with a thread of its own, as gRPC's does."""
+
+    def __init__(self, requests: Any, answered: set[int], sent: list[int],
+                 cond: threading.Condition) -> None:
+        self._answers: queue.Queue = queue.Queue()
+
+        def read() -> None:
+            for request in requests:
+                with cond:
+                    sent.append(request.ID)
+                    cond.notify_all()
+                if request.ID in answered:
+                    self._answers.put(type("Answer", (), {"ID": request.ID, "TTL": 30})())
+            self._answers.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def __iter__(self) -> Any:
+        while (answer := self._answers.get()) is not None:
+            yield answer
+
+    def cancel(self) -> None:
+        self._answers.put(None)
+
+
+def test_a_lease_whose_keep_alive_is_unanswered_gets_no_other() -> None:
+    # A process too loaded to send its keep-alives as fast as they fall due
+    # must not queue a lease's next one behind the last: the stream is
+    # answered in order, so it could only renew the lease later still, and
+    # the queue would grow until every lease lapsed.
+    sent: list[int] = []
+    cond = threading.Condition()
+
+    class Stub:
+        def LeaseKeepAlive(self, requests: Any, metadata: Any = None) -> Any:
+            return _KeepAliveStream(requests, {2}, sent, cond)
+
+    hub = KeepAliveHub(Stub(), _Rpc, lambda: None)
+    try:
+        for lease_id in (1, 2):
+            hub.add(lease_id, 30.0, 0.05, threading.Event(), lambda ttl: None, lambda: None)
+        with cond:
+            assert cond.wait_for(lambda: sent.count(2) >= 10, timeout=20), sent
+        # Ten beats: lease 2, answered each time, went each time; lease 1,
+        # whose answer never came, went once.
+        assert sent.count(1) == 1, sent
+    finally:
+        hub.close()
 
 
 def test_a_closed_connection_leaves_none_of_its_threads_running(etcd_endpoint: str) -> None:

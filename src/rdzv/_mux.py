@@ -499,7 +499,8 @@ class WatchMux:
 # =================================================================== keep-alives
 class KeptLease:
     """One lease kept alive by the hub; ``last_answer`` is the ``time.monotonic()``
-    time of its last answer with a positive TTL (or of its registration)."""
+    time of its last answer with a positive TTL (or of its registration), and
+    ``pending`` whether a keep-alive of it awaits its answer on the stream."""
 
     def __init__(self, lease_id: int, ttl: float, interval: float, stop: threading.Event,
                  answered: Callable[[int], None], silent: Callable[[], None]) -> None:
@@ -510,6 +511,7 @@ class KeptLease:
         self.answered = answered
         self.silent = silent
         self.last_answer = time.monotonic()
+        self.pending = False
 
 
 class KeepAliveHub:
@@ -520,6 +522,12 @@ class KeepAliveHub:
     answer for its whole TTL is reported silent (and dropped); a stream that
     breaks, or that answers nothing for half the shortest TTL while keep-alives
     are due, is replaced.
+
+    A lease whose last keep-alive is still unanswered gets no other on the same
+    stream: the stream is answered in order, so a second could only renew the
+    lease after the first, and a process too loaded to keep up would queue
+    keep-alives faster than it sends them, each behind the rest, until its
+    leases lapsed. Then each lease waits in the queue at most once.
     """
 
     def __init__(self, stub: Any, rpc: Any, metadata: Callable[[], Any]) -> None:
@@ -606,8 +614,9 @@ class KeepAliveHub:
                 # the same beat from then on, so a process of many leases
                 # wakes this thread, and gRPC's, a few times per interval
                 # rather than once per lease.
+                waiting: list[KeptLease] = []  # due, their last keep-alive unanswered
                 while self._heap and (self._heap[0][0] <= now or (
-                        (due or silent) and self._heap[0][0] - now
+                        (due or silent or waiting) and self._heap[0][0] - now
                         <= self._heap[0][2].interval * _EARLY)):
                     _, _, lease = heapq.heappop(self._heap)
                     if lease.stop.is_set() or self._leases.get(lease.lease_id) is not lease:
@@ -616,18 +625,21 @@ class KeepAliveHub:
                         del self._leases[lease.lease_id]
                         silent.append(lease)
                         continue
-                    due.append(lease)
+                    (waiting if lease.pending else due).append(lease)
                     heapq.heappush(self._heap, (now + lease.interval, next(self._order), lease))
                 # A stream that owes answers for half a TTL is replaced: that
                 # leaves time to reopen it (on another member, round robin)
                 # before the lease is lost.
-                stalled = (self._call is not None and due and self._unanswered > 0
-                           and now - self._stream_answered > min(x.ttl for x in due) / 2)
+                owed = due + waiting
+                stalled = (self._call is not None and owed and self._unanswered > 0
+                           and now - self._stream_answered > min(x.ttl for x in owed) / 2)
             for lease in silent:
                 lease.silent()
             if stalled:
                 logger.debug("keep-alive stream answered nothing for a TTL; opening another")
                 self._close_stream()
+                # The new stream owes nothing: their keep-alives go on it now.
+                due += waiting
             if due:
                 self._send([lease.lease_id for lease in due])
 
@@ -654,6 +666,10 @@ class KeepAliveHub:
                 self._stream_answered = time.monotonic()
             self._unanswered += len(lease_ids)
             for lease_id in lease_ids:
+                # Before the request goes: its answer clears it.
+                lease = self._leases.get(lease_id)
+                if lease is not None:
+                    lease.pending = True
                 self._requests.put(self._rpc.LeaseKeepAliveRequest(ID=lease_id))
 
     def _read(self, call: Any) -> None:
@@ -666,6 +682,7 @@ class KeepAliveHub:
                 lease = self._leases.get(response.ID)
                 if lease is None or lease.stop.is_set():
                     continue
+                lease.pending = False
                 if response.TTL > 0:
                     lease.last_answer = time.monotonic()
                 else:
@@ -685,6 +702,9 @@ class KeepAliveHub:
             self._call = self._requests = None
         if requests is None:
             return ()
+        # What the old stream owed, the next one sends again.
+        for lease in list(self._leases.values()):
+            lease.pending = False
         requests.end()
         call.cancel()
         return (reader, requests.sender)
