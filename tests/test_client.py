@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -161,13 +162,8 @@ def test_keep_alives_due_close_together_go_out_together(
         client.close()
 
 
-class _KeepAliveRequest:
-    def __init__(self, ID: int) -> None:
-        self.ID = ID
-
-
-class _Rpc:
-    LeaseKeepAliveRequest = _KeepAliveRequest
+# The protobuf messages a KeepAliveHub makes and reads, as plain records.
+_RPC = SimpleNamespace(LeaseKeepAliveRequest=lambda ID: SimpleNamespace(ID=ID))
 
 
 class _KeepAliveStream:
@@ -184,7 +180,7 @@ class _KeepAliveStream:
                     sent.append(request.ID)
                     cond.notify_all()
                 if request.ID in answered:
-                    self._answers.put(type("Answer", (), {"ID": request.ID, "TTL": 30})())
+                    self._answers.put(SimpleNamespace(ID=request.ID, TTL=30))
             self._answers.put(None)
 
         threading.Thread(target=read, daemon=True).start()
@@ -209,7 +205,7 @@ def test_a_lease_whose_keep_alive_is_unanswered_gets_no_other() -> None:
         def LeaseKeepAlive(self, requests: Any, metadata: Any = None) -> Any:
             return _KeepAliveStream(requests, {2}, sent, cond)
 
-    hub = KeepAliveHub(Stub(), _Rpc, lambda: None)
+    hub = KeepAliveHub(Stub(), _RPC, lambda: None)
     try:
         for lease_id in (1, 2):
             hub.add(lease_id, 30.0, 0.05, threading.Event(), lambda ttl: None, lambda: None)
