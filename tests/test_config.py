@@ -99,6 +99,13 @@ def test_options_get_their_defaults_and_are_read_once() -> None:
     assert (options.timeout, options.last_call_timeout, options.store_timeout) == (600, 30, 300)
     assert options.etcd_prefix == "/rdzv"
     assert options.rank_order == "stable"
+    assert options.lease_scope == "node"
+
+
+def test_lease_scope_is_node_or_process() -> None:
+    assert RendezvousOptions.from_params(_params(lease_scope="process")).lease_scope == "process"
+    with pytest.raises(ValueError, match="'lease_scope' must be one of node, process, got 'host'"):
+        RendezvousOptions.from_params(_params(lease_scope="host"))
 
 
 def test_credentials_come_from_the_environment_where_options_leave_them_out() -> None:

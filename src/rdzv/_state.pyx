@@ -1498,7 +1498,7 @@ cdef class Node:
     """One node's side of the rendezvous, as a sans-I/O state machine.
 
     Args:
-        node_id: unique id (the lease id in hex); key names use it.
+        node_id: unique id (from the lease id in hex); key names use it.
         keys: the run's ``RunKeys``.
         min_nodes, max_nodes: bounds this node asks for (the state record's
             win once a round exists).

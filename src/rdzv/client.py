@@ -126,6 +126,10 @@ class _Connection:
         self.watches = WatchMux(rpc.WatchStub(etcd.channel), rpc)
         self.keepalives = KeepAliveHub(rpc.LeaseStub(etcd.channel), rpc, lambda: etcd.metadata)
         self.driver = RoundDriver()
+        #: The nodes' shared leases by (TTL, keep-alive interval), and their lock
+        #: (``rdzv.session``).
+        self.shared_leases: dict[Any, Any] = {}
+        self.shared_leases_lock = threading.Lock()
         with _live_lock:
             _live_connections.add(self)
 
@@ -773,6 +777,13 @@ class EtcdClient:
         """
         self.check_process()
         return self._connection.keepalives.add(lease_id, ttl, interval, stop, answered, silent)
+
+    def shared_leases(self) -> tuple[dict[Any, Any], threading.Lock]:
+        """The registry of leases that nodes on this connection share
+        (``rdzv.session``), and the lock that guards it."""
+        self.check_process()
+        connection = self._connection
+        return connection.shared_leases, connection.shared_leases_lock
 
     def stop_keep_alive(self, lease_id: int) -> None:
         """Stop keeping ``lease_id`` alive (as its ``stop`` event does)."""

@@ -39,6 +39,7 @@ __all__ = [
     "RENDEZVOUS_OPTIONS",
     "EtcdConfig",
     "RendezvousOptions",
+    "check_lease_scope",
     "check_node_bounds",
     "check_rank_order",
     "default_keepalive_interval",
@@ -105,6 +106,9 @@ RENDEZVOUS_OPTIONS: dict[str, str] = {
     "a group's nodes get contiguous ranks",
     "rank_order": "'stable' (default: survivors keep their ranks, newcomers fill the free "
     "ranks in topology order) or 'topology' (every round ranked in topology order)",
+    "lease_scope": "'node' (default: each node keeps a lease of its own alive) or 'process' "
+    "(the nodes of a process share one lease and one keep-alive, and are lost together; "
+    "for processes that host many nodes)",
 }
 
 #: Keys that torch's launcher or other backends put in the configuration; they
@@ -442,6 +446,24 @@ def check_rank_order(value: Any) -> str:
     return value
 
 
+#: What a node's lease belongs to: the node itself, or its whole process.
+LEASE_SCOPES = ("node", "process")
+
+
+def check_lease_scope(value: Any) -> str:
+    """The ``lease_scope`` option, checked.
+
+    Raises:
+        ValueError: it is not one of ``node``, ``process``.
+    """
+    if value not in LEASE_SCOPES:
+        raise ValueError(
+            f"The rendezvous option 'lease_scope' must be one of "
+            f"{', '.join(LEASE_SCOPES)}, got {value!r}."
+        )
+    return value
+
+
 def slurm_topology(addr: str, pattern: str | None = None) -> str | None:
     """The topology label that Slurm's topology address gives, or None.
 
@@ -514,6 +536,7 @@ class RendezvousOptions:
         local_addr: the address this node advertises, or None.
         topology: this node's topology label, or None.
         rank_order: ``stable`` or ``topology``.
+        lease_scope: ``node`` or ``process``.
     """
 
     etcd: EtcdConfig
@@ -528,6 +551,7 @@ class RendezvousOptions:
     local_addr: str | None
     topology: str | None
     rank_order: str
+    lease_scope: str = LEASE_SCOPES[0]
 
     @classmethod
     def from_params(
@@ -603,6 +627,7 @@ class RendezvousOptions:
             local_addr=local_addr,
             topology=node_topology(params.get("topology"), environ),
             rank_order=check_rank_order(params.get("rank_order", _core().RANK_ORDERS[0])),
+            lease_scope=check_lease_scope(params.get("lease_scope", LEASE_SCOPES[0])),
         )
 
 

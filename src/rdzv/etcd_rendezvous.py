@@ -38,6 +38,7 @@ from rdzv.config import (
     DEFAULT_TIMEOUT,
     RENDEZVOUS_OPTIONS,
     RendezvousOptions,
+    check_lease_scope,
     check_rank_order,
     default_keepalive_interval,
     node_topology,
@@ -96,10 +97,15 @@ class EtcdRendezvousHandler(RendezvousHandler):
         run_idle_timeout: seconds an abandoned run stays after its last node.
         topology: this node's topology label (``pod1/rack07``), or None.
         rank_order: ``stable`` or ``topology`` (see ``RENDEZVOUS_OPTIONS``).
+        lease_scope: ``node`` (a lease of the node's own) or ``process`` (one
+            lease for every handler of this process on the same connection
+            with the same ``lease_ttl`` and ``keepalive_interval``: one
+            keep-alive for all of them; a node that leaves deletes its keys,
+            and a lost lease is lost for all of them, as when the process dies).
 
     Raises:
-        ValueError: ``topology`` or ``rank_order`` is malformed (before any
-            request to etcd).
+        ValueError: ``topology``, ``rank_order`` or ``lease_scope`` is
+            malformed (before any request to etcd).
     """
 
     def __init__(
@@ -120,10 +126,12 @@ class EtcdRendezvousHandler(RendezvousHandler):
         run_idle_timeout: int = int(DEFAULT_RUN_IDLE_TIMEOUT),
         topology: str | None = None,
         rank_order: str = _state.RANK_ORDERS[0],
+        lease_scope: str = "node",
     ) -> None:
         if topology is not None:
             _state.check_topology(topology)
         check_rank_order(rank_order)
+        self._shared_lease = check_lease_scope(lease_scope) == "process"
         self._topology = topology or ""
         self._rank_order = rank_order
         self._client = client
@@ -208,7 +216,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         # A lost lease wakes a waiting next_rendezvous(), which then fails.
         return Session(
             self._client, self._lease_ttl, self._keepalive_interval,
-            on_lost=lambda: self._inbox.put(("lost",)),
+            on_lost=lambda: self._inbox.put(("lost",)), shared=self._shared_lease,
         )
 
     def _renew_session_if_lost(self) -> None:
@@ -440,24 +448,35 @@ class EtcdRendezvousHandler(RendezvousHandler):
         """Remove this node's keys from the round it is leaving.
 
         One attempt, no retries: this runs on the way out of a failed call,
-        often because etcd is unreachable. If it fails, the lease is abandoned
-        instead (no more keep-alives), so the keys vanish within ``lease_ttl``,
-        and the next call joins as a new node.
+        often because etcd is unreachable. If it fails, the node's session is
+        abandoned instead (``Session.abandon``: a lease of its own is no longer
+        kept alive, so the keys vanish within ``lease_ttl``; on a shared lease
+        they are deleted in the background), and the next call joins as a new
+        node.
         """
-        ops = self._node.cleanup_ops()
-        if ops and not self._session.lost:
-            try:
-                self._client.txn([], ops, [], once=True)
-            except RendezvousError as err:  # never in place of the error being reported
-                logger.warning(
-                    "could not withdraw node %s from run %r (%s); its lease is abandoned "
-                    "and its keys expire within %d s",
-                    self._session.node_id, self._run_id, err, self._lease_ttl,
-                )
-                self._session.close(revoke=False)
-                self._session_abandoned = True
+        if not self._delete_own_keys():
+            self._session_abandoned = True
         self._node.left()
         self._drop_watches(["round", "waiting"])
+
+    def _delete_own_keys(self) -> bool:
+        """Delete the keys this node holds in its round (one attempt); False
+        if etcd did not take the deletes and the session was abandoned."""
+        ops = self._node.cleanup_ops()
+        if not ops or self._session.lost:
+            return True
+        try:
+            self._client.txn([], ops, [], once=True)
+        except RendezvousError as err:  # never in place of the error being reported
+            logger.warning(
+                "could not withdraw node %s from run %r (%s); %s",
+                self._session.node_id, self._run_id, err,
+                "its keys are deleted in the background" if self._session.shared else
+                f"its lease is abandoned and its keys expire within {self._lease_ttl} s",
+            )
+            self._session.abandon(ops)
+            return False
+        return True
 
     def is_closed(self) -> bool:
         """Return whether the run is closed.
@@ -752,6 +771,10 @@ class EtcdRendezvousHandler(RendezvousHandler):
             self._drop_watches(list(self._watches))
             try:
                 self._run_leases.release()
+                # A shared lease stays with the process's other nodes: this
+                # node's keys go one by one instead.
+                if self._session.shared:
+                    self._delete_own_keys()
                 self._session.close()
             finally:
                 self._client.close()
@@ -774,12 +797,13 @@ class EtcdRendezvousHandler(RendezvousHandler):
 
     @property
     def node_id(self) -> str:
-        """This node's id in etcd (its lease id in hex)."""
+        """This node's id in etcd: its lease id in hex (on a shared lease, the
+        second and later nodes add ``-<n>``)."""
         return self._node.node_id
 
     @property
     def lease_id(self) -> int:
-        """This node's lease id."""
+        """This node's lease id (with ``lease_scope=process``, its process's)."""
         return self._session.lease_id
 
 
@@ -868,6 +892,7 @@ def create_rdzv_handler(params: RendezvousParameters) -> EtcdRendezvousHandler:
             run_idle_timeout=options.run_idle_timeout,
             topology=options.topology,
             rank_order=options.rank_order,
+            lease_scope=options.lease_scope,
         )
     except BaseException:
         client.close()

@@ -95,7 +95,7 @@ class NodeStatus:
     """One node of a run.
 
     Attributes:
-        node: the node's id (its lease id in hex).
+        node: the node's id (from its lease id in hex).
         state: where it stands in the round (see ``NodeState``).
         host: its host name or address; None once its member key is gone
             (and for waiting nodes, whose keys carry no descriptor).

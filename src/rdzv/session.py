@@ -3,7 +3,9 @@
 Every key a node writes is attached to its lease. The connection's keep-alive
 stream keeps the lease alive; if the node dies, the lease expires after its TTL
 and etcd deletes the node's keys by itself, which is how the others learn of
-the death. The keys that outlive a round (the state record, the rounds' worlds
+the death. A lease is a node's own, or one that all the nodes of a process
+share (``lease_scope=process``): one keep-alive for all of them, and the
+process is what dies. The keys that outlive a round (the state record, the rounds' worlds
 and stores) hang on the run's two leases instead (``RunLeases``), which every
 live node keeps alive, so that a run nobody is left in disappears by itself.
 """
@@ -24,34 +26,31 @@ from rdzv.keys import RunKeys
 logger = logging.getLogger(__name__)
 
 
-class Session:
-    """Grant a lease and keep it alive until ``close()``.
+class _NodeLease:
+    """A granted lease kept alive on the connection's keep-alive stream, for one
+    node or for every node of a process that shares it (``Session``).
 
-    Args:
-        client: the etcd connection.
-        ttl: lease time-to-live in seconds (a dead node is gone after this).
-        keepalive_interval: seconds between keep-alives (well under ``ttl``).
-        on_lost: called once when the lease is lost (from a background thread).
-
-    Raises:
-        RendezvousConnectionError: etcd cannot be reached to grant the lease.
+    It knows when it is lost (etcd expired it, or no keep-alive was answered
+    for a whole TTL) and tells each session on it. Keys that a node on a
+    shared lease could not delete when it left (``orphan``) are deleted in the
+    background until that succeeds or the lease is gone.
     """
 
-    def __init__(
-        self,
-        client: EtcdClient,
-        ttl: int,
-        keepalive_interval: float,
-        on_lost: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, client: EtcdClient, ttl: int, keepalive_interval: float) -> None:
         self._client = client
         self.ttl = ttl
         self.keepalive_interval = keepalive_interval
-        self._on_lost = on_lost
         self.lease_id = client.lease_grant(ttl)
         self._stop = threading.Event()
         self._lost = threading.Event()
-        self._lost_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._listeners: dict[int, Callable[[], None]] = {}
+        self._orphans: list[tuple[bytes, ...]] = []
+        self._orphan_thread: threading.Thread | None = None
+        # Sessions attached and node ids handed out (a shared lease's registry
+        # lock guards both).
+        self.users = 0
+        self.issued = 0
         # (since, last) of answered_span, replaced whole so that a reader in
         # another thread never pairs a span's start with another span's end.
         started = time.monotonic()
@@ -61,46 +60,37 @@ class Session:
         )
 
     @property
-    def node_id(self) -> str:
-        """The lease id in hex: a cluster-wide unique id for this node."""
-        return f"{self.lease_id:016x}"
-
-    @property
     def lost(self) -> bool:
-        """True once the lease is gone: etcd expired it, or it could not be kept
-        alive for a whole TTL (etcd unreachable or not answering)."""
         return self._lost.is_set()
 
     @property
     def expiry(self) -> float:
-        """The ``time.monotonic()`` time by which the lease has surely expired
-        unless a keep-alive is answered meanwhile (-inf once it is lost)."""
         if self._lost.is_set():
             return -math.inf
         return self._kept.last_answer + self.ttl
 
-    def mark_lost(self, why: str) -> None:
-        """Record that the lease is gone (``why`` is logged); idempotent.
+    @property
+    def answered_span(self) -> tuple[float, float]:
+        return self._span
 
-        The keep-alives call it when etcd reports the lease expired or when no
-        keep-alive succeeded for a whole TTL; the handler calls it when a
-        request learns the same.
-        """
-        with self._lost_lock:
+    def listen(self, token: int, on_lost: Callable[[], None] | None) -> None:
+        if on_lost is not None:
+            with self._lock:
+                self._listeners[token] = on_lost
+
+    def unlisten(self, token: int) -> None:
+        with self._lock:
+            self._listeners.pop(token, None)
+
+    def mark_lost(self, why: str) -> None:
+        with self._lock:
             if self._lost.is_set():
                 return
             self._lost.set()
+            listeners = list(self._listeners.values())
         logger.warning("%s", why)
-        if self._on_lost is not None:
-            self._on_lost()
-
-    @property
-    def answered_span(self) -> tuple[float, float]:
-        """``(since, last)``: the ``time.monotonic()`` times since which etcd
-        answered every keep-alive, no two answers further apart than two
-        keep-alive intervals, and of the last answer. A gap (etcd or the
-        connection down, this process stopped) starts a new span."""
-        return self._span
+        for on_lost in listeners:
+            on_lost()
 
     def _answered(self, ttl: int) -> None:
         now = time.monotonic()
@@ -109,7 +99,7 @@ class Session:
         if ttl <= 0:
             self.mark_lost(
                 f"lease {self.lease_id:x} expired (keep-alives stalled past its "
-                f"{self.ttl} s TTL); this node's keys are gone"
+                f"{self.ttl} s TTL); the keys on it are gone"
             )
 
     def _silent(self) -> None:
@@ -118,13 +108,44 @@ class Session:
             f"{self.ttl} s"
         )
 
-    def close(self, revoke: bool = True) -> None:
-        """Stop the keep-alives and (by default) revoke the lease; idempotent.
+    def orphan(self, ops: list[tuple[bytes, ...]]) -> None:
+        """Delete ``ops``' keys in the background: retried every keep-alive
+        interval (at most a second) until etcd takes them, or until the lease
+        is gone and took them with it."""
+        with self._lock:
+            self._orphans.extend(ops)
+            if self._orphan_thread is not None:
+                return
+            self._orphan_thread = threading.Thread(
+                target=self._delete_orphans, name=f"rdzv-orphans-{self.lease_id:x}",
+                daemon=True,
+            )
+            self._orphan_thread.start()
 
-        Clean-up never fails: it runs on the way out, often after another error,
-        which must stay the one reported. A lease etcd no longer has needs no
-        revoke; a revoke etcd could not take is logged, and the lease then
-        expires within its TTL.
+    def _delete_orphans(self) -> None:
+        pause = min(self.keepalive_interval, 1.0)
+        while not self._stop.wait(pause) and not self._lost.is_set():
+            with self._lock:
+                batch = self._orphans[:_DELETES_PER_TXN]
+            try:
+                self._client.txn([], batch, [], once=True)
+            except RendezvousError as err:
+                logger.debug("lease %x: deleting the keys of nodes that left failed "
+                             "again (%s); retrying", self.lease_id, err)
+                continue
+            with self._lock:
+                del self._orphans[:len(batch)]
+                if not self._orphans:
+                    self._orphan_thread = None
+                    return
+        with self._lock:
+            self._orphan_thread = None
+
+    def stop(self, revoke: bool) -> None:
+        """Stop the keep-alives and (if ``revoke``) revoke the lease; idempotent.
+
+        A lease etcd no longer has needs no revoke; a revoke etcd could not take
+        is logged, and the lease then expires within its TTL.
         """
         if self._stop.is_set():
             return
@@ -140,6 +161,146 @@ class Session:
                     "could not revoke lease %x (%s); it expires within %d s",
                     self.lease_id, err, self.ttl,
                 )
+
+
+#: The most deletes in one transaction of a shared lease's orphaned keys
+#: (etcd allows 128 operations per transaction by default).
+_DELETES_PER_TXN = 120
+
+
+def _attach(client: EtcdClient, ttl: int, keepalive_interval: float) -> tuple[_NodeLease, int]:
+    """The process's shared lease of ``ttl`` on ``client``'s connection, granted
+    if there is none or it is gone, and this session's number on it."""
+    leases, lock = client.shared_leases()
+    with lock:
+        lease = leases.get((ttl, keepalive_interval))
+        if lease is not None and not lease.lost and time.monotonic() > lease.expiry:
+            lease.mark_lost(f"lease {lease.lease_id:x} presumed expired: no keep-alive "
+                            f"was answered for {ttl} s")
+        if lease is None or lease.lost:
+            lease = _NodeLease(client, ttl, keepalive_interval)
+            leases[(ttl, keepalive_interval)] = lease
+            logger.debug("granted lease %x, shared by this process's nodes", lease.lease_id)
+        number = lease.issued
+        lease.issued += 1
+        lease.users += 1
+    return lease, number
+
+
+def _detach(client: EtcdClient, lease: _NodeLease, revoke: bool) -> None:
+    """Let go of a shared lease; the last session stops it (and revokes it if
+    ``revoke``)."""
+    leases, lock = client.shared_leases()
+    with lock:
+        lease.users -= 1
+        if lease.users > 0:
+            return
+        if leases.get((lease.ttl, lease.keepalive_interval)) is lease:
+            del leases[(lease.ttl, lease.keepalive_interval)]
+    lease.stop(revoke)
+
+
+class Session:
+    """A node's lease-backed liveness: a lease kept alive until ``close()``.
+
+    With ``shared`` the node uses the lease that the process's other shared
+    sessions on the same connection, TTL and keep-alive interval use (granted
+    by the first): their keep-alives are one, whatever the number of nodes. A
+    node then leaves by deleting its keys (``abandon`` when etcd does not take
+    the deletes), and a lost lease is lost for all of them at once, as when
+    the process dies.
+
+    Args:
+        client: the etcd connection.
+        ttl: lease time-to-live in seconds (a dead node is gone after this).
+        keepalive_interval: seconds between keep-alives (well under ``ttl``).
+        on_lost: called once when the lease is lost (from a background thread).
+        shared: use the process's shared lease instead of a lease of its own.
+
+    Raises:
+        RendezvousConnectionError: etcd cannot be reached to grant the lease.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        ttl: int,
+        keepalive_interval: float,
+        on_lost: Callable[[], None] | None = None,
+        shared: bool = False,
+    ) -> None:
+        self._client = client
+        self.ttl = ttl
+        self.keepalive_interval = keepalive_interval
+        self.shared = shared
+        if shared:
+            self._lease, number = _attach(client, ttl, keepalive_interval)
+        else:
+            self._lease, number = _NodeLease(client, ttl, keepalive_interval), 0
+        self.lease_id = self._lease.lease_id
+        self.node_id = f"{self.lease_id:016x}" + (f"-{number}" if number else "")
+        self._closed = False
+        self._lease.listen(id(self), on_lost)
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease is gone: etcd expired it, or it could not be kept
+        alive for a whole TTL (etcd unreachable or not answering)."""
+        return self._lease.lost
+
+    @property
+    def expiry(self) -> float:
+        """The ``time.monotonic()`` time by which the lease has surely expired
+        unless a keep-alive is answered meanwhile (-inf once it is lost)."""
+        return self._lease.expiry
+
+    def mark_lost(self, why: str) -> None:
+        """Record that the lease is gone (``why`` is logged); idempotent.
+
+        The keep-alives call it when etcd reports the lease expired or when no
+        keep-alive succeeded for a whole TTL; the handler calls it when a
+        request learns the same. Every session on the lease learns it.
+        """
+        self._lease.mark_lost(why)
+
+    @property
+    def answered_span(self) -> tuple[float, float]:
+        """``(since, last)``: the ``time.monotonic()`` times since which etcd
+        answered every keep-alive, no two answers further apart than two
+        keep-alive intervals, and of the last answer. A gap (etcd or the
+        connection down, this process stopped) starts a new span."""
+        return self._lease.answered_span
+
+    def abandon(self, ops: list[tuple[bytes, ...]]) -> None:
+        """Leave without deleting this node's keys now (etcd did not take
+        ``ops``, their deletes): a lease of its own is no longer kept alive, so
+        they expire with it; on a shared lease they are deleted in the
+        background. Closes the session."""
+        if self._closed:
+            return
+        if self.shared and ops:
+            self._lease.orphan(ops)
+        self.close(revoke=False)
+
+    def close(self, revoke: bool = True) -> None:
+        """Stop the keep-alives and (by default) revoke the lease; idempotent.
+
+        A shared lease is stopped (and revoked) by its last session only: a
+        node on it deletes its own keys before it closes.
+
+        Clean-up never fails: it runs on the way out, often after another error,
+        which must stay the one reported. A lease etcd no longer has needs no
+        revoke; a revoke etcd could not take is logged, and the lease then
+        expires within its TTL.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._lease.unlisten(id(self))
+        if self.shared:
+            _detach(self._client, self._lease, revoke)
+        else:
+            self._lease.stop(revoke)
 
 
 class RunLeases:
