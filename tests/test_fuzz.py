@@ -64,7 +64,7 @@ from rdzv.api import (
     RendezvousStateError,
 )
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
-from rdzv.config import FOREIGN_OPTIONS, RENDEZVOUS_OPTIONS
+from rdzv.config import FOREIGN_OPTIONS, LEASE_SCOPES, RENDEZVOUS_OPTIONS
 from rdzv.etcd_rendezvous import create_rdzv_handler
 
 EXAMPLES = int(os.environ.get("RDZV_FUZZ_EXAMPLES", "200"))
@@ -198,6 +198,10 @@ _OPTION_VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]]
     "rank_order": (
         st.sampled_from(list(core.RANK_ORDERS)),
         st.one_of(st.sampled_from(["Stable", "", "random", " topology"]), _JUNK),
+    ),
+    "lease_scope": (
+        st.sampled_from(list(LEASE_SCOPES)),
+        st.one_of(st.sampled_from(["Node", "", "host", " process"]), _JUNK),
     ),
 }
 # Names that RendezvousParameters takes as arguments, not as options.
@@ -491,6 +495,7 @@ _RULES: dict[str, Callable[[Any], bool]] = {
     "password": lambda v: v is None or (isinstance(v, str) and v != ""),
     "topology": lambda v: v in (None, "") or core.topology_problem(v) is None,
     "rank_order": lambda v: isinstance(v, str) and v in core.RANK_ORDERS,
+    "lease_scope": lambda v: isinstance(v, str) and v in LEASE_SCOPES,
 }
 
 

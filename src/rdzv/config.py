@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_PORT",
     "FOREIGN_OPTIONS",
+    "LEASE_SCOPES",
     "MAX_LEASE_TTL",
     "MAX_NODES",
     "MAX_SECONDS",
