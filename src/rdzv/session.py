@@ -61,28 +61,34 @@ class _NodeLease:
 
     @property
     def lost(self) -> bool:
+        """As ``Session.lost``."""
         return self._lost.is_set()
 
     @property
     def expiry(self) -> float:
+        """As ``Session.expiry``."""
         if self._lost.is_set():
             return -math.inf
         return self._kept.last_answer + self.ttl
 
     @property
     def answered_span(self) -> tuple[float, float]:
+        """As ``Session.answered_span``."""
         return self._span
 
     def listen(self, token: int, on_lost: Callable[[], None] | None) -> None:
+        """Call ``on_lost`` (if any) when the lease is lost, until ``unlisten(token)``."""
         if on_lost is not None:
             with self._lock:
                 self._listeners[token] = on_lost
 
     def unlisten(self, token: int) -> None:
+        """Forget the ``on_lost`` given with ``token``."""
         with self._lock:
             self._listeners.pop(token, None)
 
     def mark_lost(self, why: str) -> None:
+        """As ``Session.mark_lost``: every listener is called, once."""
         with self._lock:
             if self._lost.is_set():
                 return
