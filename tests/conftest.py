@@ -41,6 +41,15 @@ def run_id() -> str:
 
 
 @pytest.fixture
+def observer(etcd_server: EtcdServer) -> Iterator[Any]:
+    """A client of the test's own on the session etcd, to look at etcd from
+    outside the handlers."""
+    client = etcd_server.get_rdzv_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def handlers() -> Iterator[list[Any]]:
     """Rendezvous handlers a test creates; each is shut down when the test ends."""
     created: list[Any] = []

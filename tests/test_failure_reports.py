@@ -12,18 +12,10 @@ from typing import Any
 
 import pytest
 
-from rdzv import EtcdServer, RendezvousConnectionError, RendezvousTimeoutError
+from rdzv import RendezvousConnectionError, RendezvousTimeoutError
 from rdzv.client import EtcdClient, EtcdConfig, LeaseLostError, parse_endpoints
 from rdzv.etcd_rendezvous import EtcdRendezvousHandler
 from rdzv.keys import DEFAULT_PREFIX, RunKeys
-
-
-@pytest.fixture
-def observer(etcd_server: EtcdServer) -> Any:
-    """A client of the test's own, to look at etcd from outside the handlers."""
-    client = etcd_server.get_rdzv_client()
-    yield client
-    client.close()
 
 
 class _WatchNeverConfirmed(EtcdClient):

@@ -19,20 +19,12 @@ from typing import Any
 import pytest
 
 from helpers import ThreadNode, make_handler, wait_for
-from rdzv import EtcdServer, ForkedProcessError
+from rdzv import ForkedProcessError
 from rdzv.client import EtcdClient
 from rdzv.keys import DEFAULT_PREFIX, RunKeys
 
 FORK = multiprocessing.get_context("fork")
 CHILD_DEADLINE_S = 30.0
-
-
-@pytest.fixture
-def observer(etcd_server: EtcdServer) -> Any:
-    """A client of the test's own, to look at etcd from outside the handlers."""
-    client = etcd_server.get_rdzv_client()
-    yield client
-    client.close()
 
 
 def _in_child(target: Callable[[], Any]) -> Any:

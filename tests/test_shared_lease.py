@@ -15,17 +15,9 @@ from typing import Any
 import pytest
 
 from helpers import ThreadNode, assert_one_world, handler_on, make_handler, run_round, wait_for
-from rdzv import EtcdServer, RendezvousConnectionError, RendezvousError
+from rdzv import RendezvousConnectionError, RendezvousError
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
 from rdzv.keys import DEFAULT_PREFIX, RunKeys
-
-
-@pytest.fixture
-def observer(etcd_server: EtcdServer) -> Any:
-    """A client of the test's own, to look at etcd from outside the handlers."""
-    client = etcd_server.get_rdzv_client()
-    yield client
-    client.close()
 
 
 class _DeletesRefused(EtcdClient):

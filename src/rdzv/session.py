@@ -176,7 +176,8 @@ _DELETES_PER_TXN = 120
 
 def _attach(client: EtcdClient, ttl: int, keepalive_interval: float) -> tuple[_NodeLease, int]:
     """The process's shared lease of ``ttl`` on ``client``'s connection, granted
-    if there is none or it is gone, and this session's number on it."""
+    if there is none or it is gone, and the number of the node it is handed to
+    (0 for its first)."""
     leases, lock = client.shared_leases()
     with lock:
         lease = leases.get((ttl, keepalive_interval))
