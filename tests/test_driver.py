@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
+from helpers import wait_for
 from rdzv import _state
 from rdzv.api import RendezvousConnectionError
 from rdzv.driver import RoundDriver
@@ -73,6 +74,9 @@ class Machine:
         self.fed.append(answer)
         self.script.pop(0)
 
+    def fail(self, error: BaseException) -> None:
+        self.feed(("failed", str(error)))
+
 
 class Client:
     """``txn_nowait`` as ``EtcdClient`` has it: answers from another thread."""
@@ -116,6 +120,7 @@ class Round:
         self.stale = False
         self.absorb_error: BaseException | None = None
         self.job_error: BaseException | None = None
+        self.read_error: BaseException | None = None
         self.jobs: list[tuple[Any, int]] = []
 
     def absorb(self) -> bool:
@@ -138,6 +143,12 @@ class Round:
             self.node.feed(("from the calling thread", job[1].step))
         else:
             self.stale = False
+
+    def read(self, action: Any) -> Any:
+        self.jobs.append(("read", threading.get_ident()))
+        if self.read_error is not None:
+            raise self.read_error
+        return ("read by one calling thread", action.step)
 
 
 @pytest.fixture
@@ -287,6 +298,44 @@ def test_many_calls_at_once_each_stepped_by_one_thread_at_a_time(driver):
         thread.join()
     assert results == [True] * 200
     assert all(len(r.node.fed) == 3 for r in rounds)
+
+
+def _read_together(driver: RoundDriver, rounds: list[Round]) -> None:
+    """Wake every waiting call in one pass of the driver; each then asks for
+    the same read."""
+    threads = [threading.Thread(target=driver.drive, args=(r,)) for r in rounds]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: all(r.node.last_step == WAIT for r in rounds), 10, "every call waits")
+    with driver._cond:  # the driver takes every wake-up in its next pass
+        for r in rounds:
+            r.inbox.put(("changed",))
+    for thread in threads:
+        thread.join(10)
+
+
+def test_identical_reads_of_one_pass_are_one_read_that_every_call_gets(driver):
+    rounds = [Round(Machine(("wait", math.inf), ("get",), ("done",))) for _ in range(50)]
+    _read_together(driver, rounds)
+    readers = [r for r in rounds if r.jobs]
+    assert len(readers) == 1, [r.jobs for r in rounds]
+    assert [kind for kind, _ in readers[0].jobs] == ["read"]
+    assert all(r.node.fed == [("read by one calling thread", GET)] for r in rounds)
+
+
+def test_a_shared_read_that_fails_is_run_again_by_each_call(driver):
+    rounds = [Round(Machine(("wait", math.inf), ("get",), ("done",))) for _ in range(5)]
+    for r in rounds:
+        r.read_error = RendezvousConnectionError("etcd went away")
+    _read_together(driver, rounds)
+    readers = [r for r in rounds if r.jobs and r.jobs[0][0] == "read"]
+    assert len(readers) == 1, [r.jobs for r in rounds]
+    # The call that read is told it failed; each other one runs the read itself.
+    assert readers[0].node.fed == [("failed", "etcd went away")]
+    for r in rounds:
+        if r is not readers[0]:
+            assert [kind for kind, _ in r.jobs] == ["request"]
+            assert r.node.fed == [("from the calling thread", GET)]
 
 
 def test_closing_ends_a_call_in_progress_and_the_thread():

@@ -22,6 +22,14 @@ range requests, see ``EtcdClient.txn``), a request whose first attempt failed
 pass through interceptors (they may block), and starting or stopping watches.
 The calling thread runs the job and gives the machine back.
 
+Identical reads that calls ask for in one pass of the driver are one read,
+run by the calling thread of the first, whose answer every one of them gets.
+Each was asked for before that read went out, so each gets what etcd held
+after it asked, as with a read of its own. The nodes of a process ask for
+the same reads at the same moments (the state record when their calls begin,
+and again every ``lease_ttl`` while a long round goes on, to check that its
+watch has not stalled): one read instead of thousands, and one thread woken.
+
 The machine is touched by one thread at a time: the driver, or the calling
 thread while the call is *busy* with a job or with a request in flight (the
 driver then leaves it alone until the answer or the job's end).
@@ -41,14 +49,15 @@ from typing import Any, Protocol
 import grpc
 
 from rdzv import _state
-from rdzv.api import RendezvousConnectionError
-from rdzv.txn import merge_unconditional
+from rdzv.api import RendezvousConnectionError, RendezvousError
+from rdzv.txn import is_read_only, merge_unconditional
 
 __all__ = ["Round", "RoundDriver"]
 
 logger = logging.getLogger(__name__)
 
 _STEP_TXN = _state.Step.STEP_TXN
+_STEP_GET = _state.Step.STEP_GET
 _STEP_WAIT = _state.Step.STEP_WAIT
 _STEP_DONE = _state.Step.STEP_DONE
 # The driver's own end of a call whose deadline passed.
@@ -59,6 +68,31 @@ _THREAD_EXIT_TIMEOUT = 5.0
 _MERGE_OPS = 128
 # Stale wake-ups tolerated beyond twice the live calls before they are dropped.
 _STALE_TIMERS = 64
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` with its lists made tuples, to tell identical requests apart."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    return value
+
+
+def _read_key(action: Any) -> Any:
+    """What identifies a request that only reads, or None for one that writes
+    (or that must go alone: a single attempt)."""
+    if action.step == _STEP_GET:
+        return ("get", action.key)
+    if action.once or not is_read_only(action.success, action.failure):
+        return None
+    return _frozen((action.compares, action.success, action.failure))
+
+
+def _copied(answer: Any) -> Any:
+    """A transaction's answer with a list of results of its own (the others
+    are immutable), so that no two machines hold the same list."""
+    if isinstance(answer, tuple) and len(answer) == 3 and isinstance(answer[2], list):
+        return (answer[0], answer[1], list(answer[2]))
+    return answer
 
 
 def _unconditional(action: Any) -> bool:
@@ -99,6 +133,14 @@ class Round(Protocol):
         """In the calling thread: ``("request", action)``, carry out the
         machine's request and feed it the answer; ``("watches",)``, start and
         stop watches to match the machine's."""
+
+    def read(self, action: Any) -> Any:
+        """In the calling thread: carry out a request that only reads and
+        return its answer (what ``node.feed`` takes).
+
+        Raises:
+            RendezvousError: the read failed (``node.fail`` takes it).
+        """
 
 
 class _Call:
@@ -147,6 +189,8 @@ class RoundDriver:
         # whether to merge those (etcd took the merged transactions so far).
         self._unsent: list[_Call] = []
         self._merge = True
+        # Calls of this pass with a read for their calling thread.
+        self._reads: list[_Call] = []
 
     def drive(self, round: Round) -> bool:
         """Step ``round`` until it ends; run the jobs it hands back meanwhile.
@@ -169,7 +213,10 @@ class RoundDriver:
                     if isinstance(outcome, BaseException):
                         raise outcome
                     return outcome is not _TIMED_OUT
-                round.run(job)
+                if job[0] == "read":
+                    self._read_for_all(round, job[1], job[2])
+                else:
+                    round.run(job)
                 self._post("resume", call)
         except BaseException:
             if not call.finished:
@@ -269,6 +316,8 @@ class RoundDriver:
                     self._advance(call)
             if self._unsent:
                 self._send_unconditional()
+            if self._reads:
+                self._hand_reads()
 
     def _answered(self, call: _Call, answer: Any) -> bool:
         """Feed a request's answer; True if the machine can go on."""
@@ -347,7 +396,44 @@ class RoundDriver:
         if not (action.step == _STEP_TXN and not action.once and call.round.client.txn_nowait(
                 action.compares, action.success, action.failure,
                 lambda answer: self._post("answer", call, answer))):
-            call.hand(("request", action))
+            self._hand_request(call)
+
+    def _hand_request(self, call: _Call) -> None:
+        """Hand a call's request to its calling thread; a read waits for the
+        end of the pass, where identical ones become one (``_hand_reads``)."""
+        if _read_key(call.action) is not None:
+            self._reads.append(call)
+        else:
+            call.hand(("request", call.action))
+
+    def _hand_reads(self) -> None:
+        """Hand this pass's reads to their calling threads, one per distinct
+        read: the first call's thread runs it for the others too."""
+        calls, self._reads = self._reads, []
+        same: dict[Any, list[_Call]] = {}
+        for call in calls:
+            same.setdefault(_read_key(call.action), []).append(call)
+        for first, *others in same.values():
+            first.hand(("read", first.action, others) if others else ("request", first.action))
+
+    def _read_for_all(self, round: Round, action: Any, others: list[_Call]) -> None:
+        """In the calling thread: run a read for its call and ``others``.
+
+        Each of the others gets the answer (a copy of its list of results),
+        or, if the read failed, the error: its calling thread then runs the
+        read again on its own, as after a failed first attempt.
+        """
+        answer: Any = RendezvousConnectionError("the read was abandoned")
+        try:
+            answer = round.read(action)
+        except RendezvousError as err:
+            answer = err
+        finally:
+            self._post_all([("answer", other, _copied(answer)) for other in others])
+        if isinstance(answer, BaseException):
+            round.node.fail(answer)
+        else:
+            round.node.feed(answer)
 
     def _send_unconditional(self) -> None:
         """Send the unconditional transactions of this pass's calls, merged.
@@ -375,7 +461,7 @@ class RoundDriver:
                 continue
             if not sent:
                 for call, _ in members:
-                    call.hand(("request", call.action))
+                    self._hand_request(call)
 
     def _merged_answer(self, members: list[tuple[_Call, list[int]]], answer: Any) -> None:
         """On gRPC's thread: each call's share of a merged transaction's answer."""

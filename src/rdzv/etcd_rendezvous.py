@@ -832,15 +832,21 @@ class _Round:
         else:
             self._handler._sync_watches()
 
+    def read(self, action: Any) -> Any:
+        return _request(action, self.client)
+
+
+def _request(action: Any, client: EtcdClient) -> Any:
+    """Run the request a node machine asked for; return its answer."""
+    if action.step == _state.Step.STEP_TXN:
+        return client.txn(action.compares, action.success, action.failure, once=action.once)
+    return client.get(action.key)
+
 
 def _carry_out(node: Any, action: Any, client: EtcdClient) -> None:
     """Run the request a node machine asked for; hand it the answer or the error."""
     try:
-        if action.step == _state.Step.STEP_TXN:
-            answer = client.txn(action.compares, action.success, action.failure,
-                                once=action.once)
-        else:
-            answer = client.get(action.key)
+        answer = _request(action, client)
     except RendezvousError as err:
         node.fail(err)
     else:
