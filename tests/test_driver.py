@@ -21,7 +21,7 @@ import pytest
 from helpers import wait_for
 from rdzv import _state
 from rdzv.api import RendezvousConnectionError
-from rdzv.driver import RoundDriver
+from rdzv.driver import RoundDriver, _Call
 from rdzv.watch import Inbox
 
 TXN = _state.Step.STEP_TXN
@@ -334,6 +334,83 @@ def test_a_shared_read_that_fails_is_run_again_by_each_call(driver):
     assert readers[0].node.fed == [("failed", "etcd went away")]
     for r in rounds:
         if r is not readers[0]:
+            assert [kind for kind, _ in r.jobs] == ["request"]
+            assert r.node.fed == [("from the calling thread", GET)]
+
+
+def test_a_read_asked_for_before_the_same_read_went_out_waits_for_its_answer(
+        driver, monkeypatch):
+    # The thread that runs the first read is slow to send it; calls that ask
+    # for the same read in later passes meanwhile get its answer.
+    sending = threading.Event()
+    go = threading.Event()
+    run = RoundDriver._read_for_all
+
+    def slow(self: RoundDriver, *args: Any) -> None:
+        sending.set()
+        assert go.wait(10)
+        run(self, *args)
+
+    monkeypatch.setattr(RoundDriver, "_read_for_all", slow)
+    first = Round(Machine(("get",), ("done",)))
+    threads = [threading.Thread(target=driver.drive, args=(first,))]
+    threads[0].start()
+    assert sending.wait(10)
+    later = [Round(Machine(("get",), ("done",))) for _ in range(20)]
+    for r in later:
+        threads.append(threading.Thread(target=driver.drive, args=(r,)))
+        threads[-1].start()
+    wait_for(lambda: all(r.node.steps for r in later), 10, "every later call asks")
+    go.set()
+    for thread in threads:
+        thread.join(10)
+    assert [kind for kind, _ in first.jobs] == ["read"]
+    assert all(r.jobs == [] for r in later)
+    assert all(r.node.fed == [("read by one calling thread", GET)] for r in [first, *later])
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_calls_waiting_for_a_read_whose_caller_gave_up_read_on_their_own(driver, monkeypatch):
+    # The calling thread that was to run the read is interrupted (a signal
+    # handler raised in it) before it took the job.
+    rounds = [Round(Machine(("wait", math.inf), ("get",), ("done",))) for _ in range(5)]
+    take = _Call.take
+    interrupted: list[Round] = []
+
+    def interruptible(self: _Call) -> tuple[Any, ...]:
+        job = take(self)
+        if job[0] == "read" and not interrupted:
+            interrupted.append(self.round)
+            with self._cond:
+                self._jobs.appendleft(job)
+            raise _Interrupted
+        return job
+
+    monkeypatch.setattr(_Call, "take", interruptible)
+    errors: list[BaseException] = []
+
+    def drive(r: Round) -> None:
+        try:
+            driver.drive(r)
+        except _Interrupted as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=drive, args=(r,)) for r in rounds]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: all(r.node.last_step == WAIT for r in rounds), 10, "every call waits")
+    with driver._cond:
+        for r in rounds:
+            r.inbox.put(("changed",))
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads), "a call waits for a read forever"
+    assert len(errors) == 1 and interrupted[0].jobs == []
+    for r in rounds:
+        if r is not interrupted[0]:
             assert [kind for kind, _ in r.jobs] == ["request"]
             assert r.node.fed == [("from the calling thread", GET)]
 

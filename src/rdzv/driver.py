@@ -22,10 +22,11 @@ range requests, see ``EtcdClient.txn``), a request whose first attempt failed
 pass through interceptors (they may block), and starting or stopping watches.
 The calling thread runs the job and gives the machine back.
 
-Identical reads that calls ask for in one pass of the driver are one read,
-run by the calling thread of the first, whose answer every one of them gets.
-Each was asked for before that read went out, so each gets what etcd held
-after it asked, as with a read of its own. The nodes of a process ask for
+Identical reads are one read while it has not gone out: the calling thread
+of the first call that asks for it runs it, and every call that asked for
+the same read before that thread sent it gets the same answer. Each asked
+before the read went out, so each gets what etcd held after it asked, as
+with a read of its own. The nodes of a process ask for
 the same reads at the same moments (the state record when their calls begin,
 and again every ``lease_ttl`` while a long round goes on, to check that its
 watch has not stalled): one read instead of thousands, and one thread woken.
@@ -191,6 +192,9 @@ class RoundDriver:
         self._merge = True
         # Calls of this pass with a read for their calling thread.
         self._reads: list[_Call] = []
+        # Reads handed to a calling thread and not sent yet, by what they
+        # read (``_read_key``): the other calls that wait for their answer.
+        self._pending_reads: dict[Any, list[_Call]] = {}
 
     def drive(self, round: Round) -> bool:
         """Step ``round`` until it ends; run the jobs it hands back meanwhile.
@@ -223,8 +227,11 @@ class RoundDriver:
                 # A job failed, or the wait was interrupted: take the machine
                 # back before the caller cleans up after it.
                 self._post("abandon", call)
-                while call.take()[0] != "end":
-                    pass
+                while (job := call.take())[0] != "end":
+                    if job[0] == "read":
+                        # Not run: the calls waiting for it read on their own.
+                        self._answer_others(job[2], RendezvousConnectionError(
+                            "the read was abandoned"))
             raise
 
     def close(self) -> None:
@@ -407,22 +414,34 @@ class RoundDriver:
             call.hand(("request", call.action))
 
     def _hand_reads(self) -> None:
-        """Hand this pass's reads to their calling threads, one per distinct
-        read: the first call's thread runs it for the others too."""
+        """Hand this pass's reads to calling threads: a read that another
+        call's thread is about to send waits for that one's answer; any other
+        goes to its own calling thread, which runs it for every call that
+        asks for the same read until it sends it."""
         calls, self._reads = self._reads, []
-        same: dict[Any, list[_Call]] = {}
-        for call in calls:
-            same.setdefault(_read_key(call.action), []).append(call)
-        for first, *others in same.values():
-            first.hand(("read", first.action, others) if others else ("request", first.action))
+        with self._cond:
+            for call in calls:
+                key = _read_key(call.action)
+                waiting = self._pending_reads.get(key)
+                if waiting is not None:
+                    waiting.append(call)
+                else:
+                    self._pending_reads[key] = []
+                    call.hand(("read", call.action, key))
 
-    def _read_for_all(self, round: Round, action: Any, others: list[_Call]) -> None:
-        """In the calling thread: run a read for its call and ``others``.
+    def _read_for_all(self, round: Round, action: Any, key: Any) -> None:
+        """In the calling thread: run a read for its call and for the calls
+        that asked for the same one before it went out.
 
-        Each of the others gets the answer (a copy of its list of results),
-        or, if the read failed, the error: its calling thread then runs the
-        read again on its own, as after a failed first attempt.
+        Each of them gets the answer (a copy of its list of results), or, if
+        the read failed, the error: its calling thread then runs the read
+        again on its own, as after a failed first attempt.
         """
+        with self._cond:
+            others = self._pending_reads.pop(key)
+        if not others:
+            round.run(("request", action))
+            return
         answer: Any = RendezvousConnectionError("the read was abandoned")
         try:
             answer = round.read(action)
@@ -434,6 +453,12 @@ class RoundDriver:
             round.node.fail(answer)
         else:
             round.node.feed(answer)
+
+    def _answer_others(self, key: Any, answer: Any) -> None:
+        """Give the calls waiting for a pending read ``answer`` instead."""
+        with self._cond:
+            others = self._pending_reads.pop(key, [])
+        self._post_all([("answer", other, answer) for other in others])
 
     def _send_unconditional(self) -> None:
         """Send the unconditional transactions of this pass's calls, merged.
