@@ -26,10 +26,10 @@ Identical reads are one read while it has not gone out: the calling thread
 of the first call that asks for it runs it, and every call that asked for
 the same read before that thread sent it gets the same answer. Each asked
 before the read went out, so each gets what etcd held after it asked, as
-with a read of its own. The nodes of a process ask for
-the same reads at the same moments (the state record when their calls begin,
-and again every ``lease_ttl`` while a long round goes on, to check that its
-watch has not stalled): one read instead of thousands, and one thread woken.
+with a read of its own. The nodes of a process ask for the same reads at the
+same moments (the state record when their calls begin, and again every
+``lease_ttl`` while a long round goes on, to check that its watch has not
+stalled): one read instead of thousands, and one thread woken.
 
 The machine is touched by one thread at a time: the driver, or the calling
 thread while the call is *busy* with a job or with a request in flight (the
@@ -407,7 +407,7 @@ class RoundDriver:
 
     def _hand_request(self, call: _Call) -> None:
         """Hand a call's request to its calling thread; a read waits for the
-        end of the pass, where identical ones become one (``_hand_reads``)."""
+        end of the pass, where it joins an identical one (``_hand_reads``)."""
         if _read_key(call.action) is not None:
             self._reads.append(call)
         else:
