@@ -6,11 +6,13 @@ events in total. The counters come from the server's /metrics.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
 
-from helpers import ThreadNode, assert_one_world, make_handler, run_round
+from helpers import ThreadNode, assert_one_world, make_handler, run_round, wait_for
+from rdzv.keys import RunKeys
 
 COUNTERS = (
     "etcd_mvcc_put_total",
@@ -91,3 +93,34 @@ def test_the_nodes_of_one_process_confirm_in_merged_requests(etcd_server, run_id
     # Per node: its join. Per round: the opening, the freeze, the final and
     # a few merged confirmations. One request per confirmation would be 2n.
     assert txns <= n + n / 4 + 8, txns
+
+
+def test_waiting_nodes_of_one_process_share_the_reads_that_check_their_watches(
+        etcd_server, observer, run_id):
+    """While a round waits, every node re-reads the state record once per
+    ``lease_ttl`` to check that its watch has not stalled (a joined node the
+    counter key too). The nodes of a process ask at the same moments: they
+    share those reads instead of making one each."""
+    n, ttl = 32, 2
+    endpoint = etcd_server.get_endpoint()
+    handlers = [make_handler(endpoint, run_id, n + 1, n + 1, lease_ttl=ttl)
+                for _ in range(n + 1)]
+    nodes = [ThreadNode(h) for h in handlers]
+    try:
+        for node in nodes[:n]:
+            node.start()
+        members = RunKeys("/rdzv", run_id).members(0)
+        wait_for(lambda: observer.count(members) == n, 30, f"{n} members joined")
+        before = read_counters(etcd_server.get_metrics_url())
+        # The window's length is the measure: two of the nodes' checks.
+        time.sleep(2 * ttl + 0.5)
+        after = read_counters(etcd_server.get_metrics_url())
+        nodes[n].start()
+        infos = [node.join(60) for node in nodes]
+    finally:
+        for handler in handlers:
+            handler.shutdown()
+    assert_one_world(infos, n + 1)
+    reads = after[COUNTERS[4]] - before[COUNTERS[4]]
+    # One read each per check would be 2n or more.
+    assert reads <= n, reads

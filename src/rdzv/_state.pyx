@@ -48,6 +48,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport INFINITY
+from libc.math cimport floor as c_floor
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
@@ -1439,6 +1440,15 @@ cdef class WatchSpec:
                 f"start={self.start}, no_put={self.no_put})")
 
 
+cdef inline double _next_tick(double now, double interval):
+    """The first multiple of ``interval`` after ``now``: the next time a node
+    checks its watches. The nodes of a process share one clock, so their
+    checks come due together and their driver makes each read once for all
+    of them (``rdzv.driver``); each node still checks at least once per
+    ``interval``."""
+    return (c_floor(now / interval) + 1.0) * interval
+
+
 cdef class Action:
     """What the node machine asks its driver to do next.
 
@@ -1822,7 +1832,7 @@ cdef class Node:
         """One ``next_rendezvous()`` call: a generator of actions (see ``next_action``)."""
         cdef int attempts = 0
         cdef long long r
-        self.check_at = self.now + self.liveness_interval
+        self.check_at = _next_tick(self.now, self.liveness_interval)
         while True:
             if self.retry_at != INFINITY:
                 if self.now < self.retry_at:
@@ -1837,7 +1847,7 @@ cdef class Node:
                     f"gave up after {_MAX_CAS_ATTEMPTS} lost compare-and-swaps on "
                     f"{self.keys.state.decode()!r}")
             if self.now >= self.check_at:
-                self.check_at = self.now + self.liveness_interval
+                self.check_at = _next_tick(self.now, self.liveness_interval)
                 if self.phase == WAITING:
                     # Its watch of the world's departures may have stalled like
                     # the state record's: count the world once.
