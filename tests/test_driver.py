@@ -300,10 +300,12 @@ def test_many_calls_at_once_each_stepped_by_one_thread_at_a_time(driver):
     assert all(len(r.node.fed) == 3 for r in rounds)
 
 
-def _read_together(driver: RoundDriver, rounds: list[Round]) -> None:
+def _read_together(driver: RoundDriver, rounds: list[Round],
+                   drive: Any = None) -> list[threading.Thread]:
     """Wake every waiting call in one pass of the driver; each then asks for
-    the same read."""
-    threads = [threading.Thread(target=driver.drive, args=(r,)) for r in rounds]
+    the same read. Each call runs ``drive(round)`` (default: the driver's) in
+    a thread of its own; the threads are returned once joined (or given up on)."""
+    threads = [threading.Thread(target=drive or driver.drive, args=(r,)) for r in rounds]
     for thread in threads:
         thread.start()
     wait_for(lambda: all(r.node.last_step == WAIT for r in rounds), 10, "every call waits")
@@ -312,6 +314,7 @@ def _read_together(driver: RoundDriver, rounds: list[Round]) -> None:
             r.inbox.put(("changed",))
     for thread in threads:
         thread.join(10)
+    return threads
 
 
 def test_identical_reads_of_one_pass_are_one_read_that_every_call_gets(driver):
@@ -398,15 +401,7 @@ def test_calls_waiting_for_a_read_whose_caller_gave_up_read_on_their_own(driver,
         except _Interrupted as err:
             errors.append(err)
 
-    threads = [threading.Thread(target=drive, args=(r,)) for r in rounds]
-    for thread in threads:
-        thread.start()
-    wait_for(lambda: all(r.node.last_step == WAIT for r in rounds), 10, "every call waits")
-    with driver._cond:
-        for r in rounds:
-            r.inbox.put(("changed",))
-    for thread in threads:
-        thread.join(10)
+    threads = _read_together(driver, rounds, drive)
     assert not any(thread.is_alive() for thread in threads), "a call waits for a read forever"
     assert len(errors) == 1 and interrupted[0].jobs == []
     for r in rounds:

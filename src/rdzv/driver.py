@@ -190,8 +190,9 @@ class RoundDriver:
         # whether to merge those (etcd took the merged transactions so far).
         self._unsent: list[_Call] = []
         self._merge = True
-        # Calls of this pass with a read for their calling thread.
-        self._reads: list[_Call] = []
+        # Calls of this pass with a read for their calling thread, each with
+        # what it reads (``_read_key``).
+        self._reads: list[tuple[_Call, Any]] = []
         # Reads handed to a calling thread and not sent yet, by what they
         # read (``_read_key``): the other calls that wait for their answer.
         self._pending_reads: dict[Any, list[_Call]] = {}
@@ -408,8 +409,9 @@ class RoundDriver:
     def _hand_request(self, call: _Call) -> None:
         """Hand a call's request to its calling thread; a read waits for the
         end of the pass, where it joins an identical one (``_hand_reads``)."""
-        if _read_key(call.action) is not None:
-            self._reads.append(call)
+        key = _read_key(call.action)
+        if key is not None:
+            self._reads.append((call, key))
         else:
             call.hand(("request", call.action))
 
@@ -418,10 +420,9 @@ class RoundDriver:
         call's thread is about to send waits for that one's answer; any other
         goes to its own calling thread, which runs it for every call that
         asks for the same read until it sends it."""
-        calls, self._reads = self._reads, []
+        reads, self._reads = self._reads, []
         with self._cond:
-            for call in calls:
-                key = _read_key(call.action)
+            for call, key in reads:
                 waiting = self._pending_reads.get(key)
                 if waiting is not None:
                     waiting.append(call)
