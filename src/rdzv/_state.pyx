@@ -1441,11 +1441,10 @@ cdef class WatchSpec:
 
 
 cdef inline double _next_tick(double now, double interval):
-    """The first multiple of ``interval`` after ``now``: the next time a node
-    checks its watches. The nodes of a process share one clock, so their
-    checks come due together and their driver makes each read once for all
-    of them (``rdzv.driver``); each node still checks at least once per
-    ``interval``."""
+    """The first multiple of ``interval`` after ``now``: when a node checks its
+    watches next. The nodes of a process share one clock, so their checks come
+    due together and their driver makes each read once for all of them
+    (``rdzv.driver``)."""
     return (c_floor(now / interval) + 1.0) * interval
 
 
@@ -1832,7 +1831,11 @@ cdef class Node:
         """One ``next_rendezvous()`` call: a generator of actions (see ``next_action``)."""
         cdef int attempts = 0
         cdef long long r
-        self.check_at = _next_tick(self.now, self.liveness_interval)
+        # The first check falls half to one and a half intervals after the
+        # call begins, never moments after it: a watch that is still resuming
+        # (etcd restarted, history compacted) gets the time to catch up.
+        self.check_at = _next_tick(self.now + 0.5 * self.liveness_interval,
+                                   self.liveness_interval)
         while True:
             if self.retry_at != INFINITY:
                 if self.now < self.retry_at:
@@ -1889,8 +1892,9 @@ cdef class Node:
     def _check_state_watch(self):
         """Re-read the state record; if its watch missed a change, watch it again.
 
-        Done every ``liveness_interval`` while a call waits, so that a watch
-        stream that stalled without breaking costs a round at most that long,
+        Done every ``liveness_interval`` while a call waits (the first time
+        half to one and a half intervals after the call began), so that a watch
+        stream that stalled without breaking costs a round about that long,
         not the call's whole timeout.
         """
         cdef long long seen = self.state_mod
