@@ -218,6 +218,47 @@ def test_a_lease_whose_keep_alive_is_unanswered_gets_no_other() -> None:
         hub.close()
 
 
+def test_close_waits_for_a_sending_thread_that_has_not_started_yet() -> None:
+    # gRPC starts a stream's sending thread with the call; a stream closed at
+    # once may be closed before that thread asked for its first request. It
+    # still takes a lock of the call on its way out, so close() must wait for
+    # it too, or an exit right after close() can hang in gRPC's clean-up.
+    opened = threading.Event()
+    senders: list[threading.Thread] = []
+
+    class SlowSender:
+        def __init__(self, requests: Any) -> None:
+            self._cancelled = threading.Event()
+
+            def send() -> None:
+                self._cancelled.wait(10)
+                time.sleep(0.2)  # a thread slow to be scheduled, not a wait
+                for _request in requests:
+                    pass
+
+            senders.append(threading.Thread(target=send, daemon=True))
+            senders[-1].start()
+
+        def __iter__(self) -> Any:
+            self._cancelled.wait(10)
+            return iter(())
+
+        def cancel(self) -> None:
+            self._cancelled.set()
+
+    class Stub:
+        def LeaseKeepAlive(self, requests: Any, metadata: Any = None) -> Any:
+            stream = SlowSender(requests)
+            opened.set()
+            return stream
+
+    hub = KeepAliveHub(Stub(), _RPC, lambda: None)
+    hub.add(1, 30.0, 10.0, threading.Event(), lambda ttl: None, lambda: None)
+    assert opened.wait(10), "the hub opened no stream"
+    assert hub.close()
+    assert not senders[0].is_alive(), "close() returned before the stream's sender ended"
+
+
 def test_a_closed_connection_leaves_none_of_its_threads_running(etcd_endpoint: str) -> None:
     # A process that exits (or forks) while a stream's thread is still on its
     # way out may keep that thread's lock of a gRPC call held for good; gRPC's

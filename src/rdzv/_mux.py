@@ -49,13 +49,14 @@ class _Requests:
     gRPC sends a stream's requests from a thread of its own, which takes the
     call's lock around each one. A process that exits, or forks, while that
     thread is still on its way out can be left with the lock held for good,
-    and gRPC's clean-up of the call then waits on it forever; ``sender`` is
+    and gRPC's clean-up of the call then waits on it forever; ``sender()`` is
     that thread, for the stream's owner to wait for (``_join``).
     """
 
     def __init__(self) -> None:
         self._queue: queue.Queue = queue.Queue()
-        self.sender: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
+        self._started = threading.Event()
 
     def put(self, request: Any) -> None:
         self._queue.put(request)
@@ -63,9 +64,17 @@ class _Requests:
     def end(self) -> None:
         self._queue.put(None)
 
+    def sender(self, deadline: float) -> threading.Thread | None:
+        """gRPC's sending thread. gRPC starts it with the call and it asks for
+        a request first thing, even from a call cancelled at once; one that has
+        not asked yet is waited for up to ``deadline``."""
+        self._started.wait(max(0.0, deadline - time.monotonic()))
+        return self._sender
+
     def drain(self) -> Iterator[Any]:
         """The request iterator to give gRPC (run by its sending thread)."""
-        self.sender = threading.current_thread()
+        self._sender = threading.current_thread()
+        self._started.set()
         while True:
             item = self._queue.get()
             if item is None:
@@ -73,11 +82,14 @@ class _Requests:
             yield item
 
 
-def _join(threads: Iterable[threading.Thread | None], deadline: float) -> bool:
+def _join(threads: Iterable[threading.Thread | _Requests | None], deadline: float) -> bool:
     """Wait until ``threads`` ended, up to ``deadline``; whether they did.
 
-    None and the calling thread are skipped."""
+    A stream's ``_Requests`` stands for its sending thread. None and the
+    calling thread are skipped."""
     for thread in threads:
+        if isinstance(thread, _Requests):
+            thread = thread.sender(deadline)
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
@@ -240,7 +252,7 @@ class _WatchStream:
 
     def join(self, deadline: float) -> bool:
         """Wait for the closed stream's threads to end, up to ``deadline``."""
-        return _join((self._reader, self._requests.sender), deadline)
+        return _join((self._reader, self._requests), deadline)
 
     def _read(self) -> None:
         try:
@@ -649,6 +661,10 @@ class KeepAliveHub:
             # A renewed auth token: etcd checks the one the stream was opened with.
             self._close_stream(self._call)
         with fork_gate, self._stream_lock:
+            if self._closed:
+                # close() has run, or is closing the stream: opening one now
+                # would leave it open after close() returned.
+                return
             if self._call is None:
                 requests = _Requests()
                 self._unanswered = 0
@@ -692,9 +708,10 @@ class KeepAliveHub:
             logger.debug("keep-alive stream broke: %s", err)
         self._close_stream(call)
 
-    def _close_stream(self, only: Any = None) -> tuple[threading.Thread | None, ...]:
+    def _close_stream(self, only: Any = None) -> tuple[threading.Thread | _Requests | None, ...]:
         """Close the stream (only if it is still ``only``, when given); return
-        its threads (its reader, gRPC's sender), which end soon after."""
+        its threads (its reader, and its requests for gRPC's sender), which
+        end soon after."""
         with self._stream_lock:
             if only is not None and self._call is not only:
                 return ()
@@ -707,4 +724,4 @@ class KeepAliveHub:
             lease.pending = False
         requests.end()
         call.cancel()
-        return (reader, requests.sender)
+        return (reader, requests)
