@@ -308,3 +308,51 @@ def test_only_a_few_joiners_of_a_large_round_watch_its_counter(min_nodes, max_no
         assert later.step == core.Step.STEP_WAIT
         watching += "counter" in [spec.tag for spec in node.watches]
     assert fewest <= watching <= most, watching
+
+
+def test_a_member_whose_view_lagged_finds_its_round_retired_and_goes_on():
+    """A confirmed member checks its round's world (a member left) and finds
+    the world deleted: the run moved on while this node's view lagged behind,
+    and the round was retired. It reads the state record and goes on from
+    there; only a record that did not move makes the missing world an error."""
+    keys = RunKeys("/p", "lag")
+    node = _joined_waiter(keys, "a", 2, 2)
+    frozen = record(Status.FROZEN, min_nodes=2, max_nodes=2, cutoff=3, world=2)
+    node.observe_state(frozen.encode(), 3)
+    confirm = node.next_action(0.0)
+    assert confirm.success[1] == ("put", keys.confirmed(0) + b"a", b"", 7)
+    shard = core.encode_rank_shard(0, [("a", 0), ("b", 1)], "10.0.0.1", 29500)
+    node.feed((True, 4, [(shard, 4, 4), None]))
+    assert node.next_action(0.0).step == core.Step.STEP_WAIT
+    assert node.phase == Phase.CONFIRMED
+    node.observe_member_deleted()
+    check = node.next_action(1.0)
+    assert check.success[2] == ("get", keys.world(0))
+    node.feed((True, 9, [1, [], None, []]))
+    reread = node.next_action(1.0)
+    assert (reread.step, reread.key) == (core.Step.STEP_GET, keys.state)
+    moved = record(Status.JOINABLE, round=2, min_nodes=2, max_nodes=2, last_final=1)
+    node.feed((moved.encode(), 8, 8))
+    join = node.next_action(1.0)
+    assert node.state.round == 2
+    assert join.success[0][1] == keys.members(2) + b"a"
+
+
+def test_a_member_finds_its_world_missing_while_the_state_record_stands_still():
+    """The same check, but the state record did not move: the world of a
+    frozen round is gone, which the protocol never does; the call fails."""
+    keys = RunKeys("/p", "gone")
+    node = _joined_waiter(keys, "a", 2, 2)
+    frozen = record(Status.FROZEN, min_nodes=2, max_nodes=2, cutoff=3, world=2)
+    node.observe_state(frozen.encode(), 3)
+    node.next_action(0.0)
+    shard = core.encode_rank_shard(0, [("a", 0), ("b", 1)], "10.0.0.1", 29500)
+    node.feed((True, 4, [(shard, 4, 4), None]))
+    node.next_action(0.0)
+    node.observe_member_deleted()
+    node.next_action(1.0)
+    node.feed((True, 9, [1, [], None, []]))
+    node.next_action(1.0)
+    node.feed((frozen.encode(), 3, 3))
+    with pytest.raises(RendezvousStateError, match="is missing"):
+        node.next_action(1.0)

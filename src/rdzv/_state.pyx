@@ -2442,6 +2442,12 @@ cdef class Node:
             ("range", self.keys.ranks(s.round, s.cutoff), 0),
         ], [])
         if results[2] is None:
+            # Retired, as in _confirm_or_leave: the run moved on while this
+            # node's view lagged behind.
+            current = yield _get(self.keys.state)
+            if current is not None and current[1] > self.state_mod:
+                self.observe_state(current[0], current[1])
+                return 0
             raise RendezvousStateError(
                 f"round {s.round} is frozen but {self.keys.world(s.round).decode()!r} "
                 "is missing")
