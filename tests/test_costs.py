@@ -6,6 +6,7 @@ events in total. The counters come from the server's /metrics.
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 
@@ -84,15 +85,38 @@ def test_bytes_per_node_stay_a_few_kb(etcd_server, run_id):
     assert sent <= 4096 * n, sent / n
 
 
-def test_the_nodes_of_one_process_confirm_in_merged_requests(etcd_server, run_id):
-    """Every node of a process sees the round frozen by the same event of
-    their shared watch; their confirmations go out merged (up to 128
-    operations a request), not one request each."""
+def test_the_nodes_of_one_process_join_and_confirm_in_merged_requests(etcd_server, run_id):
+    """The nodes of a process that begin together join the round with the
+    state record they read together; every one sees the round frozen by the
+    same event of their shared watch. Their joins, and their confirmations,
+    go out merged (up to 128 operations a request), not one request each."""
     n = 64
-    txns = round_counters(etcd_server, run_id, n)[COUNTERS[5]]
-    # Per node: its join. Per round: the opening, the freeze, the final and
-    # a few merged confirmations. One request per confirmation would be 2n.
-    assert txns <= n + n / 4 + 8, txns
+    endpoint = etcd_server.get_endpoint()
+    handlers = [make_handler(endpoint, run_id, n, n) for _ in range(n)]
+    start = threading.Barrier(n)
+    infos: list = [None] * n
+
+    def node(i: int) -> None:
+        start.wait()
+        infos[i] = handlers[i].next_rendezvous()
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(n)]
+    before = read_counters(etcd_server.get_metrics_url())
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        after = read_counters(etcd_server.get_metrics_url())
+    finally:
+        for handler in handlers:
+            handler.shutdown()
+    assert_one_world(infos, n)
+    txns = after[COUNTERS[5]] - before[COUNTERS[5]]
+    # Per round: the opening, the freeze, the final, a few merged joins and
+    # confirmations, and the joins of nodes that came after the others had
+    # read. One request per join and per confirmation would be 2n.
+    assert txns <= n / 4 + 8, txns
 
 
 def test_waiting_nodes_of_one_process_share_the_reads_that_check_their_watches(

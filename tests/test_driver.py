@@ -32,9 +32,10 @@ ANSWER = (True, 7, [])
 
 
 class Machine:
-    """A node machine that plays a script of actions: ``("txn"[, key])``, ``("get",)``,
-    ``("wait", until)`` (until a new inbox item, or ``until`` on the clock), ``("done",)``.
-    It fails the test if two threads step it at once."""
+    """A node machine that plays a script of actions: ``("txn"[, key])``,
+    ``("join", node_id)``, ``("get",)``, ``("wait", until)`` (until a new inbox
+    item, or ``until`` on the clock), ``("done",)``. It fails the test if two
+    threads step it at once."""
 
     def __init__(self, *script: tuple[Any, ...]) -> None:
         self.script = list(script)
@@ -59,6 +60,16 @@ class Machine:
                 action = _state.Action(TXN, [], [("get", b"shard"), ("put", kind[1], b"", 0)], [])
             elif kind[0] == "txn":
                 action = _state.Action(TXN, [], [("put", b"k", b"v", 0)], [])
+            elif kind[0] == "join":
+                # A join's shape (the core's _join_txn).
+                me = kind[1]
+                action = _state.Action(
+                    TXN, [("create", b"world", 0)],
+                    [("put", b"members/" + me, b"", 0),
+                     ("txn", [("create", b"counter", 0)],
+                      [("put", b"counter", me, 0), ("count", b"members/")],
+                      [("get", b"counter")])],
+                    [("get", b"state"), ("get", b"members/" + me)], join=True)
             elif kind[0] == "get":
                 action = _state.Action(GET, key=b"k")
             elif kind[0] == "wait":
@@ -438,11 +449,13 @@ def test_closing_ends_a_call_in_progress_and_the_thread():
         driver.drive(Round(Machine(("done",))))
 
 
-def _confirm_together(driver: RoundDriver, client: Client, count: int) -> list[Round]:
-    """``count`` calls that wait, then confirm in one pass of the driver: their
-    wake-ups are queued while the driver is held inside a request."""
-    rounds = [Round(Machine(("wait", math.inf), ("txn", b"confirmed/%d" % i), ("done",)),
-                    client) for i in range(count)]
+def _confirm_together(driver: RoundDriver, client: Client, count: int,
+                      step: Any = lambda i: ("txn", b"confirmed/%d" % i)) -> list[Round]:
+    """``count`` calls that wait, then confirm (or take the ``step(i)`` of
+    their choice) in one pass of the driver: their wake-ups are queued while
+    the driver is held inside a request."""
+    rounds = [Round(Machine(("wait", math.inf), step(i), ("done",)), client)
+              for i in range(count)]
     results: list[bool] = []
     callers = [threading.Thread(target=lambda r=r: results.append(driver.drive(r)))
                for r in rounds]
@@ -511,3 +524,51 @@ def test_an_etcd_that_refuses_merged_transactions_gets_them_one_by_one(driver):
     rounds = _confirm_together(driver, client, 3)
     assert client.sent == sent + 3
     assert all(r.node.fed == [(True, 7, [("read", b"shard"), None])] for r in rounds)
+
+
+class Joins(Client):
+    """Answers a join as etcd would while the round has no world and the
+    counter key is free: puts, then the counter's transaction, which counts
+    the members put so far."""
+
+    def txn_nowait(self, compares: Any, success: Any, failure: Any, done: Any) -> bool:
+        puts = sum(1 for op in success if op[0] == "put")
+        self.answer = (True, 7, [None] * puts + [(True, [None, puts])])
+        return super().txn_nowait(compares, success, failure, done)
+
+
+def _join(i: int) -> tuple[str, bytes]:
+    return ("join", b"node-%d" % i)
+
+
+def test_the_joins_of_one_pass_go_out_as_one(driver):
+    client = Joins()
+    rounds = _confirm_together(driver, client, 200, _join)
+    # 200 member keys and one counter transaction per request: 127 + 73.
+    assert client.sent == 2
+    assert sorted(len(ops) for ops in client.requests) == [74, 128]
+    assert sorted(op[1] for ops in client.requests for op in ops if op[0] == "put") == \
+        sorted(b"members/node-%d" % i for i in range(200))
+    firsts = [ops[-1][2][0][2] for ops in client.requests]
+    holders: list[bytes] = []
+    for r in rounds:
+        assert r.jobs == []
+        [(ok, revision, (put, (took, counted)))] = r.node.fed
+        assert (ok, revision, put) == (True, 7, None)
+        # The first of each request holds the counter key and counted its
+        # request's members; the others read it held by the first.
+        holders.append(b"me" if took else counted[0][0])
+    assert sum(1 for r in rounds if r.node.fed[0][2][1][0]) == 2
+    expected = [b"me"] * 2
+    for ops, first in zip(client.requests, firsts, strict=True):
+        expected += [first] * (len(ops) - 2)
+    assert sorted(holders) == sorted(expected)
+
+
+def test_a_merged_join_that_fails_is_retried_call_by_call(driver):
+    me = threading.get_ident()
+    rounds = _confirm_together(driver, Echo(error=TimeoutError("deadline")), 3, _join)
+    for r in rounds:
+        assert [kind for kind, _ in r.jobs] == ["request"]
+        assert r.jobs[0][1] != me
+        assert r.node.fed == [("from the calling thread", TXN)]

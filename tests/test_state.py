@@ -356,3 +356,51 @@ def test_a_member_finds_its_world_missing_while_the_state_record_stands_still():
     node.feed((frozen.encode(), 3, 3))
     with pytest.raises(RendezvousStateError, match="is missing"):
         node.next_action(1.0)
+
+
+def _join_action(keys, round, node_id, stale=()):
+    """A node's join of ``round``, taken from a node machine, with ``stale``
+    keys of its own to delete."""
+    node = core.Node(node_id, keys, 2, 2, 7, b"d", 30.0, 5.0, random.Random(0))
+    node.begin()
+    node.next_action(0.0)
+    node.feed((True, 1, [(record(Status.JOINABLE, round=round).encode(), 1, 1)]))
+    join = node.next_action(0.0)
+    assert join.join
+    return core.Action(core.Step.STEP_TXN, join.compares,
+                       join.success + [("delete", key) for key in stale], join.failure, join=True)
+
+
+def test_joins_merge_per_round_within_etcds_limits():
+    keys = RunKeys("/p", "m")
+    joins = [_join_action(keys, 3, f"a{i}", [b"old/a%d" % i] * (i % 3)) for i in range(150)]
+    joins.append(_join_action(keys, 4, "b"))
+    groups = core.merge_joins(joins, 128)
+    assert sorted(i for _, indices in groups for i in indices) == list(range(151))
+    for action, indices in groups:
+        rounds = {joins[i].compares[0][1] for i in indices}
+        assert len(rounds) == 1
+        assert len(action.success) <= 128 and len(action.failure) <= 128
+        # Every member key and older key, and one counter transaction, last.
+        assert len(action.success) == sum(len(joins[i].success) - 1 for i in indices) + 1
+        assert [op[0] for op in action.success].count("txn") == 1
+        assert action.success[-1] == joins[indices[0]].success[1]
+    alone = [action for action, indices in groups if indices == [150]]
+    assert alone == [joins[150]]
+
+
+def test_each_merged_join_gets_the_answer_of_its_own():
+    keys = RunKeys("/p", "s")
+    joins = [_join_action(keys, 3, "a"), _join_action(keys, 3, "b", [b"old/b"])]
+    [(merged, _)] = core.merge_joins(joins, 128)
+    # puts a, b; delete old/b; the counter's transaction.
+    took = core.split_joins(joins, (True, 9, [None, None, 1, (True, [None, 2])]))
+    assert took == [(True, 9, [None, (True, [None, 2])]),
+                    (True, 9, [None, (False, [(b"a", 9, 9)]), 1])]
+    held = (b"z", 5, 5)
+    assert core.split_joins(joins, (True, 9, [None, None, 0, (False, [held])])) == \
+        [(True, 9, [None, (False, [held])]), (True, 9, [None, (False, [held]), 0])]
+    state, mine = (b"frozen", 8, 2), (b"d", 4, 4)
+    assert core.split_joins(joins, (False, 9, [state, None, mine])) == \
+        [(False, 9, [state, None]), (False, 9, [state, mine])]
+    assert merged.failure == [("get", keys.state), joins[0].failure[1], joins[1].failure[1]]

@@ -85,6 +85,7 @@ cdef class Action:
     cdef readonly list success
     cdef readonly list failure
     cdef readonly bint once                 # STEP_TXN: one attempt, no retries
+    cdef readonly bint join                 # STEP_TXN: a join (merge_joins)
     cdef readonly bytes key                 # STEP_GET
     cdef readonly double wake_at            # STEP_WAIT
     cdef readonly object result             # STEP_DONE

@@ -131,13 +131,17 @@ class Action:
     success: list[tuple[Any, ...]] | None
     failure: list[tuple[Any, ...]] | None
     once: bool
+    join: bool
     key: bytes | None  # STEP_GET
     wake_at: float  # STEP_WAIT
     result: Any  # STEP_DONE
     def __init__(self, step: int, compares: list[Any] | None = None,
                  success: list[Any] | None = None, failure: list[Any] | None = None,
                  once: bool = False, key: bytes | None = None, wake_at: float = ...,
-                 result: Any = None) -> None: ...
+                 result: Any = None, join: bool = False) -> None: ...
+
+def merge_joins(actions: list[Action], max_ops: int) -> list[tuple[Action, list[int]]]: ...
+def split_joins(actions: list[Action], answer: tuple[bool, int, list[Any]]) -> list[Any]: ...
 
 class Node:
     """One node's side of the rendezvous: a sans-I/O machine.

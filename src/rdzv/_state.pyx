@@ -1456,7 +1456,8 @@ cdef class Action:
     * ``STEP_TXN``: run the transaction ``compares``/``success``/``failure``
       (the tuples of ``rdzv.client.EtcdClient.txn``), retried by the client
       unless ``once`` (one attempt), and ``feed`` its
-      ``(succeeded, revision, results)``;
+      ``(succeeded, revision, results)``; ``join`` marks a node's join of a
+      round, which may go out with other nodes' joins (``merge_joins``);
     * ``STEP_GET``: read ``key`` and ``feed`` its
       ``(value, mod_revision, create_revision)``, or None if it is absent;
     * ``STEP_WAIT``: wait until a watch delivers an event (``observe_*``) or
@@ -1468,12 +1469,13 @@ cdef class Action:
 
     def __cinit__(self, int step, list compares=None, list success=None,
                   list failure=None, bint once=False, bytes key=None,
-                  double wake_at=INFINITY, result=None):
+                  double wake_at=INFINITY, result=None, bint join=False):
         self.step = step
         self.compares = compares
         self.success = success
         self.failure = failure
         self.once = once
+        self.join = join
         self.key = key
         self.wake_at = wake_at
         self.result = result
@@ -1481,7 +1483,7 @@ cdef class Action:
     def __repr__(self):
         if self.step == STEP_TXN:
             return (f"Action(STEP_TXN, compares={self.compares!r}, success={self.success!r}, "
-                    f"failure={self.failure!r}, once={self.once})")
+                    f"failure={self.failure!r}, once={self.once}, join={self.join})")
         if self.step == STEP_GET:
             return f"Action(STEP_GET, key={self.key!r})"
         if self.step == STEP_WAIT:
@@ -1495,6 +1497,84 @@ cdef inline Action _txn(list compares, list success, list failure):
 
 cdef inline Action _get(bytes key):
     return Action(STEP_GET, key=key)
+
+
+def merge_joins(list actions, int max_ops):
+    """Group the joins of several nodes (``Action.join``) into as few
+    transactions as possible.
+
+    A join puts the node's member key, deletes the node's keys of older
+    rounds, and takes the round's counter key if nobody has, all while the
+    round has no world record; else it reads the state record and its own
+    member key. The joins of one round in a group run as one transaction that
+    puts and deletes all their keys and takes the counter key for the first
+    of them, after the others' member keys are in (its count includes them).
+    Each node gets the answer its own join would have had right after the
+    first's: the first holds the counter key (``split_joins``).
+
+    Args:
+        actions: join actions.
+        max_ops: the most operations per branch of a transaction (etcd's
+            ``--max-txn-ops``, 128 by default).
+
+    Returns:
+        ``[(action, indices), ...]``: per transaction to send, its action
+        (the join itself when alone) and the indices in ``actions`` of the
+        joins it carries, in order.
+    """
+    cdef Action action, first
+    cdef Py_ssize_t index, size
+    groups = []
+    open_groups = {}
+    for index, action in enumerate(actions):
+        if not action.join:
+            raise ValueError(f"not a join: {action!r}")
+        world = action.compares[0][1]
+        size = len(action.success) - 1
+        group = open_groups.get(world)
+        if group is not None and (group[1] + size + 1 > max_ops or len(group[2]) + 2 > max_ops):
+            group = None
+        if group is None:
+            group = [world, 0, []]
+            open_groups[world] = group
+            groups.append(group)
+        group[1] += size
+        group[2].append(index)
+    merged = []
+    for _world, _size, indices in groups:
+        if len(indices) == 1:
+            merged.append((actions[indices[0]], indices))
+            continue
+        first = actions[indices[0]]
+        success = [(<Action>actions[i]).success[0] for i in indices]
+        for i in indices:
+            success.extend((<Action>actions[i]).success[2:])
+        success.append(first.success[1])
+        failure = [first.failure[0]] + [(<Action>actions[i]).failure[1] for i in indices]
+        merged.append((Action(STEP_TXN, first.compares, success, failure), indices))
+    return merged
+
+
+def split_joins(list actions, answer):
+    """Each join's share of the answer to the transaction ``merge_joins``
+    made of ``actions`` (one of its groups, in order): what ``feed`` takes."""
+    cdef Action action
+    cdef Action first = actions[0]
+    cdef Py_ssize_t at = len(actions), deletes
+    ok, revision, results = answer
+    if not ok:
+        return [(False, revision, [results[0], results[1 + i]]) for i in range(len(actions))]
+    took, counted = results[len(results) - 1]
+    # The others see the counter key as it stood after the first took it
+    # (``(value, mod_revision, create_revision)``), or as it stood already.
+    holder = (first.success[1][2][0][2], revision, revision) if took else counted[0]
+    shares = []
+    for index, action in enumerate(actions):
+        deletes = len(action.success) - 2
+        nested = (took, counted) if index == 0 else (False, [holder])
+        shares.append((True, revision, [None, nested] + list(results[at:at + deletes])))
+        at += deletes
+    return shares
 
 
 # What a step of the node machine returns besides STEP_WAIT and STEP_DONE: decide
@@ -2073,9 +2153,9 @@ cdef class Node:
                     [("get", counter)])]
         for key in self.stale_keys:
             success.append(("delete", key))
-        ok, revision, results = yield _txn(
-            [("create", self.keys.world(round), 0)], success,
-            [("get", self.keys.state), ("get", own)])
+        ok, revision, results = yield Action(
+            STEP_TXN, [("create", self.keys.world(round), 0)], success,
+            [("get", self.keys.state), ("get", own)], join=True)
         if not ok:
             got = results[0]
             self.observe_state(None if got is None else got[0], 0 if got is None else got[1])

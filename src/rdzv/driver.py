@@ -14,7 +14,10 @@ until its round is over.
 The unconditional transactions that calls ask for in one pass of the driver
 (a round's confirmations: every node of the process sees the round frozen by
 the same event) go out merged, up to etcd's 128 operations per transaction,
-each call getting its share of the answer.
+each call getting its share of the answer. So do the joins of one round asked
+for in one pass (the nodes of a process begin together and read the same
+state record): one transaction puts all their member keys
+(``_state.merge_joins``).
 
 What blocks is handed back to the calling thread as a *job*: a read (sent as
 range requests, see ``EtcdClient.txn``), a request whose first attempt failed
@@ -186,9 +189,11 @@ class RoundDriver:
         self._calls: set[_Call] = set()
         self._thread: threading.Thread | None = None
         self._closed = False
-        # Calls of this pass with an unconditional transaction to send, and
-        # whether to merge those (etcd took the merged transactions so far).
+        # Calls of this pass with an unconditional transaction, or a join, to
+        # send, and whether to merge those (etcd took the merged transactions
+        # so far).
         self._unsent: list[_Call] = []
+        self._joins: list[_Call] = []
         self._merge = True
         # Calls of this pass with a read for their calling thread, each with
         # what it reads (``_read_key``).
@@ -324,6 +329,8 @@ class RoundDriver:
                     self._advance(call)
             if self._unsent:
                 self._send_unconditional()
+            if self._joins:
+                self._send_joins()
             if self._reads:
                 self._hand_reads()
 
@@ -381,6 +388,9 @@ class RoundDriver:
                 if step == _STEP_TXN and not action.once and self._merge and _unconditional(action):
                     # Sent with the others of this pass (_send_unconditional).
                     self._unsent.append(call)
+                elif step == _STEP_TXN and action.join and self._merge:
+                    # Likewise (_send_joins).
+                    self._joins.append(call)
                 else:
                     self._send(call)
                 return
@@ -489,17 +499,56 @@ class RoundDriver:
                 for call, _ in members:
                     self._hand_request(call)
 
+    def _send_joins(self) -> None:
+        """Send the joins of this pass's calls, those of a round merged
+        (``_state.merge_joins``); as with ``_send_unconditional``, a merged
+        join that fails hands each call its own to retry."""
+        calls, self._joins = self._joins, []
+        actions = [call.action for call in calls]
+        for action, indices in _state.merge_joins(actions, _MERGE_OPS):
+            members = [calls[index] for index in indices]
+            if len(members) == 1:
+                self._send(members[0])
+                continue
+            try:
+                sent = members[0].round.client.txn_nowait(
+                    action.compares, action.success, action.failure,
+                    lambda answer, members=members: self._merged_joins_answer(members, answer))
+            except BaseException as err:
+                for call in members:
+                    self._finish(call, err)
+                continue
+            if not sent:
+                for call in members:
+                    self._hand_request(call)
+
+    def _merged_joins_answer(self, members: list[_Call], answer: Any) -> None:
+        """On gRPC's thread: each call's share of a merged join's answer."""
+        if self._merge_failed(len(members), answer):
+            self._post_all([("answer", call, answer) for call in members])
+            return
+        shares = _state.split_joins([call.action for call in members], answer)
+        self._post_all([("answer", call, share)
+                        for call, share in zip(members, shares, strict=True)])
+
+    def _merge_failed(self, calls: int, answer: Any) -> bool:
+        """Whether a merged transaction's answer is an error; an error that
+        says etcd refused its size turns merging off."""
+        if not isinstance(answer, BaseException):
+            return False
+        if isinstance(answer, grpc.RpcError) and \
+                answer.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            # An etcd that takes fewer operations per transaction
+            # (--max-txn-ops): send each call's alone from now on.
+            if self._merge:
+                logger.info("etcd refused a merged transaction of %d calls (%s); "
+                            "sending them one by one", calls, answer.details())
+            self._merge = False
+        return True
+
     def _merged_answer(self, members: list[tuple[_Call, list[int]]], answer: Any) -> None:
         """On gRPC's thread: each call's share of a merged transaction's answer."""
-        if isinstance(answer, BaseException):
-            if isinstance(answer, grpc.RpcError) and \
-                    answer.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                # An etcd that takes fewer operations per transaction
-                # (--max-txn-ops): send each call's alone from now on.
-                if self._merge:
-                    logger.info("etcd refused a merged transaction of %d calls (%s); "
-                                "sending them one by one", len(members), answer.details())
-                self._merge = False
+        if self._merge_failed(len(members), answer):
             self._post_all([("answer", call, answer) for call, _ in members])
             return
         _ok, revision, results = answer
