@@ -572,3 +572,39 @@ def test_a_merged_join_that_fails_is_retried_call_by_call(driver):
         assert [kind for kind, _ in r.jobs] == ["request"]
         assert r.jobs[0][1] != me
         assert r.node.fed == [("from the calling thread", TXN)]
+
+
+def test_joins_asked_for_while_one_is_in_flight_go_out_together_after_it(driver):
+    """The nodes of a process wake one by one: the joins that come while the
+    process's join of the round is in flight wait for its answer, then go
+    out as one transaction."""
+    release = threading.Event()
+
+    class Slow(Joins):
+        def txn_nowait(self, compares: Any, success: Any, failure: Any, done: Any) -> bool:
+            if self.sent == 0:
+                def answer_later() -> None:
+                    release.wait(10)
+                    done((True, 7, [None, (True, [None, 1])]))
+                self.sent += 1
+                self.requests.append(success)
+                threading.Thread(target=answer_later).start()
+                return True
+            return super().txn_nowait(compares, success, failure, done)
+
+    client = Slow()
+    rounds = [Round(Machine(_join(i), ("done",)), client) for i in range(4)]
+    callers = [threading.Thread(target=driver.drive, args=(r,)) for r in rounds]
+    callers[0].start()
+    wait_for(lambda: client.sent == 1, 10, "the first join went out")
+    for caller in callers[1:]:
+        caller.start()
+    wait_for(lambda: all(r.node.steps for r in rounds[1:]), 10, "the others asked to join")
+    assert client.sent == 1
+    release.set()
+    for caller in callers:
+        caller.join(10)
+    assert client.sent == 2
+    assert sorted(op[1] for op in client.requests[1] if op[0] == "put") == \
+        sorted(b"members/node-%d" % i for i in (1, 2, 3))
+    assert all(len(r.node.fed) == 1 and r.node.fed[0][0] for r in rounds)

@@ -14,10 +14,12 @@ until its round is over.
 The unconditional transactions that calls ask for in one pass of the driver
 (a round's confirmations: every node of the process sees the round frozen by
 the same event) go out merged, up to etcd's 128 operations per transaction,
-each call getting its share of the answer. So do the joins of one round asked
-for in one pass (the nodes of a process begin together and read the same
-state record): one transaction puts all their member keys
-(``_state.merge_joins``).
+each call getting its share of the answer. So do the joins of one round
+(``_state.merge_joins``): one transaction puts the member keys of all the
+calls that ask to join while the process's last join of that round is in
+flight, and goes out when its answer comes. The nodes of a process begin
+together but their threads wake one by one; without the wait each pass of
+the driver would send the few joins it found.
 
 What blocks is handed back to the calling thread as a *job*: a read (sent as
 range requests, see ``EtcdClient.txn``), a request whose first attempt failed
@@ -194,6 +196,10 @@ class RoundDriver:
         # so far).
         self._unsent: list[_Call] = []
         self._joins: list[_Call] = []
+        # Join transactions in flight, by the round's world key (what their
+        # compare names), and the joins of those rounds held until they end.
+        self._joins_in_flight: dict[bytes, int] = {}
+        self._held_joins: dict[bytes, list[_Call]] = {}
         self._merge = True
         # Calls of this pass with a read for their calling thread, each with
         # what it reads (``_read_key``).
@@ -303,6 +309,9 @@ class RoundDriver:
                 self._queue.clear()
             ready: dict[_Call, None] = {}
             for kind, call, payload in items:
+                if kind == "joined":
+                    self._joined(payload)
+                    continue
                 if call.finished:
                     continue
                 if kind == "begin":
@@ -501,35 +510,57 @@ class RoundDriver:
 
     def _send_joins(self) -> None:
         """Send the joins of this pass's calls, those of a round merged
-        (``_state.merge_joins``); as with ``_send_unconditional``, a merged
-        join that fails hands each call its own to retry."""
-        calls, self._joins = self._joins, []
+        (``_state.merge_joins``), or hold them while a join of their round
+        is in flight (``_joined`` sends them when it ends). As with
+        ``_send_unconditional``, a merged join that fails hands each call
+        its own to retry."""
+        calls: list[_Call] = []
+        for call in self._joins:
+            world = call.action.compares[0][1]
+            if self._joins_in_flight.get(world):
+                self._held_joins.setdefault(world, []).append(call)
+            else:
+                calls.append(call)
+        self._joins = []
         actions = [call.action for call in calls]
         for action, indices in _state.merge_joins(actions, _MERGE_OPS):
             members = [calls[index] for index in indices]
-            if len(members) == 1:
-                self._send(members[0])
-                continue
+            world = action.compares[0][1]
             try:
                 sent = members[0].round.client.txn_nowait(
                     action.compares, action.success, action.failure,
-                    lambda answer, members=members: self._merged_joins_answer(members, answer))
+                    lambda answer, members=members, world=world: self._joins_answer(
+                        members, world, answer))
             except BaseException as err:
                 for call in members:
                     self._finish(call, err)
                 continue
-            if not sent:
+            if sent:
+                self._joins_in_flight[world] = self._joins_in_flight.get(world, 0) + 1
+            else:
                 for call in members:
                     self._hand_request(call)
 
-    def _merged_joins_answer(self, members: list[_Call], answer: Any) -> None:
-        """On gRPC's thread: each call's share of a merged join's answer."""
-        if self._merge_failed(len(members), answer):
-            self._post_all([("answer", call, answer) for call in members])
+    def _joins_answer(self, members: list[_Call], world: bytes, answer: Any) -> None:
+        """On gRPC's thread: each call's share of a join transaction's answer."""
+        ended = ("joined", members[0], world)
+        if len(members) > 1 and self._merge_failed(len(members), answer):
+            self._post_all([("answer", call, answer) for call in members] + [ended])
             return
-        shares = _state.split_joins([call.action for call in members], answer)
+        shares = [answer] if len(members) == 1 else \
+            _state.split_joins([call.action for call in members], answer)
         self._post_all([("answer", call, share)
-                        for call, share in zip(members, shares, strict=True)])
+                        for call, share in zip(members, shares, strict=True)] + [ended])
+
+    def _joined(self, world: bytes) -> None:
+        """A join transaction of the round of ``world`` ended: send the joins
+        held behind it once none is in flight."""
+        left = self._joins_in_flight.pop(world) - 1
+        if left:
+            self._joins_in_flight[world] = left
+            return
+        held = self._held_joins.pop(world, [])
+        self._joins.extend(call for call in held if not call.finished)
 
     def _merge_failed(self, calls: int, answer: Any) -> bool:
         """Whether a merged transaction's answer is an error; an error that
