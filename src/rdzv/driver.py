@@ -514,6 +514,12 @@ class RoundDriver:
         is in flight (``_joined`` sends them when it ends). As with
         ``_send_unconditional``, a merged join that fails hands each call
         its own to retry."""
+        if not self._merge:
+            # Turned off while these were held.
+            joins, self._joins = self._joins, []
+            for call in joins:
+                self._send(call)
+            return
         calls: list[_Call] = []
         for call in self._joins:
             world = call.action.compares[0][1]
