@@ -373,7 +373,8 @@ def _join_action(keys, round, node_id, stale=()):
 
 def test_joins_merge_per_round_within_etcds_limits():
     keys = RunKeys("/p", "m")
-    joins = [_join_action(keys, 3, f"a{i}", [b"old/a%d" % i] * (i % 3)) for i in range(150)]
+    joins = [_join_action(keys, 3, f"a{i}", [b"old/a%d/%d" % (i, k) for k in range(i % 3)])
+             for i in range(150)]
     joins.append(_join_action(keys, 4, "b"))
     groups = core.merge_joins(joins, 128)
     assert sorted(i for _, indices in groups for i in indices) == list(range(151))
