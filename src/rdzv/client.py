@@ -496,7 +496,11 @@ class EtcdClient:
         if connection.tls_checked:
             return False
         connection.tls_checked = True
-        context = ssl.create_default_context()
+        # A context that verifies nothing, so none of the system's CA
+        # certificates are loaded: OpenSSL loading them in this thread while
+        # the interpreter exits (a daemon thread whose request failed because
+        # etcd went away) crashed the process.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         for host, port in self.config.endpoints:
