@@ -493,20 +493,30 @@ class RoundDriver:
         groups = merge_unconditional([call.action.success for call in calls], _MERGE_OPS)
         for ops, picks in groups:
             members = [(calls[index], pick) for index, pick in picks]
-            try:
-                if len(members) == 1:
-                    self._send(members[0][0])
-                    continue
-                sent = members[0][0].round.client.txn_nowait(
-                    [], ops, [], lambda answer, members=members: self._merged_answer(
-                        members, answer))
-            except BaseException as err:
-                for call, _ in members:
-                    self._finish(call, err)
+            if len(members) == 1:
+                call = members[0][0]
+                self._send_for([call], [], call.action.success, [],
+                               lambda answer, call=call: self._post("answer", call, answer))
                 continue
-            if not sent:
-                for call, _ in members:
-                    self._hand_request(call)
+            self._send_for([call for call, _ in members], [], ops, [],
+                           lambda answer, members=members: self._merged_answer(members, answer))
+
+    def _send_for(self, calls: list[_Call], compares: Any, success: Any, failure: Any,
+                  done: Any) -> bool:
+        """Send one transaction on behalf of ``calls`` without waiting (``done``
+        gets its answer); whether it went out. A client that raised ends the
+        calls with its error; one that would block hands each call's own
+        request to its calling thread."""
+        try:
+            sent = calls[0].round.client.txn_nowait(compares, success, failure, done)
+        except BaseException as err:
+            for call in calls:
+                self._finish(call, err)
+            return False
+        if not sent:
+            for call in calls:
+                self._hand_request(call)
+        return sent
 
     def _send_joins(self) -> None:
         """Send the joins of this pass's calls, those of a round merged
@@ -532,20 +542,10 @@ class RoundDriver:
         for action, indices in _state.merge_joins(actions, _MERGE_OPS):
             members = [calls[index] for index in indices]
             world = action.compares[0][1]
-            try:
-                sent = members[0].round.client.txn_nowait(
-                    action.compares, action.success, action.failure,
-                    lambda answer, members=members, world=world: self._joins_answer(
-                        members, world, answer))
-            except BaseException as err:
-                for call in members:
-                    self._finish(call, err)
-                continue
-            if sent:
+            if self._send_for(members, action.compares, action.success, action.failure,
+                              lambda answer, members=members, world=world: self._joins_answer(
+                                  members, world, answer)):
                 self._joins_in_flight[world] = self._joins_in_flight.get(world, 0) + 1
-            else:
-                for call in members:
-                    self._hand_request(call)
 
     def _joins_answer(self, members: list[_Call], world: bytes, answer: Any) -> None:
         """On gRPC's thread: each call's share of a join transaction's answer."""
