@@ -1,0 +1,120 @@
+"""Room in Linux's futex table for the threads of a process's calls.
+
+A thread that sleeps on a lock or a condition sleeps on a *futex*: the kernel
+queues it in a hash table, and every wake-up walks the queue of its slot to
+find the threads it wakes. From Linux 6.16 each process has a table of its
+own, sized for the process's CPUs (16 slots on 2 CPUs), where earlier kernels
+share one table of 256 slots per CPU. A process that hosts thousands of nodes
+(a benchmark, a test, a launcher of many agents) has one thread asleep in
+each ``next_rendezvous()`` call for the whole round: in a table of 16 slots,
+hundreds of sleepers per slot, and every hand-off of a lock in the process
+(the interpreter's, gRPC's, the round driver's) walks them. One process of
+4096 nodes on 2 CPUs: a round of 7.4-8.6 s with the table the kernel gave it,
+5.0 s with 16,384 slots.
+
+So the calls of a process count themselves, and once more than
+``_SLOTS_PER_CALL`` slots per sleeping call would be needed beyond the
+kernel's default, the process's table is grown (``PR_FUTEX_HASH``) to the next
+power of two, and never shrunk. Kernels without private tables refuse the
+request, and nothing more is asked of them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+# prctl(2): PR_FUTEX_HASH, and its operations.
+_PR_FUTEX_HASH = 78
+_PR_FUTEX_HASH_SET_SLOTS = 1
+_PR_FUTEX_HASH_GET_SLOTS = 2
+# The kernel sizes a default table at 4 slots per thread (up to one thread per
+# CPU); the same per sleeping call.
+_SLOTS_PER_CALL = 4
+# Tables smaller than this are left to the kernel: a process with a few
+# calls (a torchrun agent hosts one) never asks.
+_MIN_SLOTS = 256
+# 64 bytes a slot: 4 MiB at most.
+_MAX_SLOTS = 1 << 16
+
+
+def _prctl_grower() -> Callable[[int], bool] | None:
+    """A function that grows the process's futex table to a number of slots
+    (True if the table has that many now), or None where there is no prctl(2)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+
+    def grow(slots: int) -> bool:
+        # The kernel may have grown it past that already (4 slots a thread,
+        # on a machine of many CPUs).
+        if prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0) >= slots or \
+                prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) == 0:
+            return True
+        logger.debug("the kernel kept its futex table (prctl: %s)",
+                     os.strerror(ctypes.get_errno()))
+        return False
+
+    return grow
+
+
+class Sleepers:
+    """The calls of a process whose threads sleep until their round ends.
+
+    Args:
+        grow: grows the process's futex table to a number of slots and says
+            whether it has them now; None: never asked.
+    """
+
+    def __init__(self, grow: Callable[[int], bool] | None) -> None:
+        self._lock = threading.Lock()
+        self._grow = grow
+        self._calls = 0
+        self._slots = 0
+
+    @property
+    def slots(self) -> int:
+        """The least size the table has been grown to; 0: the kernel's own."""
+        return self._slots
+
+    def enter(self) -> None:
+        """One more call sleeps: grow the table if it needs more room."""
+        with self._lock:
+            self._calls += 1
+            if self._grow is None:
+                return
+            wanted = 1 << (self._calls * _SLOTS_PER_CALL - 1).bit_length()
+            if wanted < _MIN_SLOTS or wanted <= self._slots or self._slots == _MAX_SLOTS:
+                return
+            wanted = min(wanted, _MAX_SLOTS)
+            if self._grow(wanted):
+                self._slots = wanted
+            else:
+                self._grow = None
+
+    def leave(self) -> None:
+        """A call's thread no longer sleeps in it."""
+        with self._lock:
+            self._calls -= 1
+
+    def _forget(self) -> None:
+        # A forked child has none of its parent's threads, and a table of
+        # the kernel's default size.
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._slots = 0
+
+
+sleepers = Sleepers(_prctl_grower())
+os.register_at_fork(after_in_child=sleepers._forget)

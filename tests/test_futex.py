@@ -1,0 +1,105 @@
+"""The futex table of a process that hosts many nodes (``rdzv._futex``)."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rdzv._futex import Sleepers
+
+_PR_FUTEX_HASH = 78
+_PR_FUTEX_HASH_GET_SLOTS = 2
+
+
+def _kernel_slots() -> int:
+    """The size of this process's own futex table; -1 where the kernel has none."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    return prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
+
+
+class _Kernel:
+    def __init__(self, takes: bool = True) -> None:
+        self.takes = takes
+        self.asked: list[int] = []
+
+    def __call__(self, slots: int) -> bool:
+        self.asked.append(slots)
+        return self.takes
+
+
+def test_the_table_grows_by_powers_of_two_with_the_sleeping_calls():
+    kernel = _Kernel()
+    sleepers = Sleepers(kernel)
+    for _ in range(32):
+        sleepers.enter()
+    # 4 slots a call, and the kernel's default is left alone below 256.
+    assert kernel.asked == [] and sleepers.slots == 0
+    sleepers.enter()
+    assert kernel.asked == [256] and sleepers.slots == 256
+    for _ in range(33, 1000):
+        sleepers.enter()
+    assert kernel.asked == [256, 512, 1024, 2048, 4096]
+
+
+def test_the_table_never_shrinks_and_stops_at_its_bound():
+    kernel = _Kernel()
+    sleepers = Sleepers(kernel)
+    for _ in range(100):
+        sleepers.enter()
+    for _ in range(100):
+        sleepers.leave()
+    for _ in range(100):
+        sleepers.enter()
+    assert kernel.asked == [256, 512]
+    for _ in range(100, 40_000):
+        sleepers.enter()
+    assert kernel.asked[-1] == 1 << 16 and sleepers.slots == 1 << 16
+    assert len(kernel.asked) == len(set(kernel.asked))
+
+
+def test_a_kernel_that_refuses_is_asked_once():
+    kernel = _Kernel(takes=False)
+    sleepers = Sleepers(kernel)
+    for _ in range(1000):
+        sleepers.enter()
+    assert kernel.asked == [256] and sleepers.slots == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _kernel_slots() < 0,
+                    reason="the kernel gives processes no futex table of their own "
+                           "(Linux 6.16 and later do)")
+def test_a_process_hosting_many_nodes_gets_room_for_them(etcd_endpoint, run_id):
+    # A fresh process, so that the table starts at the kernel's default size.
+    script = textwrap.dedent(f"""
+        import ctypes, threading
+        from rdzv.api import RendezvousParameters
+        from rdzv.etcd_rendezvous import create_rdzv_handler
+        n = 40
+        handlers = [create_rdzv_handler(RendezvousParameters(
+            "etcd", {etcd_endpoint!r}, {run_id!r}, n, n, timeout=60, last_call_timeout=30))
+            for _ in range(n)]
+        infos = [None] * n
+        def run(i):
+            infos[i] = handlers[i].next_rendezvous()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(i.rank for i in infos) == list(range(n)), infos
+        for h in handlers:
+            h.shutdown()
+        prctl = ctypes.CDLL(None).prctl
+        prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+        print(prctl({_PR_FUTEX_HASH}, {_PR_FUTEX_HASH_GET_SLOTS}, 0, 0, 0))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    # 40 calls slept in the round: 160 slots, a table of 256 at least.
+    assert int(done.stdout.split()[-1]) >= 256
