@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from types import SimpleNamespace
 from typing import Any
 
@@ -163,7 +164,8 @@ def test_keep_alives_due_close_together_go_out_together(
 
 
 # The protobuf messages a KeepAliveHub makes and reads, as plain records.
-_RPC = SimpleNamespace(LeaseKeepAliveRequest=lambda ID: SimpleNamespace(ID=ID))
+_RPC = SimpleNamespace(LeaseKeepAliveRequest=lambda ID: SimpleNamespace(ID=ID),
+                       LeaseTimeToLiveRequest=lambda ID: SimpleNamespace(ID=ID))
 
 
 class _KeepAliveStream:
@@ -214,6 +216,95 @@ def test_a_lease_whose_keep_alive_is_unanswered_gets_no_other() -> None:
         # Ten beats: lease 2, answered each time, went each time; lease 1,
         # whose answer never came, went once.
         assert sent.count(1) == 1, sent
+    finally:
+        hub.close()
+
+
+class _TimeToLive:
+    """etcd's LeaseTimeToLive as a KeepAliveHub calls it: each request answered
+    at once with ``left`` (seconds; -1: no such lease), or failing when
+    ``left`` is an exception."""
+
+    def __init__(self, left: Any, cond: threading.Condition) -> None:
+        self.left = left
+        self.asked: list[int] = []
+        self._cond = cond
+
+    def future(self, request: Any, timeout: float, metadata: Any = None) -> Future:
+        with self._cond:
+            self.asked.append(request.ID)
+            self._cond.notify_all()
+        answer: Future = Future()
+        if isinstance(self.left, BaseException):
+            answer.set_exception(self.left)
+        else:
+            answer.set_result(SimpleNamespace(ID=request.ID, TTL=self.left))
+        return answer
+
+
+def _unanswered_hub(time_to_live: _TimeToLive, sent: list[int],
+                    cond: threading.Condition) -> KeepAliveHub:
+    """A hub whose keep-alive stream answers nothing, and whose etcd tells a
+    lease's TTL as ``time_to_live`` says."""
+
+    class Stub:
+        LeaseTimeToLive = time_to_live
+
+        def LeaseKeepAlive(self, requests: Any, metadata: Any = None) -> Any:
+            return _KeepAliveStream(requests, set(), sent, cond)
+
+    return KeepAliveHub(Stub(), _RPC, lambda: None)
+
+
+def test_a_lease_unanswered_for_its_ttl_lives_on_while_etcd_has_it() -> None:
+    # Keep-alive answers that are late (a stream stalled one way, a process
+    # starved of CPU) must not end the nodes of a lease that etcd still holds:
+    # etcd is asked before the lease is given up, and only its word ends it.
+    cond = threading.Condition()
+    sent: list[int] = []
+    time_to_live = _TimeToLive(5, cond)
+    answers: list[int] = []
+    silent = threading.Event()
+
+    def answered(ttl: int) -> None:
+        with cond:
+            answers.append(ttl)
+            cond.notify_all()
+
+    hub = _unanswered_hub(time_to_live, sent, cond)
+    try:
+        lease = hub.add(7, 0.3, 0.05, threading.Event(), answered, silent.set)
+        with cond:
+            # Three TTLs without an answer on the stream: etcd was asked each time.
+            assert cond.wait_for(lambda: len(time_to_live.asked) >= 3, timeout=20)
+        assert not silent.is_set() and answers == []
+        assert time.monotonic() - lease.last_answer < 0.3 + 0.05 + 1.0
+        time_to_live.left = -1
+        with cond:
+            assert cond.wait_for(lambda: answers == [-1], timeout=20), answers
+        assert not silent.is_set()
+        # Dropped: no keep-alive goes after etcd said the lease is gone.
+        with cond:
+            count = len(sent)
+            asked = len(time_to_live.asked)
+        hub.add(8, 30.0, 0.05, threading.Event(), lambda ttl: None, lambda: None)
+        with cond:
+            assert cond.wait_for(lambda: sent.count(8) >= 1, timeout=20)
+            assert 7 not in sent[count:] and len(time_to_live.asked) == asked, sent
+    finally:
+        hub.close()
+
+
+def test_a_lease_unanswered_for_its_ttl_is_silent_when_etcd_cannot_say() -> None:
+    cond = threading.Condition()
+    sent: list[int] = []
+    time_to_live = _TimeToLive(RuntimeError("deadline exceeded"), cond)
+    silent = threading.Event()
+    hub = _unanswered_hub(time_to_live, sent, cond)
+    try:
+        hub.add(7, 0.3, 0.05, threading.Event(), lambda ttl: None, silent.set)
+        assert silent.wait(20), "the lease was never reported silent"
+        assert time_to_live.asked == [7]
     finally:
         hub.close()
 

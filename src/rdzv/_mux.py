@@ -511,7 +511,8 @@ class WatchMux:
 # =================================================================== keep-alives
 class KeptLease:
     """One lease kept alive by the hub; ``last_answer`` is the ``time.monotonic()``
-    time of its last answer with a positive TTL (or of its registration), and
+    time of its last answer with a positive TTL (or of its registration, or
+    the time etcd last renewed it, by its answer to a TTL request), and
     ``pending`` whether a keep-alive of it awaits its answer on the stream."""
 
     def __init__(self, lease_id: int, ttl: float, interval: float, stop: threading.Event,
@@ -524,16 +525,25 @@ class KeptLease:
         self.silent = silent
         self.last_answer = time.monotonic()
         self.pending = False
+        self.asking = False  # whether etcd was asked for its TTL and has not answered
 
 
 class KeepAliveHub:
     """Keep-alives of every lease of one connection, on one LeaseKeepAlive stream.
 
     A scheduler thread sends each lease's keep-alive every ``interval``
-    seconds; a reader thread hands each answer to its lease. A lease with no
-    answer for its whole TTL is reported silent (and dropped); a stream that
+    seconds; a reader thread hands each answer to its lease. A stream that
     breaks, or that answers nothing for half the shortest TTL while keep-alives
     are due, is replaced.
+
+    A lease with no answer for its whole TTL is not given up at once: etcd is
+    asked how long it has left (one LeaseTimeToLive request). Answers that
+    were late, not lost (a stream that stalled one way, or this process's
+    threads starved of CPU while etcd renewed the lease), would otherwise end
+    every node on a lease etcd still holds. If etcd still has it, it counts as
+    renewed when etcd last renewed it; if etcd no longer has it, its
+    ``answered`` gets the TTL etcd gave (-1); if etcd cannot say within one
+    keep-alive interval, the lease is reported silent (and dropped).
 
     A lease whose last keep-alive is still unanswered gets no other on the same
     stream: the stream is answered in order, so a second could only renew the
@@ -568,7 +578,8 @@ class KeepAliveHub:
         """Keep ``lease_id`` alive until ``stop`` is set; the first keep-alive
         goes at once. ``answered(ttl)`` gets every answer (0 or less: etcd no
         longer has the lease); ``silent()`` is called once if none came for
-        ``ttl`` seconds, and the lease is dropped."""
+        ``ttl`` seconds and etcd could not say it still has the lease, and
+        the lease is dropped."""
         lease = KeptLease(lease_id, ttl, interval, stop, answered, silent)
         with self._cond:
             if self._closed:
@@ -611,7 +622,7 @@ class KeepAliveHub:
     def _schedule(self) -> None:
         while True:
             due: list[KeptLease] = []
-            silent: list[KeptLease] = []
+            lapsed: list[KeptLease] = []
             with self._cond:
                 while not self._closed:
                     now = time.monotonic()
@@ -628,15 +639,14 @@ class KeepAliveHub:
                 # rather than once per lease.
                 waiting: list[KeptLease] = []  # due, their last keep-alive unanswered
                 while self._heap and (self._heap[0][0] <= now or (
-                        (due or silent or waiting) and self._heap[0][0] - now
+                        (due or lapsed or waiting) and self._heap[0][0] - now
                         <= self._heap[0][2].interval * _EARLY)):
                     _, _, lease = heapq.heappop(self._heap)
                     if lease.stop.is_set() or self._leases.get(lease.lease_id) is not lease:
                         continue
-                    if now - lease.last_answer > lease.ttl:
-                        del self._leases[lease.lease_id]
-                        silent.append(lease)
-                        continue
+                    if now - lease.last_answer > lease.ttl and not lease.asking:
+                        lease.asking = True
+                        lapsed.append(lease)
                     (waiting if lease.pending else due).append(lease)
                     heapq.heappush(self._heap, (now + lease.interval, next(self._order), lease))
                 # A stream that owes answers for half a TTL is replaced: that
@@ -645,8 +655,8 @@ class KeepAliveHub:
                 owed = due + waiting
                 stalled = (self._call is not None and owed and self._unanswered > 0
                            and now - self._stream_answered > min(x.ttl for x in owed) / 2)
-            for lease in silent:
-                lease.silent()
+            for lease in lapsed:
+                self._ask_ttl(lease)
             if stalled:
                 logger.debug("keep-alive stream answered nothing for a TTL; opening another")
                 self._close_stream()
@@ -654,6 +664,45 @@ class KeepAliveHub:
                 due += waiting
             if due:
                 self._send([lease.lease_id for lease in due])
+
+    def _ask_ttl(self, lease: KeptLease) -> None:
+        """Ask etcd how long ``lease``, unanswered for its TTL, has left."""
+        request = self._rpc.LeaseTimeToLiveRequest(ID=lease.lease_id)
+        asked = time.monotonic()
+        future = None
+        with fork_gate:
+            try:
+                future = self._stub.LeaseTimeToLive.future(
+                    request, lease.interval, metadata=self._metadata())
+            except ValueError:  # the channel is closed
+                pass
+        if future is None:
+            self._lapse(lease, None)
+        else:
+            future.add_done_callback(lambda done: self._lapse(lease, done, asked))
+
+    def _lapse(self, lease: KeptLease, future: Any, asked: float = 0.0) -> None:
+        """Act on etcd's answer about a lease unanswered for its TTL."""
+        try:
+            left = future.result().TTL if future is not None else None
+        except Exception as err:  # etcd did not say (unreachable, timed out)
+            logger.debug("lease %x: etcd did not tell its TTL: %s", lease.lease_id, err)
+            left = None
+        with self._cond:
+            lease.asking = False
+            if lease.stop.is_set() or self._leases.get(lease.lease_id) is not lease:
+                return
+            if left is not None and left > 0:
+                # Renewed when it had its whole TTL left, as etcd says, and no
+                # later than when etcd was asked (etcd may have granted more
+                # than was asked for).
+                lease.last_answer = max(lease.last_answer, asked - max(0.0, lease.ttl - left))
+                return
+            del self._leases[lease.lease_id]
+        if left is None:
+            lease.silent()
+        else:
+            lease.answered(left)
 
     def _send(self, lease_ids: list[int]) -> None:
         metadata = self._metadata()

@@ -775,9 +775,12 @@ class EtcdClient:
         connection's one keep-alive stream (replaced when it breaks or hangs).
         ``answered(ttl)`` gets each answer (0 or less: etcd no longer has the
         lease); ``silent()`` is called once if no answer came for ``ttl``
-        seconds, and the lease is then no longer kept alive. Both run on the
-        stream's threads: they must not block. The returned record's
-        ``last_answer`` tells when etcd last renewed the lease.
+        seconds and etcd, then asked for the lease's TTL, did not answer
+        within ``interval``; the lease is then no longer kept alive (if etcd
+        says it still has the lease, the lease counts as renewed when etcd
+        last renewed it). Both run on the stream's threads: they must not
+        block. The returned record's ``last_answer`` tells when etcd last
+        renewed the lease.
         """
         self.check_process()
         return self._connection.keepalives.add(lease_id, ttl, interval, stop, answered, silent)
