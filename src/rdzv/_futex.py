@@ -10,13 +10,13 @@ each ``next_rendezvous()`` call for the whole round: in a table of 16 slots,
 hundreds of sleepers per slot, and every hand-off of a lock in the process
 (the interpreter's, gRPC's, the round driver's) walks them. One process of
 4096 nodes on 2 CPUs: a round of 7.4-8.6 s with the table the kernel gave it,
-5.0 s with 16,384 slots.
+5.3-5.9 s with the table grown as below.
 
-So the calls of a process count themselves, and once more than
-``_SLOTS_PER_CALL`` slots per sleeping call would be needed beyond the
-kernel's default, the process's table is grown (``PR_FUTEX_HASH``) to the next
-power of two, and never shrunk. Kernels without private tables refuse the
-request, and nothing more is asked of them.
+So the calls of a process count themselves, and once ``_SLOTS_PER_CALL``
+slots per sleeping call come to ``_MIN_SLOTS`` or more, the process's table
+is grown (``PR_FUTEX_HASH``) to that many, rounded up to a power of two, and
+never shrunk. Kernels without tables of their own refuse the request, and
+nothing more is asked of them.
 """
 
 from __future__ import annotations
