@@ -9,10 +9,7 @@ import textwrap
 
 import pytest
 
-from rdzv._futex import Sleepers
-
-_PR_FUTEX_HASH = 78
-_PR_FUTEX_HASH_GET_SLOTS = 2
+from rdzv._futex import _PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, Sleepers
 
 
 def _kernel_slots() -> int:

@@ -94,10 +94,9 @@ class Sleepers:
             self._calls += 1
             if self._grow is None:
                 return
-            wanted = 1 << (self._calls * _SLOTS_PER_CALL - 1).bit_length()
-            if wanted < _MIN_SLOTS or wanted <= self._slots or self._slots == _MAX_SLOTS:
+            wanted = min(1 << (self._calls * _SLOTS_PER_CALL - 1).bit_length(), _MAX_SLOTS)
+            if wanted < _MIN_SLOTS or wanted <= self._slots:
                 return
-            wanted = min(wanted, _MAX_SLOTS)
             if self._grow(wanted):
                 self._slots = wanted
             else:
