@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from rdzv._futex import _PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, Sleepers
-
-
-def _kernel_slots() -> int:
-    """The size of this process's own futex table; -1 where the kernel has none."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-    return prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
+from rdzv._futex import Sleepers, table_slots
 
 
 class _Kernel:
@@ -67,13 +59,14 @@ def test_a_kernel_that_refuses_is_asked_once():
     assert kernel.asked == [256] and sleepers.slots == 0
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or _kernel_slots() < 0,
+@pytest.mark.skipif(table_slots() < 0,
                     reason="the kernel gives processes no futex table of their own "
                            "(Linux 6.16 and later do)")
 def test_a_process_hosting_many_nodes_gets_room_for_them(etcd_endpoint, run_id):
     # A fresh process, so that the table starts at the kernel's default size.
     script = textwrap.dedent(f"""
-        import ctypes, threading
+        import threading
+        from rdzv._futex import table_slots
         from rdzv.api import RendezvousParameters
         from rdzv.etcd_rendezvous import create_rdzv_handler
         n = 40
@@ -91,9 +84,7 @@ def test_a_process_hosting_many_nodes_gets_room_for_them(etcd_endpoint, run_id):
         assert sorted(i.rank for i in infos) == list(range(n)), infos
         for h in handlers:
             h.shutdown()
-        prctl = ctypes.CDLL(None).prctl
-        prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-        print(prctl({_PR_FUTEX_HASH}, {_PR_FUTEX_HASH_GET_SLOTS}, 0, 0, 0))
+        print(table_slots())
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)

@@ -44,9 +44,8 @@ _MIN_SLOTS = 256
 _MAX_SLOTS = 1 << 16
 
 
-def _prctl_grower() -> Callable[[int], bool] | None:
-    """A function that grows the process's futex table to a number of slots
-    (True if the table has that many now), or None where there is no prctl(2)."""
+def _load_prctl() -> Callable[..., int] | None:
+    """prctl(2) with its argument types, or None where there is none."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -55,18 +54,30 @@ def _prctl_grower() -> Callable[[int], bool] | None:
         return None
     prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     prctl.restype = ctypes.c_int
+    return prctl
 
-    def grow(slots: int) -> bool:
-        # The kernel may have grown it past that already (4 slots a thread,
-        # on a machine of many CPUs).
-        if prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0) >= slots or \
-                prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) == 0:
-            return True
-        logger.debug("the kernel kept its futex table (prctl: %s)",
-                     os.strerror(ctypes.get_errno()))
-        return False
 
-    return grow
+_prctl = _load_prctl()
+
+
+def table_slots() -> int:
+    """The size of this process's own futex table: 0 while it uses the
+    kernel's shared one, -1 where the kernel gives processes none."""
+    if _prctl is None:
+        return -1
+    return _prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
+
+
+def _grow_table(slots: int) -> bool:
+    """Grow the process's futex table to ``slots``; whether it has that many now."""
+    assert _prctl is not None
+    # The kernel may have grown it past that already (4 slots a thread, on a
+    # machine of many CPUs).
+    if table_slots() >= slots or \
+            _prctl(_PR_FUTEX_HASH, _PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) == 0:
+        return True
+    logger.debug("the kernel kept its futex table (prctl: %s)", os.strerror(ctypes.get_errno()))
+    return False
 
 
 class Sleepers:
@@ -115,5 +126,5 @@ class Sleepers:
         self._slots = 0
 
 
-sleepers = Sleepers(_prctl_grower())
+sleepers = Sleepers(_grow_table if _prctl is not None else None)
 os.register_at_fork(after_in_child=sleepers._forget)
