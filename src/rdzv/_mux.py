@@ -528,6 +528,16 @@ class KeptLease:
         self.asking = False  # whether etcd was asked for its TTL and has not answered
 
 
+def _ttl_left(lease: KeptLease, future: Any) -> int | None:
+    """The seconds etcd's answer to a TTL request says ``lease`` has left
+    (-1: gone), or None if etcd did not answer."""
+    try:
+        return future.result().TTL
+    except Exception as err:  # unreachable, timed out
+        logger.debug("lease %x: etcd did not tell its TTL: %s", lease.lease_id, err)
+        return None
+
+
 class KeepAliveHub:
     """Keep-alives of every lease of one connection, on one LeaseKeepAlive stream.
 
@@ -669,25 +679,21 @@ class KeepAliveHub:
         """Ask etcd how long ``lease``, unanswered for its TTL, has left."""
         request = self._rpc.LeaseTimeToLiveRequest(ID=lease.lease_id)
         asked = time.monotonic()
-        future = None
         with fork_gate:
             try:
                 future = self._stub.LeaseTimeToLive.future(
                     request, lease.interval, metadata=self._metadata())
             except ValueError:  # the channel is closed
-                pass
+                future = None
         if future is None:
-            self._lapse(lease, None)
+            self._lapse(lease, None, asked)
         else:
-            future.add_done_callback(lambda done: self._lapse(lease, done, asked))
+            future.add_done_callback(
+                lambda done: self._lapse(lease, _ttl_left(lease, done), asked))
 
-    def _lapse(self, lease: KeptLease, future: Any, asked: float = 0.0) -> None:
-        """Act on etcd's answer about a lease unanswered for its TTL."""
-        try:
-            left = future.result().TTL if future is not None else None
-        except Exception as err:  # etcd did not say (unreachable, timed out)
-            logger.debug("lease %x: etcd did not tell its TTL: %s", lease.lease_id, err)
-            left = None
+    def _lapse(self, lease: KeptLease, left: int | None, asked: float) -> None:
+        """Act on what etcd, asked at ``asked``, said ``lease`` has left
+        (None: it did not say)."""
         with self._cond:
             lease.asking = False
             if lease.stop.is_set() or self._leases.get(lease.lease_id) is not lease:
