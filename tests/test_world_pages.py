@@ -19,6 +19,7 @@ from rdzv.api import RendezvousStateError
 from rdzv.client import txn_request
 from rdzv.inspect import read_world
 from rdzv.keys import RunKeys
+from rdzv.txn import txn_ops
 
 MAX_TXN_OPS = 128  # etcd's --max-txn-ops default
 MAX_REQUEST_BYTES = 1536 * 1024  # etcd's --max-request-bytes default (1.5 MiB)
@@ -54,7 +55,7 @@ def test_freezer_transactions_fit_etcd_limits(n):
     txns.append(([("mod", KEYS.state, 10**9)], freeze_txn(world, freeze_ops),
                  [("get", KEYS.state)]))
     for compares, success, failure in txns:
-        assert max(len(compares), len(success), len(failure)) <= MAX_TXN_OPS
+        assert txn_ops(compares, success, failure) <= MAX_TXN_OPS
         size = txn_request(rpc, compares, success, failure).ByteSize()
         assert size <= MAX_REQUEST_BYTES, (n, size)
     # Every shard is written exactly once, and they give back the world.

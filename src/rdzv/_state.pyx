@@ -61,6 +61,7 @@ from rdzv.api import (
     RendezvousError,
     RendezvousStateError,
 )
+from rdzv.txn import txn_ops
 
 FORMAT_VERSION = 1
 _STATE_MAGIC = b"rdzv1"
@@ -1514,8 +1515,8 @@ def merge_joins(list actions, int max_ops):
 
     Args:
         actions: join actions.
-        max_ops: the most operations per branch of a transaction (etcd's
-            ``--max-txn-ops``, 128 by default).
+        max_ops: etcd's ``--max-txn-ops`` (128 by default): each merged
+            transaction passes it as ``rdzv.txn.txn_ops`` counts.
 
     Returns:
         ``[(action, indices), ...]``: per transaction to send, its action
@@ -1523,7 +1524,7 @@ def merge_joins(list actions, int max_ops):
         joins it carries, in order.
     """
     cdef Action action, first
-    cdef Py_ssize_t index, size
+    cdef Py_ssize_t index, size, inner
     groups = []
     open_groups = {}
     for index, action in enumerate(actions):
@@ -1531,8 +1532,14 @@ def merge_joins(list actions, int max_ops):
             raise ValueError(f"not a join: {action!r}")
         world = action.compares[0][1]
         size = len(action.success) - 1
+        # The counter's transaction goes inside the merged one: etcd gives
+        # it only what the merged one's longest list leaves of max_ops.
+        _, compares, success, failure = action.success[1]
+        inner = txn_ops(compares, success, failure)
         group = open_groups.get(world)
-        if group is not None and (group[1] + size + 1 > max_ops or len(group[2]) + 2 > max_ops):
+        # [world, operations of the success branch but the counter's,
+        #  indices]: the failure branch is one get per join and one more.
+        if group is not None and max(group[1] + size + 1, len(group[2]) + 2) + inner > max_ops:
             group = None
         if group is None:
             group = [world, 0, []]

@@ -42,6 +42,7 @@ __all__ = [
     "range_request",
     "range_result",
     "request_op",
+    "txn_ops",
     "txn_request",
     "txn_results",
 ]
@@ -67,6 +68,23 @@ def is_read_only(success: Sequence[Sequence[Any]], failure: Sequence[Sequence[An
         op[0] in READ_OPS or (op[0] == "txn" and is_read_only(op[2], op[3]))
         for op in (*success, *failure)
     )
+
+
+def txn_ops(
+    compares: Sequence[Sequence[Any]],
+    success: Sequence[Sequence[Any]],
+    failure: Sequence[Sequence[Any]],
+) -> int:
+    """The smallest ``--max-txn-ops`` under which etcd takes this transaction.
+
+    etcd checks the longest of a transaction's three lists against its limit,
+    and each transaction inside it against what that length leaves of the
+    limit: a branch of 128 operations (the default limit) can hold no inner
+    transaction at all.
+    """
+    longest = max(len(compares), len(success), len(failure))
+    inner = [txn_ops(op[1], op[2], op[3]) for op in (*success, *failure) if op[0] == "txn"]
+    return longest + max(inner, default=0)
 
 
 def merge_unconditional(
