@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from rdzv._futex import Sleepers, table_slots
+from rdzv._futex import Nodes, table_slots
 
 
 class _Kernel:
@@ -21,48 +21,49 @@ class _Kernel:
         return self.takes
 
 
-def test_the_table_grows_by_powers_of_two_with_the_sleeping_calls():
+def test_the_table_grows_by_powers_of_two_with_the_nodes():
     kernel = _Kernel()
-    sleepers = Sleepers(kernel)
+    nodes = Nodes(kernel)
     for _ in range(32):
-        sleepers.enter()
-    # 4 slots a call, and the kernel's default is left alone below 256.
-    assert kernel.asked == [] and sleepers.slots == 0
-    sleepers.enter()
-    assert kernel.asked == [256] and sleepers.slots == 256
+        nodes.add()
+    # 4 slots a node, and the kernel's default is left alone below 256.
+    assert kernel.asked == [] and nodes.slots == 0
+    nodes.add()
+    assert kernel.asked == [256] and nodes.slots == 256
     for _ in range(33, 1000):
-        sleepers.enter()
+        nodes.add()
     assert kernel.asked == [256, 512, 1024, 2048, 4096]
 
 
 def test_the_table_never_shrinks_and_stops_at_its_bound():
     kernel = _Kernel()
-    sleepers = Sleepers(kernel)
+    nodes = Nodes(kernel)
     for _ in range(100):
-        sleepers.enter()
+        nodes.add()
     for _ in range(100):
-        sleepers.leave()
+        nodes.remove()
     for _ in range(100):
-        sleepers.enter()
+        nodes.add()
     assert kernel.asked == [256, 512]
     for _ in range(100, 40_000):
-        sleepers.enter()
-    assert kernel.asked[-1] == 1 << 16 and sleepers.slots == 1 << 16
+        nodes.add()
+    assert kernel.asked[-1] == 1 << 16 and nodes.slots == 1 << 16
     assert len(kernel.asked) == len(set(kernel.asked))
 
 
 def test_a_kernel_that_refuses_is_asked_once():
     kernel = _Kernel(takes=False)
-    sleepers = Sleepers(kernel)
+    nodes = Nodes(kernel)
     for _ in range(1000):
-        sleepers.enter()
-    assert kernel.asked == [256] and sleepers.slots == 0
+        nodes.add()
+    assert kernel.asked == [256] and nodes.slots == 0
 
 
 @pytest.mark.skipif(table_slots() < 0,
                     reason="the kernel gives processes no futex table of their own "
                            "(Linux 6.16 and later do)")
-def test_a_process_hosting_many_nodes_gets_room_for_them(etcd_endpoint, run_id):
+def test_a_process_hosting_many_nodes_gets_room_for_them_before_their_calls(
+        etcd_endpoint, run_id):
     # A fresh process, so that the table starts at the kernel's default size.
     script = textwrap.dedent(f"""
         import threading
@@ -73,6 +74,7 @@ def test_a_process_hosting_many_nodes_gets_room_for_them(etcd_endpoint, run_id):
         handlers = [create_rdzv_handler(RendezvousParameters(
             "etcd", {etcd_endpoint!r}, {run_id!r}, n, n, timeout=60, last_call_timeout=30))
             for _ in range(n)]
+        print("created", table_slots())
         infos = [None] * n
         def run(i):
             infos[i] = handlers[i].next_rendezvous()
@@ -84,10 +86,12 @@ def test_a_process_hosting_many_nodes_gets_room_for_them(etcd_endpoint, run_id):
         assert sorted(i.rank for i in infos) == list(range(n)), infos
         for h in handlers:
             h.shutdown()
-        print(table_slots())
+        print("shut down", table_slots())
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    # 40 calls slept in the round: 160 slots, a table of 256 at least.
-    assert int(done.stdout.split()[-1]) >= 256
+    # 40 nodes: 160 slots, a table of 256 at least, from before their calls
+    # began to after they shut down (never shrunk).
+    sizes = dict(line.rsplit(" ", 1) for line in done.stdout.splitlines())
+    assert int(sizes["created"]) >= 256 and int(sizes["shut down"]) >= 256, sizes

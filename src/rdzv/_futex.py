@@ -1,4 +1,4 @@
-"""Room in Linux's futex table for the threads of a process's calls.
+"""Room in Linux's futex table for the threads of a process's nodes.
 
 A thread that sleeps on a lock or a condition sleeps on a *futex*: the kernel
 queues it in a hash table, and every wake-up walks the queue of its slot to
@@ -12,11 +12,17 @@ hundreds of sleepers per slot, and every hand-off of a lock in the process
 4096 nodes on 2 CPUs: a round of 7.4-8.6 s with the table the kernel gave it,
 5.3-5.9 s with the table grown as below.
 
-So the calls of a process count themselves, and once ``_SLOTS_PER_CALL``
-slots per sleeping call come to ``_MIN_SLOTS`` or more, the process's table
-is grown (``PR_FUTEX_HASH``) to that many, rounded up to a power of two, and
-never shrunk. Kernels without tables of their own refuse the request, and
-nothing more is asked of them.
+So the nodes of a process count themselves (a handler is one node: one
+thread in its ``next_rendezvous()`` at a time), and once ``_SLOTS_PER_NODE``
+slots per node come to ``_MIN_SLOTS`` or more, the process's table is grown
+(``PR_FUTEX_HASH``) to that many, rounded up to a power of two, and never
+shrunk. They count when they are created, not when their calls begin: the
+threads of many nodes begin their calls together, and wake together, and
+that is when a small table costs most (one process of 4096 nodes: 5.4-5.7 s
+a round with the table grown before the calls, 6.3-6.9 s grown as they
+began); and a table grows faster with fewer threads asleep in it. Kernels
+without tables of their own refuse the request, and nothing more is asked of
+them.
 """
 
 from __future__ import annotations
@@ -35,10 +41,10 @@ _PR_FUTEX_HASH = 78
 _PR_FUTEX_HASH_SET_SLOTS = 1
 _PR_FUTEX_HASH_GET_SLOTS = 2
 # The kernel sizes a default table at 4 slots per thread (up to one thread per
-# CPU); the same per sleeping call.
-_SLOTS_PER_CALL = 4
+# CPU); the same per node.
+_SLOTS_PER_NODE = 4
 # Tables smaller than this are left to the kernel: a process with a few
-# calls (a torchrun agent hosts one) never asks.
+# nodes (a torchrun agent hosts one) never asks.
 _MIN_SLOTS = 256
 # 64 bytes a slot: 4 MiB at most.
 _MAX_SLOTS = 1 << 16
@@ -80,8 +86,8 @@ def _grow_table(slots: int) -> bool:
     return False
 
 
-class Sleepers:
-    """The calls of a process whose threads sleep until their round ends.
+class Nodes:
+    """The nodes of a process, each with a thread that sleeps in its calls.
 
     Args:
         grow: grows the process's futex table to a number of slots and says
@@ -91,7 +97,7 @@ class Sleepers:
     def __init__(self, grow: Callable[[int], bool] | None) -> None:
         self._lock = threading.Lock()
         self._grow = grow
-        self._calls = 0
+        self._nodes = 0
         self._slots = 0
 
     @property
@@ -99,13 +105,13 @@ class Sleepers:
         """The least size the table has been grown to; 0: the kernel's own."""
         return self._slots
 
-    def enter(self) -> None:
-        """One more call sleeps: grow the table if it needs more room."""
+    def add(self) -> None:
+        """One more node: grow the table if it needs more room."""
         with self._lock:
-            self._calls += 1
+            self._nodes += 1
             if self._grow is None:
                 return
-            wanted = min(1 << (self._calls * _SLOTS_PER_CALL - 1).bit_length(), _MAX_SLOTS)
+            wanted = min(1 << (self._nodes * _SLOTS_PER_NODE - 1).bit_length(), _MAX_SLOTS)
             if wanted < _MIN_SLOTS or wanted <= self._slots:
                 return
             if self._grow(wanted):
@@ -113,18 +119,18 @@ class Sleepers:
             else:
                 self._grow = None
 
-    def leave(self) -> None:
-        """A call's thread no longer sleeps in it."""
+    def remove(self) -> None:
+        """A node shut down."""
         with self._lock:
-            self._calls -= 1
+            self._nodes -= 1
 
     def _forget(self) -> None:
-        # A forked child has none of its parent's threads, and a table of
-        # the kernel's default size.
+        # A forked child has none of its parent's threads (its nodes are
+        # its parent's), and a table of the kernel's default size.
         self._lock = threading.Lock()
-        self._calls = 0
+        self._nodes = 0
         self._slots = 0
 
 
-sleepers = Sleepers(_grow_table if _prctl is not None else None)
-os.register_at_fork(after_in_child=sleepers._forget)
+nodes = Nodes(_grow_table if _prctl is not None else None)
+os.register_at_fork(after_in_child=nodes._forget)

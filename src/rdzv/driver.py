@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from rdzv import _futex, _state
+from rdzv import _state
 from rdzv.api import RendezvousConnectionError, RendezvousError
 from rdzv.txn import is_read_only, merge_unconditional
 
@@ -221,7 +221,6 @@ class RoundDriver:
         call = _Call(round)
         round.inbox.listener = lambda: self._post("wake", call)
         self._post("begin", call)
-        _futex.sleepers.enter()
         try:
             while True:
                 job = call.take()
@@ -246,8 +245,6 @@ class RoundDriver:
                         self._answer_others(job[2], RendezvousConnectionError(
                             "the read was abandoned"))
             raise
-        finally:
-            _futex.sleepers.leave()
 
     def close(self) -> None:
         """End the thread (calls still running end with an error); idempotent."""

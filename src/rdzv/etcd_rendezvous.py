@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from rdzv import _state
+from rdzv import _futex, _state
 from rdzv._mux import WatchRefused
 from rdzv.api import (
     RendezvousConnectionError,
@@ -183,6 +183,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
             self._run_leases.release()
             self._session.close()
             raise
+        # Before its calls begin: the threads of many nodes begin together.
+        _futex.nodes.add()
 
     # ------------------------------------------------------------ the machine
     def _new_node(self, descriptor: bytes | None = None) -> Any:
@@ -765,6 +767,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
             if self._shutdown:
                 return True
             self._shutdown = True
+        _futex.nodes.remove()
         self._inbox.put(("shutdown",))
         self._stop_view()
         with self._lock:
