@@ -17,6 +17,7 @@ from helpers import (
     run_round,
     wait_for,
 )
+from rdzv import etcd_rendezvous
 from rdzv.api import (
     RendezvousClosedError,
     RendezvousConnectionError,
@@ -24,6 +25,7 @@ from rdzv.api import (
     RendezvousParameters,
     RendezvousStateError,
     RendezvousTimeoutError,
+    free_port,
 )
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
 from rdzv.etcd_rendezvous import create_rdzv_handler
@@ -350,6 +352,41 @@ def test_many_nodes_in_one_process_share_their_streams(etcd_endpoint, run_id, ha
     assert_one_world(infos, 64)
     # The round's own threads are gone; what is left is the connection's.
     assert threading.active_count() - baseline <= 8, [t.name for t in threading.enumerate()]
+
+
+def test_the_nodes_of_a_run_in_one_process_advertise_one_port_until_a_round_completes(
+        etcd_endpoint, run_id, handlers, monkeypatch):
+    """Choosing a free port for MASTER_PORT is a socket bound and closed: the
+    calls of a run in one process that begin together share the port one of
+    them chose (only one of their nodes gets rank 0). A completed round ends
+    the sharing: its rank 0's workers may have bound the port since, so the
+    next round's calls choose again. Another run's calls choose their own."""
+    chosen: list[int] = []
+
+    def counted_free_port() -> int:
+        chosen.append(free_port())
+        return chosen[-1]
+
+    monkeypatch.setattr(etcd_rendezvous, "free_port", counted_free_port)
+    # However slowly this machine starts the threads.
+    monkeypatch.setattr(etcd_rendezvous, "_PORT_SHARED_FOR", 600.0)
+    other_run = f"{run_id}-other"
+    handlers.extend(make_handler(etcd_endpoint, run_id, 8, 8) for _ in range(8))
+    handlers.extend(make_handler(etcd_endpoint, other_run, 2, 2) for _ in range(2))
+    assert len(chosen) == 2  # one for each run's nodes, as they were made
+    for round_ in range(2):
+        before = len(chosen)
+        infos = run_round([ThreadNode(h) for h in handlers])
+        assert_one_world(infos[:8], 8)
+        assert_one_world(infos[8:], 2)
+        # The first round's calls advertise the port chosen as their nodes
+        # were made; the second's choose one for each run, once.
+        fresh = chosen[before:] if round_ else chosen[:]
+        assert len(fresh) == 2, chosen
+        ports = {i.bootstrap_store_info.master_port for i in infos[:8]}
+        other_ports = {i.bootstrap_store_info.master_port for i in infos[8:]}
+        assert len(ports) == len(other_ports) == 1
+        assert ports | other_ports <= set(fresh)
 
 
 def test_back_to_back_rounds_of_many_runs_keep_every_member(etcd_endpoint, handlers):

@@ -69,6 +69,47 @@ BACKEND_NAMES = ("etcd3", "etcd-v3", "etcd")
 # waits for the view's read (one attempt's deadline); past it, it answers from
 # the view.
 _FIRST_READ_WAIT = 2.0
+# The port that the calls of a run in this process advertise while they begin
+# together, by run: (port, when it was chosen); see _descriptor. The lock is
+# held while one is chosen.
+_shared_ports: dict[Any, tuple[int, float]] = {}
+_shared_ports_lock = threading.Lock()
+# How long a port chosen for one call serves the others of its run.
+_PORT_SHARED_FOR = 1.0
+# Past this many runs, the ports no longer shared are forgotten.
+_SHARED_PORTS_KEPT = 64
+
+
+def _shared_port(run: Any) -> int:
+    """A free port for a call of ``run``: the one chosen for another call of
+    it less than ``_PORT_SHARED_FOR`` seconds ago, or a new one."""
+    shared = _shared_ports.get(run)
+    if shared is not None and time.monotonic() - shared[1] < _PORT_SHARED_FOR:
+        return shared[0]
+    with _shared_ports_lock:
+        # Calls that came while another chose one take that.
+        now = time.monotonic()
+        shared = _shared_ports.get(run)
+        if shared is not None and now - shared[1] < _PORT_SHARED_FOR:
+            return shared[0]
+        port = free_port()
+        if len(_shared_ports) >= _SHARED_PORTS_KEPT:
+            for key, (_, chosen) in list(_shared_ports.items()):
+                if now - chosen >= _PORT_SHARED_FOR:
+                    del _shared_ports[key]
+        _shared_ports[run] = (port, now)
+        return port
+
+
+def _forget_shared_ports() -> None:
+    # A forked child's calls are its own (and a thread of the parent may have
+    # held the lock at the fork).
+    global _shared_ports_lock
+    _shared_ports_lock = threading.Lock()
+    _shared_ports.clear()
+
+
+os.register_at_fork(after_in_child=_forget_shared_ports)
 
 
 class EtcdRendezvousHandler(RendezvousHandler):
@@ -143,6 +184,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._run_id = run_id
         self._backend = backend
         self._keys = RunKeys(etcd_prefix, run_id)
+        self._port_key = (client.config.endpoints, self._keys.state)
         self._min_nodes = min_nodes
         self._max_nodes = max_nodes
         self._timeout = timeout
@@ -206,9 +248,15 @@ class EtcdRendezvousHandler(RendezvousHandler):
         """This node as a member key holds it, with a free port for ``MASTER_PORT``.
 
         The port is chosen before each rendezvous, as torch's backends do: the
-        node that gets rank 0 advertises it, and its workers bind it.
+        node that gets rank 0 advertises it, and its workers bind it. The
+        calls of one run in a process that begin within ``_PORT_SHARED_FOR``
+        seconds of each other, and before any of them completes, advertise
+        the same port: only one of their nodes gets rank 0 in a round, and
+        choosing a port takes system calls (a socket bound and closed) that
+        each give up the interpreter's lock, which the threads of thousands
+        of nodes that begin together all queue for.
         """
-        port = free_port()
+        port = _shared_port(self._port_key)
         host = self._host.replace(" ", "_").replace(",", "_")
         return _state.encode_member(
             host, self._host, os.getpid(), port, self._topology, self._rank_order
@@ -396,6 +444,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 # (even KeyboardInterrupt): leave no key behind in the round.
                 self._withdraw()
                 raise
+            # The next round's calls choose their port afresh: this one's may
+            # be bound by now, by the workers of the round's rank 0.
+            _shared_ports.pop(self._port_key, None)
             self._sync_watches()
             self._start_view()
             world_size = node.completed.world_size
