@@ -18,11 +18,11 @@ slots per node come to ``_MIN_SLOTS`` or more, the process's table is grown
 (``PR_FUTEX_HASH``) to that many, rounded up to a power of two, and never
 shrunk. They count when they are created, not when their calls begin: the
 threads of many nodes begin their calls together, and wake together, and
-that is when a small table costs most (one process of 4096 nodes: 5.4-5.7 s
-a round with the table grown before the calls, 6.3-6.9 s grown as they
-began); and a table grows faster with fewer threads asleep in it. Kernels
-without tables of their own refuse the request, and nothing more is asked of
-them.
+that is when a small table costs most (one process of 4096 nodes: 5.4 and
+5.7 s a round with the table made large by hand before the calls, 6.8 and
+6.9 s with it grown as they began); and a table grows faster with fewer
+threads asleep in it. Kernels without tables of their own refuse the
+request, and nothing more is asked of them.
 """
 
 from __future__ import annotations
