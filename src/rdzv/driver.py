@@ -578,8 +578,10 @@ class RoundDriver:
             # An etcd that takes fewer operations per transaction
             # (--max-txn-ops): send each call's alone from now on.
             if self._merge:
-                logger.info("etcd refused a merged transaction of %d calls (%s); "
-                            "sending them one by one", calls, answer.details())
+                logger.warning(
+                    "etcd refused a merged transaction of %d calls (%s); the nodes "
+                    "on this connection send their requests one by one from now on "
+                    "(is etcd's --max-txn-ops below %d?)", calls, answer.details(), _MERGE_OPS)
             self._merge = False
         return True
 
