@@ -10,7 +10,7 @@ each ``next_rendezvous()`` call for the whole round: in a table of 16 slots,
 hundreds of sleepers per slot, and every hand-off of a lock in the process
 (the interpreter's, gRPC's, the round driver's) walks them. One process of
 4096 nodes on 2 CPUs: a round of 7.4-8.6 s with the table the kernel gave it,
-5.3-5.9 s with the table grown as below.
+5.3-5.9 s with the table grown as the calls began.
 
 So the nodes of a process count themselves (a handler is one node: one
 thread in its ``next_rendezvous()`` at a time), and once ``_SLOTS_PER_NODE``

@@ -1524,7 +1524,7 @@ def merge_joins(list actions, int max_ops):
         joins it carries, in order.
     """
     cdef Action action, first
-    cdef Py_ssize_t index, size, inner
+    cdef Py_ssize_t index, size
     groups = []
     open_groups = {}
     for index, action in enumerate(actions):
@@ -1532,23 +1532,24 @@ def merge_joins(list actions, int max_ops):
             raise ValueError(f"not a join: {action!r}")
         world = action.compares[0][1]
         size = len(action.success) - 1
-        # The counter's transaction goes inside the merged one: etcd gives
-        # it only what the merged one's longest list leaves of max_ops.
-        _, compares, success, failure = action.success[1]
-        inner = txn_ops(compares, success, failure)
         group = open_groups.get(world)
         # [world, operations of the success branch but the counter's,
-        #  indices]: the failure branch is one get per join and one more.
-        if group is not None and max(group[1] + size + 1, len(group[2]) + 2) + inner > max_ops:
+        #  indices, what the first's counter transaction needs]: the failure
+        # branch is one get per join and one more; the counter's transaction
+        # goes inside the merged one, and etcd gives it only what the merged
+        # one's longest list leaves of max_ops.
+        if group is not None and \
+                max(group[1] + size + 1, len(group[2]) + 2) + group[3] > max_ops:
             group = None
         if group is None:
-            group = [world, 0, []]
+            _, compares, success, failure = action.success[1]
+            group = [world, 0, [], txn_ops(compares, success, failure)]
             open_groups[world] = group
             groups.append(group)
         group[1] += size
         group[2].append(index)
     merged = []
-    for _world, _size, indices in groups:
+    for _world, _size, indices, _inner in groups:
         if len(indices) == 1:
             merged.append((actions[indices[0]], indices))
             continue
