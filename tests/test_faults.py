@@ -483,6 +483,37 @@ def test_request_in_flight_when_etcd_hangs_fails_within_lease_ttl(
     assert elapsed < LEASE_TTL + CONNECT_TIMEOUT + SLACK, (elapsed, result)
 
 
+def test_request_in_flight_when_etcd_hangs_ends_at_the_calls_timeout(
+        server, run_id, handlers):
+    """A call whose timeout comes before its lease could expire, its join in
+    flight when etcd hangs: it times out at its timeout (then its withdrawal
+    gets one attempt), not after the 30 s a slow etcd's requests are retried."""
+    timeout = 4.0
+    _, third_faults = _nodes_waiting(server, run_id, handlers, lease_ttl=60, timeout=timeout)
+    third = ThreadNode(handlers[2])
+    members = RunKeys("/rdzv", run_id).members(0)
+    stopped: list[bool] = []
+
+    def hang_etcd_then_send(send: Any) -> Any:
+        if not stopped:
+            os.kill(server.pid, signal.SIGSTOP)
+            stopped.append(True)
+        return send()
+
+    intercept_txn(third_faults, puts_key(members + third.handler.node_id.encode()),
+                  hang_etcd_then_send)
+    started_at = time.monotonic()
+    try:
+        third.start()
+        result = third.join(90)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert stopped
+    assert isinstance(result, RendezvousTimeoutError), result
+    withdrawal = min(CONNECT_TIMEOUT, 2.0)  # one attempt
+    assert third.finished_at - started_at < timeout + withdrawal + SLACK, result
+
+
 # --------------------------------------------- 4. a node killed at each phase
 PHASES = ["before_join", "joined", "frozen_unconfirmed", "after_completion"]
 

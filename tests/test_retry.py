@@ -90,6 +90,35 @@ def test_a_bounded_policy_stops_at_its_horizon() -> None:
     assert RetryPolicy(connect_timeout=5.0).until_horizon(0.0) == float("inf")
 
 
+def test_a_policy_with_a_deadline_ends_every_attempt_by_it() -> None:
+    deadline = 3.0
+    policy = RetryPolicy(connect_timeout=5.0).until(lambda: deadline)
+    assert policy.until_deadline(1.0) == pytest.approx(2.0)
+    assert policy.first_timeout(0.0) == 2.0  # the first attempt's own, nearer
+    assert policy.first_timeout(2.5) == pytest.approx(0.5)  # cut to the deadline
+    assert policy.first_timeout(3.5) > 0  # past it: one short attempt still goes
+    attempts = policy.start(now=2.0)
+    assert attempts.timeout == pytest.approx(1.0)
+    now = 2.0
+    with pytest.raises(OutOfTime) as out:
+        while True:  # a slow etcd: doubling deadlines, but none past 3 s
+            now += attempts.wait(Failure.SLOW, now)
+            assert now + attempts.timeout <= deadline + 1e-9
+            now += attempts.timeout
+    assert not out.value.horizon  # the caller's time ran out, not its lease
+    assert now <= deadline + 1e-9
+
+
+@pytest.mark.parametrize("horizon, deadline, lost", [(1.0, 2.0, True), (2.0, 1.0, False)])
+def test_whichever_of_horizon_and_deadline_comes_first_ends_a_request(
+        horizon: float, deadline: float, lost: bool) -> None:
+    policy = RetryPolicy(connect_timeout=5.0).bounded(lambda: horizon).until(lambda: deadline)
+    attempts = policy.start(now=0.0)
+    with pytest.raises(OutOfTime) as out:
+        attempts.wait(Failure.UNREACHABLE, 3.0)
+    assert out.value.horizon is lost
+
+
 def test_each_request_has_a_schedule_of_its_own() -> None:
     policy = RetryPolicy(connect_timeout=10.0)
     first, second = policy.start(now=0.0), policy.start(now=0.0)

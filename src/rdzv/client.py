@@ -643,7 +643,8 @@ class EtcdClient:
         gate.__enter__()
         try:
             future = self._kv.Txn.future(
-                request, self.retry.attempt_timeout, metadata=self._etcd.metadata)
+                request, self.retry.first_timeout(time.monotonic()),
+                metadata=self._etcd.metadata)
         except BaseException:
             gate.__exit__(None, None, None)
             raise
@@ -859,7 +860,9 @@ class EtcdClient:
             # connect_timeout); a reachable but busy one may take a while to
             # confirm the watch, which is no reason to give up on it early.
             wait = max(self.config.connect_timeout, _WATCH_CREATE_TIMEOUT)
-            wait = min(wait, max(self.retry.until_horizon(time.monotonic()), 0.1))
+            now = time.monotonic()
+            wait = min(wait, max(min(self.retry.until_horizon(now),
+                                     self.retry.until_deadline(now)), 0.1))
             try:
                 return self._connection.watches.watch(
                     create, callback, wait, self._etcd.metadata, share=share)

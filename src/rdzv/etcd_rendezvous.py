@@ -8,6 +8,7 @@ and the deadlines, and turns a completed round into a ``RendezvousInfo``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
@@ -177,9 +178,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._rank_order = rank_order
         self._client = client
         # The round's requests are retried only while this node's lease may be
-        # alive: past that, they could not count anyway.
+        # alive (past that, they could not count anyway) and until the call
+        # times out.
+        self._call_deadline = math.inf
         self._round_client = client.with_retry(
-            client.retry.bounded(lambda: self._session.expiry)
+            client.retry.bounded(lambda: self._session.expiry).until(lambda: self._call_deadline)
         )
         self._run_id = run_id
         self._backend = backend
@@ -423,7 +426,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                     "their keep-alives); granting them again", self._run_id)
                 self._run_leases.restore()
             start = time.monotonic()
-            deadline = start + self._timeout
+            deadline = self._call_deadline = start + self._timeout
             node = self._node
             node.begin(self._descriptor(), time.time() - start)
             try:
@@ -439,6 +442,16 @@ class EtcdRendezvousHandler(RendezvousHandler):
                     f"node {node.node_id} lost its lease during the rendezvous of run "
                     f"{self._run_id!r} ({err}); call next_rendezvous() again to rejoin"
                 ) from None
+            except RendezvousConnectionError as err:
+                self._withdraw()
+                if time.monotonic() < deadline:
+                    raise
+                # A request was still failing when the call's time ran out
+                # (its retries end then): what the caller asked for is a timeout.
+                raise RendezvousTimeoutError(
+                    f"run {self._run_id!r}: no round completed within {self._timeout:g} s; "
+                    f"the last request to etcd had not succeeded by then: {err}"
+                ) from err
             except BaseException:
                 # Timeouts, closes, lost connections, and anything unexpected
                 # (even KeyboardInterrupt): leave no key behind in the round.

@@ -20,7 +20,10 @@ The rules:
   them would only hammer etcd. An expired auth token is renewed once and the
   call retried;
 - a lease etcd no longer has fails at once, as does a failed attempt once the
-  policy's horizon (when the caller's lease has surely expired) passed.
+  policy's horizon (when the caller's lease has surely expired) passed;
+- with a deadline (when the caller gives up: a ``next_rendezvous()`` call's
+  ``timeout``), every attempt is cut to end by then, and a request still
+  failing at that time gives up.
 
 The waits come from the core's ``Backoff`` (full jitter, doubling to a cap),
 which the store's compare-and-swap loop (``contend``) shares too.
@@ -52,6 +55,9 @@ __all__ = [
 ]
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# The least deadline an attempt gets when the caller's deadline is nearer:
+# a request that etcd answers at once still goes through.
+_LEAST_ATTEMPT = 0.05
 
 
 class Failure(enum.Enum):
@@ -132,6 +138,11 @@ class RetryPolicy:
             past which the caller's requests are of no use (its lease has
             surely expired): attempts are cut to end by then, and a request
             still failing at that time gives up.
+        deadline: None, or a function returning the ``time.monotonic()`` time
+            at which the caller gives up (its call times out): every attempt,
+            the first too, is cut to end by then (but given at least
+            ``_LEAST_ATTEMPT`` s), and a request still failing at that time
+            gives up.
     """
 
     connect_timeout: float
@@ -140,19 +151,35 @@ class RetryPolicy:
     first_backoff: float = 0.005
     max_backoff: float = 0.5
     horizon: Callable[[], float] | None = None
+    deadline: Callable[[], float] | None = None
 
     def bounded(self, horizon: Callable[[], float]) -> RetryPolicy:
         """This policy, giving up at ``horizon()`` (see ``horizon``)."""
         return replace(self, horizon=horizon)
 
+    def until(self, deadline: Callable[[], float]) -> RetryPolicy:
+        """This policy, giving up at ``deadline()`` (see ``deadline``)."""
+        return replace(self, deadline=deadline)
+
     @property
     def attempt_timeout(self) -> float:
-        """The deadline of a request's first attempt."""
+        """The deadline of a request's first attempt, before the caller's
+        deadline cuts it (``first_timeout``)."""
         return min(self.connect_timeout, self.first_attempt_timeout)
+
+    def first_timeout(self, now: float) -> float:
+        """The deadline of a request's first attempt made at ``now``."""
+        if self.deadline is None:
+            return self.attempt_timeout
+        return min(self.attempt_timeout, max(self.deadline() - now, _LEAST_ATTEMPT))
 
     def until_horizon(self, now: float) -> float:
         """Seconds left before the horizon (inf without one)."""
         return math.inf if self.horizon is None else self.horizon() - now
+
+    def until_deadline(self, now: float) -> float:
+        """Seconds left before the caller's deadline (inf without one)."""
+        return math.inf if self.deadline is None else self.deadline() - now
 
     def start(self, now: float | None = None) -> Attempts:
         """The schedule of one request that starts at ``now`` (monotonic)."""
@@ -164,7 +191,8 @@ class OutOfTime(Exception):
 
     Attributes:
         horizon: True if the policy's horizon passed (the caller's lease has
-            presumably expired), False if the request's own deadline did.
+            presumably expired), False if the request's own deadline or the
+            caller's did.
     """
 
     def __init__(self, horizon: bool) -> None:
@@ -181,7 +209,7 @@ class Attempts:
 
     def __init__(self, policy: RetryPolicy, start: float) -> None:
         self.policy = policy
-        self.timeout = policy.attempt_timeout
+        self.timeout = policy.first_timeout(start)
         self._unreachable_deadline = start + policy.connect_timeout
         self._slow_deadline = start + max(policy.connect_timeout, policy.slow_budget)
         # Made at the first failure: most requests succeed at once.
@@ -204,9 +232,12 @@ class Attempts:
             self._backoff = Backoff(self.policy.first_backoff, self.policy.max_backoff)
         delay = self._backoff.next_delay()
         until_horizon = self.policy.until_horizon(now)
-        if until_horizon <= delay:
+        until_deadline = self.policy.until_deadline(now)
+        # A caller that times out before its lease would expire has not lost
+        # the lease.
+        if until_horizon <= delay and until_horizon <= until_deadline:
             raise OutOfTime(horizon=True)
-        remaining = deadline - now
+        remaining = min(deadline - now, until_deadline)
         if remaining <= delay:
             raise OutOfTime(horizon=False)
         self.timeout = min(self.timeout, remaining - delay, until_horizon - delay)
