@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
 
 from helpers import ThreadNode, assert_one_world, handler_on, make_handler, run_round, wait_for
-from rdzv import RendezvousConnectionError, RendezvousError
+from rdzv import RendezvousConnectionError, RendezvousError, session
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
 from rdzv.keys import DEFAULT_PREFIX, RunKeys
 
@@ -96,6 +97,31 @@ def test_a_lost_shared_lease_is_lost_for_all_its_nodes(
     assert new != old and handlers[1].lease_id == new
     assert not old_ids & {h.node_id for h in handlers}
     assert set(_members(observer, run_id, handlers[0].round).values()) == {new}
+
+
+def test_a_node_created_when_answers_are_late_keeps_the_lease_etcd_still_holds(
+    etcd_endpoint: str, run_id: str, monkeypatch: pytest.MonkeyPatch, handlers: list[Any]
+) -> None:
+    """A process too busy to read its keep-alives' answers for a TTL: a node
+    created then asks etcd, which still holds the lease, rather than declaring
+    it lost for every node on it."""
+    handlers.append(make_handler(etcd_endpoint, run_id, 2, 2, lease_scope="process",
+                                 lease_ttl=30))
+    lease = handlers[0].lease_id
+
+    class _Late:
+        """The clock of the session module, one TTL ahead: no answer for 31 s."""
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + 31
+
+    monkeypatch.setattr(session, "time", _Late)
+    handlers.append(make_handler(etcd_endpoint, run_id, 2, 2, lease_scope="process",
+                                 lease_ttl=30))
+    monkeypatch.undo()
+    assert handlers[1].lease_id == lease
+    assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
+    assert handlers[0].lease_id == lease
 
 
 def test_keys_etcd_did_not_let_a_leaving_node_delete_are_deleted_later(

@@ -560,15 +560,17 @@ class EtcdClient:
         response = self._call(self._kv.Range, range_request(self._rpc, prefix, 0), "range")
         return [(kv.key, kv.value, kv.lease, kv.mod_revision) for kv in response.kvs]
 
-    def lease_time_to_live(self, lease_id: int) -> int:
-        """Seconds left on a lease (-1: etcd no longer has it)."""
-        return self.lease_ttls(lease_id)[0]
+    def lease_time_to_live(self, lease_id: int, once: bool = False) -> int:
+        """Seconds left on a lease (-1: etcd no longer has it); ``once``: a
+        single attempt."""
+        return self.lease_ttls(lease_id, once)[0]
 
-    def lease_ttls(self, lease_id: int) -> tuple[int, int]:
+    def lease_ttls(self, lease_id: int, once: bool = False) -> tuple[int, int]:
         """``(seconds left, TTL it was granted with)`` of a lease (-1 left: etcd
-        no longer has it)."""
+        no longer has it); ``once``: a single attempt."""
         request = self._rpc.LeaseTimeToLiveRequest(ID=lease_id)
-        response = self._call(self._leases.LeaseTimeToLive, request, "lease time-to-live")
+        response = self._call(self._leases.LeaseTimeToLive, request, "lease time-to-live",
+                              once)
         return response.TTL, response.grantedTTL
 
     def count(self, prefix: bytes, once: bool = False) -> int:

@@ -108,6 +108,19 @@ class _NodeLease:
                 f"{self.ttl} s TTL); the keys on it are gone"
             )
 
+    def confirm(self) -> None:
+        """Ask etcd whether it still holds the lease (one attempt); marked lost
+        if it does not, or cannot say."""
+        try:
+            left = self._client.lease_time_to_live(self.lease_id, once=True)
+        except RendezvousError as err:
+            self.mark_lost(f"lease {self.lease_id:x} presumed expired: no keep-alive was "
+                           f"answered for {self.ttl} s, and etcd did not say ({err})")
+            return
+        if left <= 0:
+            self.mark_lost(f"lease {self.lease_id:x} expired (keep-alives went unanswered "
+                           f"past its {self.ttl} s TTL); the keys on it are gone")
+
     def _silent(self) -> None:
         self.mark_lost(
             f"lease {self.lease_id:x} presumed expired: no keep-alive succeeded for "
@@ -182,8 +195,10 @@ def _attach(client: EtcdClient, ttl: int, keepalive_interval: float) -> tuple[_N
     with lock:
         lease = leases.get((ttl, keepalive_interval))
         if lease is not None and not lease.lost and time.monotonic() > lease.expiry:
-            lease.mark_lost(f"lease {lease.lease_id:x} presumed expired: no keep-alive "
-                            f"was answered for {ttl} s")
+            # Its keep-alives went unanswered for a TTL by this process's clock:
+            # late answers (a starved process) or a lost lease. Only etcd can
+            # tell; on a lease it no longer holds, the node's join would fail.
+            lease.confirm()
         if lease is None or lease.lost:
             lease = _NodeLease(client, ttl, keepalive_interval)
             leases[(ttl, keepalive_interval)] = lease
