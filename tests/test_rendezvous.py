@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 import uuid
 
 import pytest
@@ -310,6 +311,51 @@ def test_node_killed_after_round_is_replaced(etcd_endpoint, run_id, handlers):
         assert_one_world([*survivors, late.join()], 3)
     finally:
         doomed.close()
+
+
+def _clock_ahead(seconds: float) -> types.SimpleNamespace:
+    """The ``time`` module, but ``monotonic()`` ``seconds`` ahead."""
+    clock = types.SimpleNamespace(
+        **{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    clock.monotonic = lambda: time.monotonic() + seconds
+    return clock
+
+
+def test_a_call_begun_when_keep_alive_answers_are_late_keeps_its_lease(
+        etcd_endpoint, run_id, handlers, monkeypatch):
+    """A process too busy to read its keep-alives' answers for a TTL: its next
+    calls ask etcd, which still holds the leases, and the nodes go on as the
+    members they were instead of joining again as new nodes."""
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 2, lease_ttl=30) for _ in range(2))
+    first = run_round([ThreadNode(h) for h in handlers])
+    ids = [h.node_id for h in handlers]
+    monkeypatch.setattr(etcd_rendezvous, "time", _clock_ahead(31))
+    second = run_round([ThreadNode(h) for h in handlers])
+    monkeypatch.undo()
+    assert [h.node_id for h in handlers] == ids
+    assert [i.rank for i in second] == [i.rank for i in first]
+
+
+def test_state_events_behind_a_lost_lease_item_reach_the_node(etcd_endpoint, run_id, handlers):
+    """A lost lease's wake-up stays in the handler's inbox until its next call,
+    which starts a new session; the state record's events queued behind it
+    are that call's to see."""
+    handlers.extend(make_handler(etcd_endpoint, run_id, 2, 2) for _ in range(2))
+    first, second = handlers
+    run_round([ThreadNode(h) for h in handlers])
+    opener = ThreadNode(second).start()  # opens round 1
+
+    def state_events() -> list:
+        return [item for item in list(first._inbox._items) if item[0] == "state"]
+
+    wait_for(lambda: any(b"round=1" in event[2] for item in state_events() for event in item[1]),
+             what="round 1's state record in the first node's inbox")
+    events = [event for item in first._inbox.drain(0) if item[0] == "state" for event in item[1]]
+    first._inbox.put(("lost",))  # from a lease lost and replaced before
+    first._inbox.put(("state", events))
+    first._absorb()
+    assert first._node.state.round == 1
+    assert_one_world([ThreadNode(first).start().join(), opener.join()], 2)
 
 
 def test_subprocess_nodes_agree(etcd_endpoint, run_id):

@@ -273,12 +273,17 @@ class EtcdRendezvousHandler(RendezvousHandler):
         )
 
     def _renew_session_if_lost(self) -> None:
+        if not self._session_abandoned and not self._session.lost \
+                and time.monotonic() > self._session.expiry:
+            # No keep-alive answered for a TTL by this process's clock, and the
+            # keep-alives have not said so yet: a process resumed after a stop
+            # (the lease is gone), or one too busy to read the answers (etcd
+            # still holds it). Only etcd can tell.
+            self._session.confirm()
         if self._session_abandoned:
             logger.info("node %s of run %r joins again as a new node",
                         self._session.node_id, self._run_id)
-        elif self._session.lost or time.monotonic() > self._session.expiry:
-            # (Past its expiry the lease is surely gone, even if the keep-alive
-            # thread has not said so yet: a process resumed after a stop.)
+        elif self._session.lost:
             logger.warning(
                 "node %s of run %r lost its lease (keep-alives stalled past %d s) and was "
                 "dropped from the rendezvous; joining again as a new node",
@@ -317,8 +322,9 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 # the error), or the history it was to resume from compacted (it
                 # goes on from now; see Node.watch_failed).
                 self._watch_failed(item[1], item[2])
-            elif tag in ("shutdown", "lost"):
-                break
+            # "shutdown" and "lost" only wake the driver: what they mean is
+            # checked below, after the items behind them (a lost lease's item
+            # can precede events that the next session's node needs).
         self._check_not_shut_down()
         if self._session.lost:
             raise LeaseLostError("its keep-alives went unanswered")

@@ -285,6 +285,12 @@ class Session:
         """
         self._lease.mark_lost(why)
 
+    def confirm(self) -> None:
+        """Ask etcd whether it still holds the lease (one attempt): for a lease
+        past its ``expiry`` by this process's clock, whose keep-alives' answers
+        may only be late. Marked lost if etcd no longer holds it, or cannot say."""
+        self._lease.confirm()
+
     @property
     def answered_span(self) -> tuple[float, float]:
         """``(since, last)``: the ``time.monotonic()`` times since which etcd
