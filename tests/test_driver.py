@@ -462,10 +462,7 @@ def _confirm_together(driver: RoundDriver, client: Client, count: int,
                for r in rounds]
     for caller in callers:
         caller.start()
-    deadline = time.monotonic() + 10
-    while not all(r.node.steps for r in rounds):
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for(lambda: all(r.node.steps for r in rounds), 10, "every call stepped")
     entered, go = threading.Event(), threading.Event()
 
     class Held(Client):
