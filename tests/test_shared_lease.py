@@ -124,6 +124,28 @@ def test_a_node_created_when_answers_are_late_keeps_the_lease_etcd_still_holds(
     assert handlers[0].lease_id == lease
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_lease_unanswered_for_a_ttl_by_the_clock_is_etcds_to_judge(
+    etcd_endpoint: str, observer: EtcdClient, shared: bool
+) -> None:
+    """``Session.confirm``: while etcd holds the lease it counts as renewed when
+    etcd last renewed it; once etcd no longer does, it is lost."""
+    client = EtcdClient(EtcdConfig(endpoints=tuple(parse_endpoints(etcd_endpoint))))
+    lease = session.Session(client, 30, 7.5, shared=shared)
+    try:
+        lease._lease._kept.last_answer -= 40  # its answers read late
+        assert time.monotonic() > lease.expiry
+        lease.confirm()
+        assert not lease.lost
+        assert lease.expiry > time.monotonic() + 20
+        observer.lease_revoke(lease.lease_id)  # as when etcd expires it
+        lease.confirm()
+        assert lease.lost
+    finally:
+        lease.close(revoke=False)
+        client.close()
+
+
 def test_keys_etcd_did_not_let_a_leaving_node_delete_are_deleted_later(
     etcd_endpoint: str, run_id: str, observer: EtcdClient, handlers: list[Any], caplog: Any
 ) -> None:

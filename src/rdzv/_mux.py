@@ -527,6 +527,12 @@ class KeptLease:
         self.pending = False
         self.asking = False  # whether etcd was asked for its TTL and has not answered
 
+    def renewed(self, asked: float, left: int) -> None:
+        """Etcd, asked at ``asked``, said the lease has ``left`` seconds (> 0):
+        it was renewed when it had its whole TTL left, and no later than when
+        etcd was asked (etcd may have granted more than was asked for)."""
+        self.last_answer = max(self.last_answer, asked - max(0.0, self.ttl - left))
+
 
 def _ttl_left(lease: KeptLease, future: Any) -> int | None:
     """The seconds etcd's answer to a TTL request says ``lease`` has left
@@ -699,10 +705,7 @@ class KeepAliveHub:
             if lease.stop.is_set() or self._leases.get(lease.lease_id) is not lease:
                 return
             if left is not None and left > 0:
-                # Renewed when it had its whole TTL left, as etcd says, and no
-                # later than when etcd was asked (etcd may have granted more
-                # than was asked for).
-                lease.last_answer = max(lease.last_answer, asked - max(0.0, lease.ttl - left))
+                lease.renewed(asked, left)
                 return
             del self._leases[lease.lease_id]
         if left is None:

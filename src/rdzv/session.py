@@ -109,15 +109,19 @@ class _NodeLease:
             )
 
     def confirm(self) -> None:
-        """Ask etcd whether it still holds the lease (one attempt); marked lost
-        if it does not, or cannot say."""
+        """Ask etcd whether it still holds the lease (one attempt): if it does,
+        the lease counts as renewed when etcd last renewed it; if it does not,
+        or cannot say, the lease is lost."""
+        asked = time.monotonic()
         try:
             left = self._client.lease_time_to_live(self.lease_id, once=True)
         except RendezvousError as err:
             self.mark_lost(f"lease {self.lease_id:x} presumed expired: no keep-alive was "
                            f"answered for {self.ttl} s, and etcd did not say ({err})")
             return
-        if left <= 0:
+        if left > 0:
+            self._kept.renewed(asked, left)
+        else:
             self.mark_lost(f"lease {self.lease_id:x} expired (keep-alives went unanswered "
                            f"past its {self.ttl} s TTL); the keys on it are gone")
 
@@ -288,7 +292,8 @@ class Session:
     def confirm(self) -> None:
         """Ask etcd whether it still holds the lease (one attempt): for a lease
         past its ``expiry`` by this process's clock, whose keep-alives' answers
-        may only be late. Marked lost if etcd no longer holds it, or cannot say."""
+        may only be late. Renewed as etcd says if it holds it; lost if it no
+        longer does, or cannot say."""
         self._lease.confirm()
 
     @property
