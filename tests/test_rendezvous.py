@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import types
 import uuid
 
 import pytest
@@ -14,6 +13,7 @@ from helpers import (
     ProcessNode,
     ThreadNode,
     assert_one_world,
+    clock_ahead,
     make_handler,
     run_round,
     wait_for,
@@ -313,14 +313,6 @@ def test_node_killed_after_round_is_replaced(etcd_endpoint, run_id, handlers):
         doomed.close()
 
 
-def _clock_ahead(seconds: float) -> types.SimpleNamespace:
-    """The ``time`` module, but ``monotonic()`` ``seconds`` ahead."""
-    clock = types.SimpleNamespace(
-        **{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
-    clock.monotonic = lambda: time.monotonic() + seconds
-    return clock
-
-
 def test_a_call_begun_when_keep_alive_answers_are_late_keeps_its_lease(
         etcd_endpoint, run_id, handlers, monkeypatch):
     """A process too busy to read its keep-alives' answers for a TTL: its next
@@ -329,7 +321,7 @@ def test_a_call_begun_when_keep_alive_answers_are_late_keeps_its_lease(
     handlers.extend(make_handler(etcd_endpoint, run_id, 2, 2, lease_ttl=30) for _ in range(2))
     first = run_round([ThreadNode(h) for h in handlers])
     ids = [h.node_id for h in handlers]
-    monkeypatch.setattr(etcd_rendezvous, "time", _clock_ahead(31))
+    monkeypatch.setattr(etcd_rendezvous, "time", clock_ahead(31))
     second = run_round([ThreadNode(h) for h in handlers])
     monkeypatch.undo()
     assert [h.node_id for h in handlers] == ids

@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from helpers import ThreadNode, assert_one_world, handler_on, make_handler, run_round, wait_for
+from helpers import (
+    ThreadNode,
+    assert_one_world,
+    clock_ahead,
+    handler_on,
+    make_handler,
+    run_round,
+    wait_for,
+)
 from rdzv import RendezvousConnectionError, RendezvousError, session
 from rdzv.client import EtcdClient, EtcdConfig, parse_endpoints
 from rdzv.keys import DEFAULT_PREFIX, RunKeys
@@ -108,14 +116,7 @@ def test_a_node_created_when_answers_are_late_keeps_the_lease_etcd_still_holds(
     handlers.append(make_handler(etcd_endpoint, run_id, 2, 2, lease_scope="process",
                                  lease_ttl=30))
     lease = handlers[0].lease_id
-
-    class _Late:
-        """The clock of the session module, one TTL ahead: no answer for 31 s."""
-        @staticmethod
-        def monotonic() -> float:
-            return time.monotonic() + 31
-
-    monkeypatch.setattr(session, "time", _Late)
+    monkeypatch.setattr(session, "time", clock_ahead(31))  # no answer for 31 s
     handlers.append(make_handler(etcd_endpoint, run_id, 2, 2, lease_scope="process",
                                  lease_ttl=30))
     monkeypatch.undo()
@@ -131,18 +132,18 @@ def test_a_lease_unanswered_for_a_ttl_by_the_clock_is_etcds_to_judge(
     """``Session.confirm``: while etcd holds the lease it counts as renewed when
     etcd last renewed it; once etcd no longer does, it is lost."""
     client = EtcdClient(EtcdConfig(endpoints=tuple(parse_endpoints(etcd_endpoint))))
-    lease = session.Session(client, 30, 7.5, shared=shared)
+    node = session.Session(client, 30, 7.5, shared=shared)
     try:
-        lease._lease._kept.last_answer -= 40  # its answers read late
-        assert time.monotonic() > lease.expiry
-        lease.confirm()
-        assert not lease.lost
-        assert lease.expiry > time.monotonic() + 20
-        observer.lease_revoke(lease.lease_id)  # as when etcd expires it
-        lease.confirm()
-        assert lease.lost
+        node._lease._kept.last_answer -= 40  # its answers read late
+        assert time.monotonic() > node.expiry
+        node.confirm()
+        assert not node.lost
+        assert node.expiry > time.monotonic() + 20
+        observer.lease_revoke(node.lease_id)  # as when etcd expires it
+        node.confirm()
+        assert node.lost
     finally:
-        lease.close(revoke=False)
+        node.close(revoke=False)
         client.close()
 
 
