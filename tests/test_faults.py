@@ -454,13 +454,12 @@ def test_hung_etcd_fails_waiting_nodes_within_lease_ttl(server, run_id, handlers
         assert elapsed < LEASE_TTL + CONNECT_TIMEOUT + SLACK < timeout, (elapsed, result)
 
 
-def test_request_in_flight_when_etcd_hangs_fails_within_lease_ttl(
-        server, run_id, handlers):
-    """The third node's join is in flight when etcd hangs; it must fail about
-    lease_ttl later like the waiting ones, not after the slow-request budget."""
-    timeout = 60
-    _, third_faults = _nodes_waiting(server, run_id, handlers, lease_ttl=LEASE_TTL,
-                                     timeout=timeout)
+def _third_joins_as_etcd_hangs(server: EtcdServer, run_id: str, handlers: list,
+                               **config: Any) -> tuple[ThreadNode, Any, float, float]:
+    """Two nodes waiting (``_nodes_waiting``); etcd hangs (SIGSTOP) just as the
+    third sends its join. Returns the third, its call's outcome, when its call
+    began and when etcd stopped."""
+    _, third_faults = _nodes_waiting(server, run_id, handlers, **config)
     third = ThreadNode(handlers[2])
     members = RunKeys("/rdzv", run_id).members(0)
     stopped_at: list[float] = []
@@ -473,13 +472,24 @@ def test_request_in_flight_when_etcd_hangs_fails_within_lease_ttl(
 
     intercept_txn(third_faults, puts_key(members + third.handler.node_id.encode()),
                   hang_etcd_then_send)
+    started_at = time.monotonic()
     try:
         third.start()
         result = third.join(90)
     finally:
         os.kill(server.pid, signal.SIGCONT)
+    assert stopped_at, "the third node's join was not sent"
+    return third, result, started_at, stopped_at[0]
+
+
+def test_request_in_flight_when_etcd_hangs_fails_within_lease_ttl(
+        server, run_id, handlers):
+    """The third node's join is in flight when etcd hangs; it must fail about
+    lease_ttl later like the waiting ones, not after the slow-request budget."""
+    third, result, _, stopped_at = _third_joins_as_etcd_hangs(
+        server, run_id, handlers, lease_ttl=LEASE_TTL, timeout=60)
     assert isinstance(result, RendezvousError), result
-    elapsed = third.finished_at - stopped_at[0]
+    elapsed = third.finished_at - stopped_at
     assert elapsed < LEASE_TTL + CONNECT_TIMEOUT + SLACK, (elapsed, result)
 
 
@@ -489,26 +499,8 @@ def test_request_in_flight_when_etcd_hangs_ends_at_the_calls_timeout(
     flight when etcd hangs: it times out at its timeout (then its withdrawal
     gets one attempt), not after the 30 s a slow etcd's requests are retried."""
     timeout = 4.0
-    _, third_faults = _nodes_waiting(server, run_id, handlers, lease_ttl=60, timeout=timeout)
-    third = ThreadNode(handlers[2])
-    members = RunKeys("/rdzv", run_id).members(0)
-    stopped: list[bool] = []
-
-    def hang_etcd_then_send(send: Any) -> Any:
-        if not stopped:
-            os.kill(server.pid, signal.SIGSTOP)
-            stopped.append(True)
-        return send()
-
-    intercept_txn(third_faults, puts_key(members + third.handler.node_id.encode()),
-                  hang_etcd_then_send)
-    started_at = time.monotonic()
-    try:
-        third.start()
-        result = third.join(90)
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-    assert stopped
+    third, result, started_at, _ = _third_joins_as_etcd_hangs(
+        server, run_id, handlers, lease_ttl=60, timeout=timeout)
     assert isinstance(result, RendezvousTimeoutError), result
     withdrawal = min(CONNECT_TIMEOUT, 2.0)  # one attempt
     assert third.finished_at - started_at < timeout + withdrawal + SLACK, result
