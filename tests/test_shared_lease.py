@@ -129,18 +129,19 @@ def test_a_node_created_when_answers_are_late_keeps_the_lease_etcd_still_holds(
 def test_a_lease_unanswered_for_a_ttl_by_the_clock_is_etcds_to_judge(
     etcd_endpoint: str, observer: EtcdClient, shared: bool
 ) -> None:
-    """``Session.confirm``: while etcd holds the lease it counts as renewed when
+    """``Session.confirm_if_lapsed``: while etcd holds the lease it counts as renewed when
     etcd last renewed it; once etcd no longer does, it is lost."""
     client = EtcdClient(EtcdConfig(endpoints=tuple(parse_endpoints(etcd_endpoint))))
     node = session.Session(client, 30, 7.5, shared=shared)
     try:
         node._lease._kept.last_answer -= 40  # its answers read late
         assert time.monotonic() > node.expiry
-        node.confirm()
+        node.confirm_if_lapsed()
         assert not node.lost
         assert node.expiry > time.monotonic() + 20
         observer.lease_revoke(node.lease_id)  # as when etcd expires it
-        node.confirm()
+        node._lease._kept.last_answer -= 40
+        node.confirm_if_lapsed()
         assert node.lost
     finally:
         node.close(revoke=False)

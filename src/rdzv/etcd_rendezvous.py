@@ -273,13 +273,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
         )
 
     def _renew_session_if_lost(self) -> None:
-        if not self._session_abandoned and not self._session.lost \
-                and time.monotonic() > self._session.expiry:
-            # No keep-alive answered for a TTL by this process's clock, and the
-            # keep-alives have not said so yet: a process resumed after a stop
-            # (the lease is gone), or one too busy to read the answers (etcd
-            # still holds it). Only etcd can tell.
-            self._session.confirm()
+        if not self._session_abandoned:
+            self._session.confirm_if_lapsed()
         if self._session_abandoned:
             logger.info("node %s of run %r joins again as a new node",
                         self._session.node_id, self._run_id)

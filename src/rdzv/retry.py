@@ -169,9 +169,7 @@ class RetryPolicy:
 
     def first_timeout(self, now: float) -> float:
         """The deadline of a request's first attempt made at ``now``."""
-        if self.deadline is None:
-            return self.attempt_timeout
-        return min(self.attempt_timeout, max(self.deadline() - now, _LEAST_ATTEMPT))
+        return min(self.attempt_timeout, max(self.until_deadline(now), _LEAST_ATTEMPT))
 
     def until_horizon(self, now: float) -> float:
         """Seconds left before the horizon (inf without one)."""

@@ -108,10 +108,15 @@ class _NodeLease:
                 f"{self.ttl} s TTL); the keys on it are gone"
             )
 
-    def confirm(self) -> None:
-        """Ask etcd whether it still holds the lease (one attempt): if it does,
-        the lease counts as renewed when etcd last renewed it; if it does not,
-        or cannot say, the lease is lost."""
+    def confirm_if_lapsed(self) -> None:
+        """If no keep-alive was answered for a TTL by this process's clock (and
+        the keep-alives have not said the lease is lost), ask etcd whether it
+        still holds the lease (one attempt): late answers (a process too busy
+        to read them) or a lost lease (a process resumed after a stop) look the
+        same here. If etcd holds it, it counts as renewed when etcd last
+        renewed it; if it does not, or cannot say, the lease is lost."""
+        if self.lost or time.monotonic() <= self.expiry:
+            return
         asked = time.monotonic()
         try:
             left = self._client.lease_time_to_live(self.lease_id, once=True)
@@ -198,11 +203,9 @@ def _attach(client: EtcdClient, ttl: int, keepalive_interval: float) -> tuple[_N
     leases, lock = client.shared_leases()
     with lock:
         lease = leases.get((ttl, keepalive_interval))
-        if lease is not None and not lease.lost and time.monotonic() > lease.expiry:
-            # Its keep-alives went unanswered for a TTL by this process's clock:
-            # late answers (a starved process) or a lost lease. Only etcd can
-            # tell; on a lease it no longer holds, the node's join would fail.
-            lease.confirm()
+        if lease is not None:
+            # On a lease etcd no longer holds, the node's join would fail.
+            lease.confirm_if_lapsed()
         if lease is None or lease.lost:
             lease = _NodeLease(client, ttl, keepalive_interval)
             leases[(ttl, keepalive_interval)] = lease
@@ -289,12 +292,11 @@ class Session:
         """
         self._lease.mark_lost(why)
 
-    def confirm(self) -> None:
-        """Ask etcd whether it still holds the lease (one attempt): for a lease
-        past its ``expiry`` by this process's clock, whose keep-alives' answers
-        may only be late. Renewed as etcd says if it holds it; lost if it no
-        longer does, or cannot say."""
-        self._lease.confirm()
+    def confirm_if_lapsed(self) -> None:
+        """Past its ``expiry`` by this process's clock, ask etcd whether it
+        still holds the lease (one attempt): renewed as etcd says if it holds
+        it; lost if it no longer does, or cannot say."""
+        self._lease.confirm_if_lapsed()
 
     @property
     def answered_span(self) -> tuple[float, float]:
