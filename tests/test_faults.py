@@ -11,6 +11,7 @@ window (docs/RELIABILITY.md).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -504,6 +505,34 @@ def test_request_in_flight_when_etcd_hangs_ends_at_the_calls_timeout(
     assert isinstance(result, RendezvousTimeoutError), result
     withdrawal = min(CONNECT_TIMEOUT, 2.0)  # one attempt
     assert third.finished_at - started_at < timeout + withdrawal + SLACK, result
+
+
+@pytest.mark.parametrize("lease_scope", ["node", "process"])
+def test_call_begun_while_etcd_hangs_ends_at_its_timeout(
+        server, run_id, handlers, caplog, lease_scope):
+    """A node whose lease lapsed while etcd hangs begins a call (an agent
+    restarting its workers): the new lease it asks for gives up at the call's
+    timeout, not after the 30 s a slow etcd's requests are retried, and the
+    call times out. Once etcd answers again, the node completes a round."""
+    caplog.set_level(logging.WARNING, logger="rdzv.session")
+    timeout = 4.0
+    endpoint = server.get_endpoint()
+    options = {**FAST, "timeout": timeout, "lease_scope": lease_scope}
+    node = make_handler(endpoint, run_id, 2, 2, **options)
+    handlers.append(node)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: any("presumed expired" in r.message for r in caplog.records),
+                 timeout=LEASE_TTL + 10, what="the node's keep-alives went unanswered")
+        started_at = time.monotonic()
+        with pytest.raises(RendezvousTimeoutError, match="lease grant"):
+            node.next_rendezvous()
+        elapsed = time.monotonic() - started_at
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert elapsed < timeout + SLACK, elapsed
+    handlers.append(make_handler(endpoint, run_id, 2, 2, **FAST))
+    assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
 
 
 # --------------------------------------------- 4. a node killed at each phase

@@ -177,10 +177,12 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._topology = topology or ""
         self._rank_order = rank_order
         self._client = client
-        # The round's requests are retried only while this node's lease may be
-        # alive (past that, they could not count anyway) and until the call
-        # times out.
+        # A call's requests give up when it times out: those before its round
+        # (a new lease for this node, the run's leases) and the round's, which
+        # are also retried only while this node's lease may be alive (past
+        # that, they could not count).
         self._call_deadline = math.inf
+        self._call_client = client.with_retry(client.retry.until(lambda: self._call_deadline))
         self._round_client = client.with_retry(
             client.retry.bounded(lambda: self._session.expiry).until(lambda: self._call_deadline)
         )
@@ -265,16 +267,19 @@ class EtcdRendezvousHandler(RendezvousHandler):
             host, self._host, os.getpid(), port, self._topology, self._rank_order
         )
 
-    def _open_session(self) -> Session:
+    def _open_session(self, grant_client: EtcdClient | None = None) -> Session:
         # A lost lease wakes a waiting next_rendezvous(), which then fails.
         return Session(
             self._client, self._lease_ttl, self._keepalive_interval,
             on_lost=lambda: self._inbox.put(("lost",)), shared=self._shared_lease,
+            grant_client=grant_client,
         )
 
     def _renew_session_if_lost(self) -> None:
+        """At a call's start: a new session (and node) if this one's lease was
+        lost or abandoned. Its requests end by the call's deadline."""
         if not self._session_abandoned:
-            self._session.confirm_if_lapsed()
+            self._session.confirm_if_lapsed(self._call_client)
         if self._session_abandoned:
             logger.info("node %s of run %r joins again as a new node",
                         self._session.node_id, self._run_id)
@@ -287,7 +292,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
         else:
             return
         self._session.close(revoke=False)
-        self._session = self._open_session()
+        self._session = self._open_session(self._call_client)
         self._session_abandoned = False
         self._node = self._new_node()
 
@@ -341,15 +346,17 @@ class EtcdRendezvousHandler(RendezvousHandler):
             if tag in self._watches:
                 continue
             changed = True
-            # The state record's watch outlives the call; the others are the
-            # round's, retried only while this node's lease may be alive.
+            # A watch starts as the round's requests go: retried only while this
+            # node's lease may be alive and until the call times out. The state
+            # record's watch outlives the call: its resumes are not the call's.
             client = self._client if tag == "state" else self._round_client
             try:
                 # Every node of the run watches the state record: the nodes of
                 # a process share one etcd watch of it (their round driver,
                 # not a thread per node, takes each change).
                 watch = Watch(client, spec.key, spec.start, self._inbox, tag,
-                              prefix=spec.prefix, no_put=spec.no_put, share=tag == "state")
+                              prefix=spec.prefix, no_put=spec.no_put, share=tag == "state",
+                              start_client=self._round_client)
             except WatchRefused as err:
                 self._watch_failed(tag, err)
                 return True
@@ -420,14 +427,19 @@ class EtcdRendezvousHandler(RendezvousHandler):
         with self._lock:
             self._check_not_shut_down()
             self._stop_view()
-            self._renew_session_if_lost()
-            if self._run_leases.lost:
-                logger.warning(
-                    "run %r: its leases were lost (etcd dropped them or did not answer "
-                    "their keep-alives); granting them again", self._run_id)
-                self._run_leases.restore()
             start = time.monotonic()
             deadline = self._call_deadline = start + self._timeout
+            try:
+                self._renew_session_if_lost()
+                if self._run_leases.lost:
+                    logger.warning(
+                        "run %r: its leases were lost (etcd dropped them or did not answer "
+                        "their keep-alives); granting them again", self._run_id)
+                    self._run_leases.restore(self._call_client)
+            except RendezvousConnectionError as err:
+                if time.monotonic() < deadline:
+                    raise
+                raise self._out_of_time(err) from err
             node = self._node
             node.begin(self._descriptor(), time.time() - start)
             try:
@@ -447,12 +459,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 self._withdraw()
                 if time.monotonic() < deadline:
                     raise
-                # A request was still failing when the call's time ran out
-                # (its retries end then): what the caller asked for is a timeout.
-                raise RendezvousTimeoutError(
-                    f"run {self._run_id!r}: no round completed within {self._timeout:g} s; "
-                    f"the last request to etcd had not succeeded by then: {err}"
-                ) from err
+                raise self._out_of_time(err) from err
             except BaseException:
                 # Timeouts, closes, lost connections, and anything unexpected
                 # (even KeyboardInterrupt): leave no key behind in the round.
@@ -478,6 +485,15 @@ class EtcdRendezvousHandler(RendezvousHandler):
         # put them in the round's store as MASTER_ADDR/MASTER_PORT.
         store_info = RendezvousStoreInfo(master_addr, master_port)
         return RendezvousInfo(store, rank, world_size, store_info)
+
+    def _out_of_time(self, err: RendezvousConnectionError) -> RendezvousTimeoutError:
+        """What a call raises for ``err`` past its deadline: a request was still
+        failing when the call's time ran out (its retries end then), and what
+        the caller asked for is a timeout."""
+        return RendezvousTimeoutError(
+            f"run {self._run_id!r}: no round completed within {self._timeout:g} s; "
+            f"the last request to etcd had not succeeded by then: {err}"
+        )
 
     def _describe_wait(self, waited: float) -> str:
         """What this node waited for, for a timeout: the round, who joined it, since when."""

@@ -36,11 +36,14 @@ class _NodeLease:
     background until that succeeds or the lease is gone.
     """
 
-    def __init__(self, client: EtcdClient, ttl: int, keepalive_interval: float) -> None:
+    def __init__(
+        self, client: EtcdClient, ttl: int, keepalive_interval: float,
+        grant_client: EtcdClient | None = None,
+    ) -> None:
         self._client = client
         self.ttl = ttl
         self.keepalive_interval = keepalive_interval
-        self.lease_id = client.lease_grant(ttl)
+        self.lease_id = (grant_client or client).lease_grant(ttl)
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._lock = threading.Lock()
@@ -108,18 +111,19 @@ class _NodeLease:
                 f"{self.ttl} s TTL); the keys on it are gone"
             )
 
-    def confirm_if_lapsed(self) -> None:
+    def confirm_if_lapsed(self, client: EtcdClient | None = None) -> None:
         """If no keep-alive was answered for a TTL by this process's clock (and
         the keep-alives have not said the lease is lost), ask etcd whether it
-        still holds the lease (one attempt): late answers (a process too busy
-        to read them) or a lost lease (a process resumed after a stop) look the
-        same here. If etcd holds it, it counts as renewed when etcd last
-        renewed it; if it does not, or cannot say, the lease is lost."""
+        still holds the lease (one attempt, on ``client`` if given): late
+        answers (a process too busy to read them) or a lost lease (a process
+        resumed after a stop) look the same here. If etcd holds it, it counts
+        as renewed when etcd last renewed it; if it does not, or cannot say,
+        the lease is lost."""
         if self.lost or time.monotonic() <= self.expiry:
             return
         asked = time.monotonic()
         try:
-            left = self._client.lease_time_to_live(self.lease_id, once=True)
+            left = (client or self._client).lease_time_to_live(self.lease_id, once=True)
         except RendezvousError as err:
             self.mark_lost(f"lease {self.lease_id:x} presumed expired: no keep-alive was "
                            f"answered for {self.ttl} s, and etcd did not say ({err})")
@@ -196,18 +200,20 @@ class _NodeLease:
 _DELETES_PER_TXN = 120
 
 
-def _attach(client: EtcdClient, ttl: int, keepalive_interval: float) -> tuple[_NodeLease, int]:
+def _attach(
+    client: EtcdClient, ttl: int, keepalive_interval: float, grant_client: EtcdClient | None,
+) -> tuple[_NodeLease, int]:
     """The process's shared lease of ``ttl`` on ``client``'s connection, granted
-    if there is none or it is gone, and the number of the node it is handed to
-    (0 for its first)."""
+    (on ``grant_client`` if given) if there is none or it is gone, and the
+    number of the node it is handed to (0 for its first)."""
     leases, lock = client.shared_leases()
     with lock:
         lease = leases.get((ttl, keepalive_interval))
         if lease is not None:
             # On a lease etcd no longer holds, the node's join would fail.
-            lease.confirm_if_lapsed()
+            lease.confirm_if_lapsed(grant_client)
         if lease is None or lease.lost:
-            lease = _NodeLease(client, ttl, keepalive_interval)
+            lease = _NodeLease(client, ttl, keepalive_interval, grant_client)
             leases[(ttl, keepalive_interval)] = lease
             logger.debug("granted lease %x, shared by this process's nodes", lease.lease_id)
         number = lease.issued
@@ -245,6 +251,10 @@ class Session:
         keepalive_interval: seconds between keep-alives (well under ``ttl``).
         on_lost: called once when the lease is lost (from a background thread).
         shared: use the process's shared lease instead of a lease of its own.
+        grant_client: the connection to grant the lease on (and, for a shared
+            lease, to ask whether etcd still holds it), when its requests must
+            give up sooner than ``client``'s (a ``next_rendezvous()`` call's
+            deadline); the lease is kept alive on ``client``.
 
     Raises:
         RendezvousConnectionError: etcd cannot be reached to grant the lease.
@@ -257,15 +267,16 @@ class Session:
         keepalive_interval: float,
         on_lost: Callable[[], None] | None = None,
         shared: bool = False,
+        grant_client: EtcdClient | None = None,
     ) -> None:
         self._client = client
         self.ttl = ttl
         self.keepalive_interval = keepalive_interval
         self.shared = shared
         if shared:
-            self._lease, number = _attach(client, ttl, keepalive_interval)
+            self._lease, number = _attach(client, ttl, keepalive_interval, grant_client)
         else:
-            self._lease, number = _NodeLease(client, ttl, keepalive_interval), 0
+            self._lease, number = _NodeLease(client, ttl, keepalive_interval, grant_client), 0
         self.lease_id = self._lease.lease_id
         self.node_id = f"{self.lease_id:016x}" + (f"-{number}" if number else "")
         self._closed = False
@@ -292,11 +303,11 @@ class Session:
         """
         self._lease.mark_lost(why)
 
-    def confirm_if_lapsed(self) -> None:
+    def confirm_if_lapsed(self, client: EtcdClient | None = None) -> None:
         """Past its ``expiry`` by this process's clock, ask etcd whether it
-        still holds the lease (one attempt): renewed as etcd says if it holds
-        it; lost if it no longer does, or cannot say."""
-        self._lease.confirm_if_lapsed()
+        still holds the lease (one attempt, on ``client`` if given): renewed as
+        etcd says if it holds it; lost if it no longer does, or cannot say."""
+        self._lease.confirm_if_lapsed(client)
 
     @property
     def answered_span(self) -> tuple[float, float]:
@@ -369,14 +380,15 @@ class RunLeases:
         return len(self._held) < len(self._ttls) or any(
             held.gone.is_set() for held in self._held.values())
 
-    def grant(self) -> None:
-        """Grant both leases where etcd does not have them (a new run).
+    def grant(self, client: EtcdClient | None = None) -> None:
+        """Grant both leases where etcd does not have them (a new run), on
+        ``client`` if given.
 
         Raises:
             RendezvousConnectionError: etcd cannot be reached.
         """
         for lease_id, ttl in self._ttls.items():
-            if self._client.lease_ensure(lease_id, ttl):
+            if (client or self._client).lease_ensure(lease_id, ttl):
                 logger.debug("granted run lease %x (TTL %d s)", lease_id, ttl)
 
     def hold(self) -> None:
@@ -390,13 +402,13 @@ class RunLeases:
             interval = default_keepalive_interval(ttl)
             self._held[lease_id] = self._client.hold_lease(lease_id, ttl, interval)
 
-    def restore(self) -> None:
-        """Grant and hold again whatever lease was lost.
+    def restore(self, client: EtcdClient | None = None) -> None:
+        """Grant (on ``client`` if given) and hold again whatever lease was lost.
 
         Raises:
             RendezvousConnectionError: etcd cannot be reached.
         """
-        self.grant()
+        self.grant(client)
         self.hold()
 
     def release(self) -> None:

@@ -65,6 +65,9 @@ class Watch:
         range_end: watch every key from ``key`` up to this one (not included).
         share: let one etcd watch serve the connection's watches of the same
             range (``EtcdClient.watch``); needs a ``start_revision`` over 0.
+        start_client: the connection to create the watch on the first time,
+            when that must give up sooner than ``client``'s requests (a
+            ``next_rendezvous()`` call's deadline); resumes use ``client``.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Watch:
         no_put: bool = False,
         range_end: bytes | None = None,
         share: bool = False,
+        start_client: EtcdClient | None = None,
     ) -> None:
         self._client = client
         self._key = key
@@ -91,10 +95,10 @@ class Watch:
         self._lock = threading.Lock()
         self._cancelled = False
         self._watch_id: int | None = None
-        self._start()
+        self._start(start_client or client)
 
-    def _start(self) -> None:
-        watch_id = self._client.watch(
+    def _start(self, client: EtcdClient) -> None:
+        watch_id = client.watch(
             self._key,
             self._on_events,
             start_revision=self._next_revision,
@@ -139,7 +143,7 @@ class Watch:
 
     def _resume(self) -> None:
         try:
-            self._start()
+            self._start(self._client)
         except Exception as err:  # reported to the driver, which decides
             self._inbox.put(("error", self._tag, err))
 
