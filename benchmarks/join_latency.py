@@ -185,6 +185,9 @@ class RoundSpec:
     limit_s: float
     verbose: bool = False
     rdzv_options: tuple[tuple[str, str], ...] = ()
+    #: The interpreter's switch interval in the processes that host nodes
+    #: (``sys.setswitchinterval``); None keeps the interpreter's (5 ms).
+    switch_interval: float | None = None
 
 
 class Node(Protocol):
@@ -331,6 +334,17 @@ def _host_nodes(spec: RoundSpec, indices: Sequence[int], sync: Callable[[str], N
     may go on (every host reached the phase, and the harness read etcd's metrics).
     """
     _prepare_process(spec.verbose)
+    interval = sys.getswitchinterval()
+    if spec.switch_interval is not None:
+        sys.setswitchinterval(spec.switch_interval)
+    try:
+        return _run_nodes(spec, indices, sync)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _run_nodes(spec: RoundSpec, indices: Sequence[int], sync: Callable[[str], None]) -> HostReport:
+    """``_host_nodes``' round, once the process is prepared."""
     report = HostReport()
     start = time.monotonic()
     made = _parallel([functools.partial(_make_node, spec, i) for i in indices], spec.limit_s)
@@ -581,12 +595,14 @@ class Harness:
         verbose: bool = False,
         rdzv_options: Sequence[tuple[str, str]] = (),
         other_members: Sequence[str] = (),
+        switch_interval: float | None = None,
     ) -> None:
         self.server = server
         self.procs = procs
         self.limit_s = limit_s
         self.verbose = verbose
         self.rdzv_options = tuple(rdzv_options)
+        self.switch_interval = switch_interval
         self._metrics_url = server.get_metrics_url()
         # Metrics URLs of a cluster's other members: their CPU counts as etcd's too
         # (requests and events are counted on the member the clients talk to).
@@ -604,7 +620,8 @@ class Harness:
         load = os.getloadavg()[0]
         run_id = f"bench-{uuid.uuid4().hex[:12]}"
         spec = RoundSpec(
-            backend, endpoint, run_id, nodes, self.limit_s, self.verbose, self.rdzv_options
+            backend, endpoint, run_id, nodes, self.limit_s, self.verbose, self.rdzv_options,
+            self.switch_interval,
         )
         snapshots: dict[str, Metrics] = {}
         unreachable: list[str] = []

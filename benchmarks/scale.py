@@ -156,12 +156,13 @@ class Point(jl.Summary):
 
 def run_point(server: Any, backend: str, nodes: int, procs: int, repeats: int, limit: float,
               other_members: Sequence[str] = (),
-              options: Sequence[tuple[str, str]] = ()) -> Point:
+              options: Sequence[tuple[str, str]] = (),
+              switch_interval: float | None = None) -> Point:
     """Floor, ``repeats`` rdzv rounds of N nodes in ``procs`` processes, floor."""
     endpoint = server.get_endpoint()
     floors = floor(endpoint, nodes)
     harness = jl.Harness(server, procs, limit, rdzv_options=options,
-                         other_members=other_members)
+                         other_members=other_members, switch_interval=switch_interval)
     rounds = []
     for _ in range(repeats):
         result = harness.run_round("rdzv", nodes)
@@ -252,8 +253,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         type=lambda t: tuple(t.split("=", 1)),
                         help="a rendezvous option for every handler, e.g. lease_ttl=30")
+    parser.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                        help="the interpreter's switch interval in the node processes "
+                             "(sys.setswitchinterval; default: the interpreter's, 5 ms)")
     parser.add_argument("--append", action="store_true", help=f"append to {RESULTS}")
     args = parser.parse_args(argv)
+    if args.switch_interval is not None and not args.switch_interval > 0:
+        parser.error(f"--switch-interval must be a positive number of seconds, "
+                     f"got {args.switch_interval}")
     for name in ("procs", "per_proc"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -282,12 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for nodes in args.nodes:
                 procs = args.procs if args.per_proc is None else -(-nodes // args.per_proc)
                 point = run_point(view, backend, nodes, procs, args.repeats, args.limit,
-                                  others, args.option)
+                                  others, args.option, args.switch_interval)
                 points.append(point)
                 print(table([point]), file=sys.stderr, flush=True)
     hosting = (f"N/{args.procs} handlers in each of {args.procs} processes"
                if args.per_proc is None else
                f"{args.per_proc} handlers per process (N/{args.per_proc} processes)")
+    switching = ("the interpreter's (5 ms)" if args.switch_interval is None
+                 else f"{args.switch_interval * 1000:g} ms")
     section = "\n".join([
         f"## Scale run of {started:%Y-%m-%d %H:%M} UTC",
         "",
@@ -300,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "etcd, cluster = 3 members on this machine; floor = N concurrent puts and one "
         "watch on one grpc.aio channel, 3 runs before and 3 after the rounds (fastest shown)",
         f"- rdzv options: {', '.join(f'{k}={v}' for k, v in args.option) or 'defaults'}",
+        f"- Switch interval of the node processes: {switching}",
         "",
         table(points),
         *slopes(points),
