@@ -144,22 +144,29 @@ class _Connection:
         """
         quiet = self.watches.close(deadline)
         quiet = self.keepalives.close_stream(deadline) and quiet
-        # gRPC polls a channel's streams from a thread of its own until the
-        # last one has ended; its count is the only sign that it stopped.
+        return self._calls_ended(deadline) and quiet
+
+    def _calls_ended(self, deadline: float) -> bool:
+        """Wait until gRPC has finished every call of the channel, up to
+        ``deadline``; whether it did."""
+        # gRPC polls a channel's calls from a thread of its own until the last
+        # one has ended; its count is the only sign that it stopped.
         calls = getattr(self.etcd.channel, "_call_state", None)
         while calls is not None and getattr(calls, "managed_calls", 0):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.001)
-        return quiet
+        return True
 
     def close(self) -> None:
-        """Close the streams and the channel; their threads have ended on
-        return, unless they took longer than a moment (then it is logged)."""
+        """Close the streams and the channel; their threads, and gRPC's
+        polling of the channel's calls, have ended on return, unless they took
+        longer than a moment (then it is logged)."""
         self.driver.close()
         ended = self.watches.close()
         ended = self.keepalives.close() and ended
         self.etcd.close()
+        ended = self._calls_ended(time.monotonic() + _mux._THREAD_EXIT_TIMEOUT) and ended
         if not ended:
             logger.warning("the connection to etcd closed but some of its stream threads "
                            "had not ended after %g s", _mux._THREAD_EXIT_TIMEOUT)
