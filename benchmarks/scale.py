@@ -30,6 +30,12 @@ Usage::
     python benchmarks/scale.py --nodes 1024,2048,4096 --procs 4 --append
     python benchmarks/scale.py --nodes 8192 --procs 8 --backends single --repeats 1
     python benchmarks/scale.py --nodes 1024,4096,16384 --per-proc 128 --backends single
+    python benchmarks/scale.py --nodes 4096,16384 --backends single --switch-interval 0.05
+
+``--switch-interval`` sets the interpreter's switch interval in the node
+processes: thousands of node threads released together queue for the
+interpreter's lock, each asking again every interval (``docs/SCALE.md``,
+"Nodes that begin together: the herd").
 """
 
 from __future__ import annotations
