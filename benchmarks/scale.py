@@ -223,17 +223,34 @@ def table(points: Sequence[Point]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fitted_slope(points: Sequence[tuple[int, float]]) -> float:
+    """The least-squares slope of log(time) against log(N) over ``(N, time)``
+    points (at least two, of two different N)."""
+    xs = [math.log(n) for n, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
+
+
 def slopes(points: Sequence[Point]) -> list[str]:
-    """Log-log slope of the median round time against N, per backend, from the
-    smallest N up to each larger one."""
+    """Log-log slope of the median round time against N, per backend: between
+    each N and the next, then fitted over every N (least squares) beside the
+    floor's, fitted the same way over its fastest runs."""
     out = []
     for backend in dict.fromkeys(p.backend for p in points):
-        done = [(p.nodes, statistics.median(p.times)) for p in points
-                if p.backend == backend and p.times and not p.problem]  # fmt: skip
-        done.sort()
-        for (n0, t0), (n1, t1) in itertools.pairwise(done):
+        done = sorted((p.nodes, statistics.median(p.times), min(p.floors, default=0.0))
+                      for p in points
+                      if p.backend == backend and p.times and not p.problem)  # fmt: skip
+        for (n0, t0, _), (n1, t1, _) in itertools.pairwise(done):
             out.append(f"- {backend}: slope {math.log(t1 / t0) / math.log(n1 / n0):.2f} "
                        f"from N={n0} to N={n1}")  # fmt: skip
+        if len(done) > 2:
+            floors = [(n, f) for n, _, f in done if f > 0]
+            floor_fit = (f"; the floor's {fitted_slope(floors):.2f}"
+                         if len(floors) == len(done) else "")
+            out.append(f"- {backend}: slope {fitted_slope([(n, t) for n, t, _ in done]):.2f} "
+                       f"fitted over N={done[0][0]}..{done[-1][0]}{floor_fit}")
     return out
 
 

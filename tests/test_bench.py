@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -70,3 +71,28 @@ def test_recorded_runs_of_the_repository_read_back(bench: ModuleType) -> None:
             for p in bench.points_of(runs[name])[0] if p.backend == "rdzv"}
     assert rdzv == {8: 0.020, 64: 0.076, 256: 0.317, 1024: 2.084}
     assert bench.previous_duration(text, "python benchmarks/join_latency.py") is not None
+
+
+def test_scale_reports_each_step_and_the_fitted_slope(bench: ModuleType) -> None:
+    # bench put join_latency in sys.modules, which scale imports by that name.
+    spec = importlib.util.spec_from_file_location("scale", SCRIPT.parent / "scale.py")
+    assert spec is not None and spec.loader is not None
+    scale = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = scale
+    spec.loader.exec_module(scale)
+    sizes = [1024, 2048, 4096, 8192]
+    # Rounds that grow as N^1.2 but for a bump at 4096; a floor that grows as N.
+    times = [1e-4 * n ** 1.2 for n in sizes]
+    times[2] *= 1.5
+    points = [scale.Point("single", n, [bench.RoundResult("rdzv", n, seconds=t)],
+                          floors=[1e-4 * n, 2e-4 * n])
+              for n, t in zip(sizes, times, strict=True)]
+    lines = scale.slopes(points)
+    assert lines[:3] == [
+        "- single: slope 1.20 from N=1024 to N=2048",
+        f"- single: slope {1.2 + math.log2(1.5):.2f} from N=2048 to N=4096",
+        f"- single: slope {1.2 - math.log2(1.5):.2f} from N=4096 to N=8192",
+    ]
+    assert lines[3].startswith("- single: slope 1.") and "fitted over N=1024..8192" in lines[3]
+    assert lines[3].endswith("the floor's 1.00")
+    assert scale.fitted_slope([(n, 3.0 * n ** 1.2) for n in sizes]) == pytest.approx(1.2)
