@@ -22,14 +22,21 @@ class _WatchNeverConfirmed(EtcdClient):
     """A watch that etcd does not confirm, for longer than the node's lease lives:
     the lease is gone by the time creation gives up and cleans up."""
 
+    def __init__(self, config: EtcdConfig) -> None:
+        super().__init__(config)
+        # The leases granted, in a list that the clients with_retry() derives
+        # from this one (the handler's for its calls) share.
+        self.granted: list[int] = []
+
     def lease_grant(self, ttl: int) -> int:
-        self.granted = super().lease_grant(ttl)
-        return self.granted
+        lease = super().lease_grant(ttl)
+        self.granted.append(lease)
+        return lease
 
     def watch(self, *args: Any, **kwargs: Any) -> Any:
         # The node does not hear of it: no keep-alive answer says the lease is gone.
-        self.stop_keep_alive(self.granted)
-        self.lease_revoke(self.granted)
+        self.stop_keep_alive(self.granted[-1])
+        self.lease_revoke(self.granted[-1])
         raise RendezvousConnectionError(
             "cannot reach etcd (watch): etcd did not confirm the watch within 30 s"
         )
@@ -59,7 +66,7 @@ def test_failed_creation_reports_its_cause_not_the_revoke(
     finally:
         client.close()
     assert "already expired" in caplog.text
-    assert observer.lease_time_to_live(client.granted) == -1
+    assert observer.lease_time_to_live(client.granted[-1]) == -1
     assert observer.count(RunKeys(DEFAULT_PREFIX, run_id).round(0)) == 0
 
 
