@@ -261,3 +261,32 @@ def test_etcd_stopped_for_a_minute_never_raises_and_the_view_catches_up(run_id, 
         finally:
             for handler in nodes:
                 handler.shutdown()
+
+
+def test_etcd_away_past_the_watch_retries_then_back_the_next_round_forms(run_id):
+    """etcd is killed after a round and comes back once the state record's
+    watch gave up resuming (connect_timeout, 2 s here): the next round forms
+    with the same nodes, as a relaunch after a failure would call it. (It
+    failed at once with the watch's old "cannot reach etcd".)"""
+    with EtcdServer() as server:
+        endpoint = server.get_endpoint()
+        options = {**FAST, "lease_ttl": 30, "connect_timeout": 2}
+        nodes = [make_handler(endpoint, run_id, 2, 2, **options) for _ in range(2)]
+        try:
+            first = run_round([ThreadNode(h) for h in nodes])
+            assert_one_world(first, 2)
+            ids = [h.node_id for h in nodes]
+            server.kill()
+
+            def watch_gave_up(handler) -> bool:
+                return any(item[:2] == ("error", "state") for item in list(handler._inbox._items))
+
+            wait_for(lambda: all(watch_gave_up(h) for h in nodes), timeout=30,
+                     what="the state watches gave up resuming")
+            server.restart()
+            second = run_round([ThreadNode(h) for h in nodes])
+            assert_one_world(second, 2)
+            assert [h.node_id for h in nodes] == ids
+        finally:
+            for handler in nodes:
+                handler.shutdown()

@@ -57,3 +57,12 @@ def test_a_watch_from_the_past_resumes_from_its_start_not_from_etcds_revision():
 def test_a_watch_from_now_resumes_after_etcds_revision():
     assert _resumed_from(0, []) == 51
     assert _resumed_from(0, [55]) == 56
+
+
+def test_an_inbox_gives_up_the_items_asked_for_and_keeps_the_others_in_order():
+    inbox = Inbox()
+    for item in [("state", 1), ("error", "state"), ("round", 2), ("error", "round"), ("state", 3)]:
+        inbox.put(item)
+    assert inbox.take(lambda item: item[0] == "error") == [("error", "state"), ("error", "round")]
+    assert inbox.take(lambda item: item[0] == "error") == []
+    assert inbox.drain(0) == [("state", 1), ("round", 2), ("state", 3)]

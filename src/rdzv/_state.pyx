@@ -1715,8 +1715,7 @@ cdef class Node:
             error: unless ``compacted``: the driver cannot keep the watch up.
         """
         if tag == "state":
-            self.state_watch_start = 0
-            self.forget_state()
+            self.forget_state_watch()
         elif tag == "waiting" and compacted:
             self.watch_revision = -1
             self.check_liveness = True
@@ -1846,6 +1845,13 @@ cdef class Node:
         """Drop the cached state record so that the next step re-reads it."""
         self.state = None
         self.state_mod = -1
+
+    def forget_state_watch(self):
+        """Drop the cached state record and the state watch (``watches`` holds
+        none until then): the next step re-reads the record, and the watch
+        starts again from that read."""
+        self.state_watch_start = 0
+        self.forget_state()
 
     cdef int _stop_freezing(self) except -1:
         self.freezer = False

@@ -296,6 +296,19 @@ class EtcdRendezvousHandler(RendezvousHandler):
         self._session_abandoned = False
         self._node = self._new_node()
 
+    def _restart_state_watch_if_broken(self) -> None:
+        """At a call's start: if the state record's watch could not resume
+        between calls (etcd was away for longer than its retries), that says
+        nothing of etcd now. The node reads the record again and watches it
+        from there; if etcd is still away, that read fails as the call's
+        requests do. (In a call, the watch's failure ends the call.)"""
+        broken = self._inbox.take(lambda item: item[0] == "error" and item[1] == "state")
+        if broken:
+            logger.info("run %r: the state record's watch broke between calls (%s); "
+                        "reading the record again", self._run_id, broken[-1][2])
+            self._drop_watches(["state"])
+            self._node.forget_state_watch()
+
     def _absorb(self) -> bool:
         """Feed the node machine what its watches and session sent; return
         whether they sent anything.
@@ -440,6 +453,7 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 if time.monotonic() < deadline:
                     raise
                 raise self._out_of_time(err) from err
+            self._restart_state_watch_if_broken()
             node = self._node
             node.begin(self._descriptor(), time.time() - start)
             try:

@@ -36,6 +36,15 @@ class Inbox:
         if listener is not None:
             listener()
 
+    def take(self, wanted: Callable[[tuple[Any, ...]], bool]) -> list[tuple[Any, ...]]:
+        """Remove and return the queued items that ``wanted`` picks; the others
+        stay queued, in order."""
+        with self._cond:
+            taken = [item for item in self._items if wanted(item)]
+            if taken:
+                self._items = deque(item for item in self._items if not wanted(item))
+            return taken
+
     def drain(self, timeout: float | None) -> list[tuple[Any, ...]]:
         """Return every queued item, waiting up to ``timeout`` s for the first."""
         with self._cond:
