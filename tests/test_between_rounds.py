@@ -263,30 +263,50 @@ def test_etcd_stopped_for_a_minute_never_raises_and_the_view_catches_up(run_id, 
                 handler.shutdown()
 
 
-def test_etcd_away_past_the_watch_retries_then_back_the_next_round_forms(run_id):
+def _queued(handler, *item: str) -> bool:
+    """Whether ``handler``'s inbox holds an item that begins with ``item``."""
+    return any(queued[:len(item)] == item for queued in list(handler._inbox._items))
+
+
+def _etcd_away_after_a_round(server, run_id, handlers, until, **options) -> list[str]:
+    """Two nodes complete a round; etcd is killed until ``until(handler)`` holds
+    for both, then restarted on its data. Returns the nodes' ids of that round."""
+    endpoint = server.get_endpoint()
+    handlers.extend(make_handler(endpoint, run_id, 2, 2, **options) for _ in range(2))
+    assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
+    ids = [h.node_id for h in handlers]
+    server.kill()
+    wait_for(lambda: all(until(h) for h in handlers), timeout=60, what="etcd away long enough")
+    server.restart()
+    return ids
+
+
+def test_etcd_away_past_the_watch_retries_then_back_the_next_round_forms(run_id, handlers):
     """etcd is killed after a round and comes back once the state record's
     watch gave up resuming (connect_timeout, 2 s here): the next round forms
     with the same nodes, as a relaunch after a failure would call it. (It
     failed at once with the watch's old "cannot reach etcd".)"""
     with EtcdServer() as server:
-        endpoint = server.get_endpoint()
-        options = {**FAST, "lease_ttl": 30, "connect_timeout": 2}
-        nodes = [make_handler(endpoint, run_id, 2, 2, **options) for _ in range(2)]
-        try:
-            first = run_round([ThreadNode(h) for h in nodes])
-            assert_one_world(first, 2)
-            ids = [h.node_id for h in nodes]
-            server.kill()
+        ids = _etcd_away_after_a_round(
+            server, run_id, handlers, lambda h: _queued(h, "error", "state"),
+            **{**FAST, "lease_ttl": 30, "connect_timeout": 2})
+        assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
+        assert [h.node_id for h in handlers] == ids
 
-            def watch_gave_up(handler) -> bool:
-                return any(item[:2] == ("error", "state") for item in list(handler._inbox._items))
 
-            wait_for(lambda: all(watch_gave_up(h) for h in nodes), timeout=30,
-                     what="the state watches gave up resuming")
-            server.restart()
-            second = run_round([ThreadNode(h) for h in nodes])
-            assert_one_world(second, 2)
-            assert [h.node_id for h in nodes] == ids
-        finally:
-            for handler in nodes:
-                handler.shutdown()
+@pytest.mark.parametrize("lease_scope", ["node", "process"])
+def test_etcd_away_past_the_lease_ttl_then_back_the_next_round_forms_at_once(
+        run_id, handlers, lease_scope):
+    """etcd is away for longer than the nodes' lease_ttl: they give their
+    leases up, and etcd, restarted, gives every lease a fresh TTL. The next
+    round forms at once with new nodes: the old leases are revoked, not left
+    to hold the old members' keys (and the round) for another lease_ttl."""
+    lease_ttl = 8
+    with EtcdServer() as server:
+        ids = _etcd_away_after_a_round(
+            server, run_id, handlers, lambda h: _queued(h, "lost"),
+            **{**FAST, "lease_ttl": lease_ttl, "connect_timeout": 2, "lease_scope": lease_scope})
+        started = time.monotonic()
+        assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
+        assert time.monotonic() - started < lease_ttl / 2
+        assert not set(ids) & {h.node_id for h in handlers}

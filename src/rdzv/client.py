@@ -807,11 +807,12 @@ class EtcdClient:
         self.check_process()
         self._connection.keepalives.remove(lease_id)
 
-    def lease_revoke(self, lease_id: int) -> None:
-        """Revoke a lease, deleting every key attached to it."""
+    def lease_revoke(self, lease_id: int, once: bool = False) -> None:
+        """Revoke a lease, deleting every key attached to it; ``once``: a
+        single attempt."""
         request = self._rpc.LeaseRevokeRequest(ID=lease_id)
         try:
-            self._call(self._leases.LeaseRevoke, request, "lease revoke")
+            self._call(self._leases.LeaseRevoke, request, "lease revoke", once)
         except RendezvousConnectionError as err:
             if "not found" not in str(err):
                 raise

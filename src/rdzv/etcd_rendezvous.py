@@ -289,6 +289,8 @@ class EtcdRendezvousHandler(RendezvousHandler):
                 "dropped from the rendezvous; joining again as a new node",
                 self._session.node_id, self._run_id, self._lease_ttl,
             )
+            # Its keys must not hold the next round up if etcd still has it.
+            self._session.revoke_if_lost(self._call_client)
         else:
             return
         self._session.close(revoke=False)

@@ -50,6 +50,7 @@ class _NodeLease:
         self._listeners: dict[int, Callable[[], None]] = {}
         self._orphans: list[tuple[bytes, ...]] = []
         self._orphan_thread: threading.Thread | None = None
+        self._revoked = False
         # Sessions attached and node ids handed out (a shared lease's registry
         # lock guards both).
         self.users = 0
@@ -133,6 +134,18 @@ class _NodeLease:
         else:
             self.mark_lost(f"lease {self.lease_id:x} expired (keep-alives went unanswered "
                            f"past its {self.ttl} s TTL); the keys on it are gone")
+
+    def revoke_if_lost(self, client: EtcdClient) -> None:
+        """As ``Session.revoke_if_lost``: once per lease, one attempt."""
+        with self._lock:
+            if not self._lost.is_set() or self._revoked:
+                return
+            self._revoked = True
+        try:
+            client.lease_revoke(self.lease_id, once=True)
+        except RendezvousError as err:  # the lease expires within its TTL anyway
+            logger.debug("lease %x, given up as lost, could not be revoked: %s",
+                         self.lease_id, err)
 
     def _silent(self) -> None:
         self.mark_lost(
@@ -308,6 +321,14 @@ class Session:
         still holds the lease (one attempt, on ``client`` if given): renewed as
         etcd says if it holds it; lost if it no longer does, or cannot say."""
         self._lease.confirm_if_lapsed(client)
+
+    def revoke_if_lost(self, client: EtcdClient) -> None:
+        """If the lease is lost, revoke it (one attempt on ``client``, once per
+        lease, whatever the sessions on it): a lease given up by this process
+        may still be held by etcd (a restarted etcd gives every lease a fresh
+        TTL; keep-alive answers can be lost on the way), and the keys on it
+        would outlive the nodes that gave it up by a TTL."""
+        self._lease.revoke_if_lost(client)
 
     @property
     def answered_span(self) -> tuple[float, float]:
