@@ -328,7 +328,8 @@ def _cpu_seconds() -> float:
 
 
 def _host_nodes(spec: RoundSpec, indices: Sequence[int], sync: Callable[[str], None]) -> HostReport:
-    """Create this host's nodes, run them through one round, and close them.
+    """Create this host's nodes, run them through one round, and close them,
+    under ``spec.switch_interval`` if given (the process's own after).
 
     ``sync(phase)`` is called at each of ``_PHASES``; it returns when the round
     may go on (every host reached the phase, and the harness read etcd's metrics).
