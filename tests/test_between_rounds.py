@@ -268,9 +268,18 @@ def _queued(handler, *item: str) -> bool:
     return any(queued[:len(item)] == item for queued in list(handler._inbox._items))
 
 
+def _shut_down(handlers) -> None:
+    """Shut the handlers down (while their etcd still runs) and forget them."""
+    for handler in handlers:
+        handler.shutdown()
+    handlers.clear()
+
+
 def _etcd_away_after_a_round(server, run_id, handlers, until, **options) -> list[str]:
     """Two nodes complete a round; etcd is killed until ``until(handler)`` holds
-    for both, then restarted on its data. Returns the nodes' ids of that round."""
+    for both, then restarted on its data. Returns the nodes' ids of that round.
+    (The caller shuts the nodes down while etcd runs: a shutdown after it
+    waits for etcd.)"""
     endpoint = server.get_endpoint()
     handlers.extend(make_handler(endpoint, run_id, 2, 2, **options) for _ in range(2))
     assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
@@ -292,6 +301,7 @@ def test_etcd_away_past_the_watch_retries_then_back_the_next_round_forms(run_id,
             **{**FAST, "lease_ttl": 30, "connect_timeout": 2})
         assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
         assert [h.node_id for h in handlers] == ids
+        _shut_down(handlers)
 
 
 @pytest.mark.parametrize("lease_scope", ["node", "process"])
@@ -301,7 +311,7 @@ def test_etcd_away_past_the_lease_ttl_then_back_the_next_round_forms_at_once(
     leases up, and etcd, restarted, gives every lease a fresh TTL. The next
     round forms at once with new nodes: the old leases are revoked, not left
     to hold the old members' keys (and the round) for another lease_ttl."""
-    lease_ttl = 8
+    lease_ttl = 4
     with EtcdServer() as server:
         ids = _etcd_away_after_a_round(
             server, run_id, handlers, lambda h: _queued(h, "lost"),
@@ -310,3 +320,4 @@ def test_etcd_away_past_the_lease_ttl_then_back_the_next_round_forms_at_once(
         assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
         assert time.monotonic() - started < lease_ttl / 2
         assert not set(ids) & {h.node_id for h in handlers}
+        _shut_down(handlers)

@@ -515,7 +515,7 @@ def test_call_begun_while_etcd_hangs_ends_at_its_timeout(
     timeout, not after the 30 s a slow etcd's requests are retried, and the
     call times out. Once etcd answers again, the node completes a round."""
     caplog.set_level(logging.WARNING, logger="rdzv.session")
-    timeout = 4.0
+    timeout = 3.0
     endpoint = server.get_endpoint()
     options = {**FAST, "timeout": timeout, "lease_scope": lease_scope}
     node = make_handler(endpoint, run_id, 2, 2, **options)
