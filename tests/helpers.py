@@ -104,6 +104,12 @@ def run_round(nodes: list[ThreadNode], timeout: float = 60.0) -> list[Any]:
     return [node.join(timeout) for node in nodes]
 
 
+def queued(handler: EtcdRendezvousHandler, *item: str) -> bool:
+    """Whether ``handler``'s inbox holds an item that begins with ``item``
+    (what its watches and lease sent and no call has taken yet)."""
+    return any(held[:len(item)] == item for held in list(handler._inbox._items))
+
+
 def assert_one_world(infos: list[Any], size: int) -> None:
     """Guarantee 1 and 2: one world size, ranks exactly 0..size-1."""
     errors = [i for i in infos if isinstance(i, BaseException)]

@@ -18,7 +18,15 @@ import urllib.request
 
 import pytest
 
-from helpers import ProcessNode, ThreadNode, assert_one_world, make_handler, run_round, wait_for
+from helpers import (
+    ProcessNode,
+    ThreadNode,
+    assert_one_world,
+    make_handler,
+    queued,
+    run_round,
+    wait_for,
+)
 from rdzv.etcd_server import EtcdServer
 from rdzv.keys import RunKeys
 
@@ -263,11 +271,6 @@ def test_etcd_stopped_for_a_minute_never_raises_and_the_view_catches_up(run_id, 
                 handler.shutdown()
 
 
-def _queued(handler, *item: str) -> bool:
-    """Whether ``handler``'s inbox holds an item that begins with ``item``."""
-    return any(queued[:len(item)] == item for queued in list(handler._inbox._items))
-
-
 def _shut_down(handlers) -> None:
     """Shut the handlers down (while their etcd still runs) and forget them."""
     for handler in handlers:
@@ -297,7 +300,7 @@ def test_etcd_away_past_the_watch_retries_then_back_the_next_round_forms(run_id,
     failed at once with the watch's old "cannot reach etcd".)"""
     with EtcdServer() as server:
         ids = _etcd_away_after_a_round(
-            server, run_id, handlers, lambda h: _queued(h, "error", "state"),
+            server, run_id, handlers, lambda h: queued(h, "error", "state"),
             **{**FAST, "lease_ttl": 30, "connect_timeout": 2})
         assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)
         assert [h.node_id for h in handlers] == ids
@@ -314,7 +317,7 @@ def test_etcd_away_past_the_lease_ttl_then_back_the_next_round_forms_at_once(
     lease_ttl = 4
     with EtcdServer() as server:
         ids = _etcd_away_after_a_round(
-            server, run_id, handlers, lambda h: _queued(h, "lost"),
+            server, run_id, handlers, lambda h: queued(h, "lost"),
             **{**FAST, "lease_ttl": lease_ttl, "connect_timeout": 2, "lease_scope": lease_scope})
         started = time.monotonic()
         assert_one_world(run_round([ThreadNode(h) for h in handlers]), 2)

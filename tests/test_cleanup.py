@@ -16,7 +16,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import ProcessNode, ThreadNode, assert_one_world, make_handler, run_round, wait_for
+from helpers import (
+    ProcessNode,
+    ThreadNode,
+    assert_one_world,
+    make_handler,
+    queued,
+    run_round,
+    wait_for,
+)
 from rdzv import _state
 from rdzv.client import EtcdClient
 from rdzv.etcd_server import QUOTA_BACKEND_BYTES, EtcdServer
@@ -153,10 +161,13 @@ def test_the_embedded_etcd_compacts_its_history_and_has_a_quota(run_id):
                 node.handler.shutdown()
 
 
-def test_watches_resume_past_compacted_history(run_id, caplog):
+@pytest.mark.parametrize("refused", ["between_calls", "any_time"])
+def test_watches_resume_past_compacted_history(run_id, caplog, refused):
     """A stream that breaks after etcd compacted the history a watch was to
     resume from: the state record is read and watched again at once (not after
-    the lease_ttl re-read that catches a quiet watch), and the round completes."""
+    the lease_ttl re-read that catches a quiet watch), and the round completes,
+    whether etcd refused the resumed watch before the next call began or
+    (``any_time``) while it runs."""
     with EtcdServer() as server:
         nodes = [ThreadNode(make_handler(server.get_endpoint(), run_id, 2, 2)) for _ in range(2)]
         try:
@@ -171,6 +182,9 @@ def test_watches_resume_past_compacted_history(run_id, caplog):
             # The state watches started before the compaction and resume from there.
             server.kill()
             server.restart()
+            if refused == "between_calls":
+                wait_for(lambda: all(queued(node.handler, "error", "state") for node in nodes),
+                         timeout=20, what="etcd refused the resumed state watches")
             with caplog.at_level(logging.INFO, logger="rdzv.etcd_rendezvous"):
                 assert_one_world(run_round(nodes), 2)
             assert {node.handler.round for node in nodes} == {1}

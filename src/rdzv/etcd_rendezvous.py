@@ -303,8 +303,11 @@ class EtcdRendezvousHandler(RendezvousHandler):
         between calls (etcd was away for longer than its retries), that says
         nothing of etcd now. The node reads the record again and watches it
         from there; if etcd is still away, that read fails as the call's
-        requests do. (In a call, the watch's failure ends the call.)"""
-        broken = self._inbox.take(lambda item: item[0] == "error" and item[1] == "state")
+        requests do. (In a call, the watch's failure ends the call.) A watch
+        whose start was compacted is left to the call, which resumes it from
+        the record as it does in a round."""
+        broken = self._inbox.take(lambda item: item[0] == "error" and item[1] == "state"
+                                  and not _compacted(item[2]))
         if broken:
             logger.info("run %r: the state record's watch broke between calls (%s); "
                         "reading the record again", self._run_id, broken[-1][2])
