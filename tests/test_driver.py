@@ -196,10 +196,10 @@ def test_what_blocks_is_a_job_for_the_calling_thread(driver):
     watching.stale = True
 
     def wake() -> None:
-        deadline = time.monotonic() + 10
-        while not watching.jobs and time.monotonic() < deadline:
-            time.sleep(0.001)
-        watching.inbox.put(("state",))
+        try:
+            wait_for(lambda: watching.jobs, timeout=10, what="the machine's watches")
+        finally:
+            watching.inbox.put(("state",))
 
     threading.Thread(target=wake).start()
     watching.node.script.append(("done",))
@@ -217,10 +217,7 @@ def test_an_item_in_the_inbox_wakes_a_waiting_machine(driver):
 
 
 def _put_when_waiting(round: Round) -> None:
-    deadline = time.monotonic() + 10
-    while round.node.steps == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for(lambda: round.node.steps, timeout=10, what="the machine's first step")
     round.inbox.put(("state",))
 
 
@@ -436,10 +433,7 @@ def test_closing_ends_a_call_in_progress_and_the_thread():
 
     caller = threading.Thread(target=drive)
     caller.start()
-    deadline = time.monotonic() + 10
-    while round.node.steps == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for(lambda: round.node.steps, timeout=10, what="the machine's first step")
     driver.close()
     caller.join(10)
     assert not caller.is_alive()
