@@ -50,6 +50,12 @@ started, so that one violation does not end the soak.
 
 Anything else is printed as a violation, with the seed and the step, and counted.
 
+After every step, and before a violation is reported, the driver checks that
+etcd's members that applied the same raft entries hold the same revision. etcd
+3.5.0-3.5.2 (the embedded 3.5.1 among them) can break that after a member was
+killed under writes (etcd bug 13766); the soak then stops and says so, since
+the records it would check next are ones etcd no longer agrees on.
+
 Usage::
 
     python benchmarks/soak.py                          # 500 rounds, 32 nodes
@@ -77,6 +83,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -204,6 +211,10 @@ class Worker:
 
 class Violation(Exception):
     """A guarantee did not hold."""
+
+
+class EtcdDiverged(Exception):
+    """etcd's members no longer agree on their data (etcd's fault)."""
 
 
 class Soak:
@@ -403,6 +414,7 @@ class Soak:
         worker.pending = True
 
     def violation(self, message: str) -> None:
+        self._stop_if_etcd_diverged()
         text = f"seed={self.args.seed} step={self.step} run={self.run_id}: {message}"
         self.violations.append(text)
         print("VIOLATION", text, flush=True)
@@ -425,6 +437,31 @@ class Soak:
             except RendezvousConnectionError:
                 if attempt == 2:
                     raise
+
+    def etcd_divergence(self) -> str:
+        """How etcd's members disagree on their data, or "" if they agree.
+
+        Members that applied the same raft entries must hold the same revision.
+        etcd 3.5.0-3.5.2 can break that: a member killed while it applies
+        writes can come back without some of them (etcd bug 13766, fixed in
+        3.5.3). Reads then depend on the member that answers, and the
+        soak's checks would blame rdzv for what etcd lost. Only members caught
+        up with each other are compared (etcd's metrics give both numbers),
+        twice in a row to rule out a write applied between the two."""
+        seen = None
+        for _ in range(40):
+            answered = [(member.name, *got) for member in self.cluster.members
+                        if (got := _applied_and_revision(member)) is not None]
+            if len(answered) >= 2 and len({applied for _, applied, _ in answered}) == 1:
+                if len({revision for _, _, revision in answered}) == 1:
+                    return ""
+                if answered == seen:
+                    return (f"etcd's members applied the same raft entries (index "
+                            f"{answered[0][1]}) but hold different revisions: "
+                            + ", ".join(f"{name} {revision}" for name, _, revision in answered))
+                seen = answered
+            time.sleep(0.05)
+        return ""
 
     def _lease_alive(self, node_id: str) -> bool:
         # TTL is whole seconds left, 0 in the last one; -1 once the lease is gone.
@@ -737,6 +774,7 @@ class Soak:
             self.step_seconds[",".join(sorted(set(self.step_faults))) or "none"].append(
                 time.monotonic() - step_start)
             self.heal_etcd()
+            self._stop_if_etcd_diverged()
             if args.verbose:
                 print(f"step {self.step}: round {last_round} of run {self.runs}, "
                       f"{len(self.alive())} nodes, faults {self.step_faults}", flush=True)
@@ -744,6 +782,16 @@ class Soak:
                 print(f"... {self.rounds_checked} rounds, {sum(self.faults.values())} faults, "
                       f"{len(self.violations)} violations, "
                       f"{time.monotonic() - started:.0f} s", flush=True)
+
+    def _stop_if_etcd_diverged(self) -> None:
+        diverged = self.etcd_divergence()
+        if diverged:
+            raise EtcdDiverged(
+                f"step {self.step}: {diverged}. That is etcd's fault, not rdzv's (etcd "
+                f"{self.etcd_version}; etcd bug 13766 affects 3.5.0-3.5.2, where a member "
+                "killed under writes can come back without some of them): what the "
+                "soak would check from here reads data etcd no longer agrees on. Run it "
+                "on etcd 3.4 or 3.5.3 and later (RDZV_ETCD_BINARY).")
 
     def shutdown(self) -> None:
         for worker in self.alive():
@@ -796,6 +844,27 @@ class Soak:
             print(f"  {text}")
 
 
+def _applied_and_revision(member: Any) -> tuple[int, int] | None:
+    """A running member's raft applied index and revision, from its metrics."""
+    if not member.is_running():
+        return None
+    try:
+        with urllib.request.urlopen(member.get_metrics_url() + "/metrics", timeout=2) as got:
+            text = got.read().decode()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("etcd_server_proposals_applied_total",
+                    "etcd_debugging_mvcc_current_revision"):
+            values[name] = int(float(value))
+    if len(values) < 2:
+        return None
+    return (values["etcd_server_proposals_applied_total"],
+            values["etcd_debugging_mvcc_current_revision"])
+
+
 def _version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -836,6 +905,8 @@ def main() -> int:
         soak.run()
     except KeyboardInterrupt:
         stopped = "interrupted before the end"
+    except EtcdDiverged as err:
+        stopped = f"stopped: {err}"
     except Exception:  # the report of what ran is still worth having
         traceback.print_exc()
         stopped = "aborted by the error above"

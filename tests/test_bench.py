@@ -1,7 +1,9 @@
-"""The join-latency benchmark's record keeping (``make bench``), without running a round.
+"""The benchmarks' own logic, without running a round.
 
-Runs are appended to the results file, never replacing earlier ones, and a
-recorded run can be read back (its table rows) to be plotted.
+The join-latency benchmark's runs (``make bench``) are appended to the results
+file, never replacing earlier ones, and a recorded run can be read back (its
+table rows) to be plotted; the scale harness reports its slopes; the soak
+tells etcd members that diverged from members that lag.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import pytest
+
+from helpers import wait_for
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "join_latency.py"
 
@@ -96,3 +101,28 @@ def test_scale_reports_each_step_and_the_fitted_slope(bench: ModuleType) -> None
     assert lines[3].startswith("- single: slope 1.") and "fitted over N=1024..8192" in lines[3]
     assert lines[3].endswith("the floor's 1.00")
     assert scale.fitted_slope([(n, 3.0 * n ** 1.2) for n in sizes]) == pytest.approx(1.2)
+
+
+def test_the_soak_tells_diverged_etcd_members_from_lagging_ones(
+        etcd_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("soak", SCRIPT.parent / "soak.py")
+    assert spec is not None and spec.loader is not None
+    soak = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = soak
+    spec.loader.exec_module(soak)
+    # A real cluster's members, caught up with each other, agree.
+    members = etcd_cluster.members
+    wait_for(lambda: len({soak._applied_and_revision(m) for m in members}) == 1,
+             timeout=10, what="the members to catch up")
+    assert soak.Soak.etcd_divergence(SimpleNamespace(cluster=etcd_cluster)) == ""
+    # What etcd 3.5.0-3.5.2 can leave after a member's restart: the same raft
+    # entries applied, different revisions.
+    readings = {"etcd-0": (7, 100), "etcd-1": (7, 97), "etcd-2": (7, 100)}
+    monkeypatch.setattr(soak, "_applied_and_revision", lambda member: readings[member.name])
+    driver = SimpleNamespace(cluster=SimpleNamespace(
+        members=[SimpleNamespace(name=name) for name in readings]))
+    said = soak.Soak.etcd_divergence(driver)
+    assert "index 7" in said and "etcd-1 97" in said, said
+    # A member still applying what the others did is not judged.
+    readings["etcd-1"] = (5, 97)
+    assert soak.Soak.etcd_divergence(driver) == ""
