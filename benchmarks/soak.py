@@ -245,6 +245,11 @@ class Soak:
         self.endpoint = self.cluster.get_endpoint()
         self.client = self.cluster.get_rdzv_client(connect_timeout=30)
         self.etcd_version = self.client.status().version
+        if _loses_writes_when_killed(self.etcd_version):
+            print(f"soak: etcd {self.etcd_version} can lose writes on a member killed under "
+                  "load (etcd bug 13766, 3.5.0-3.5.2): the soak stops if its members "
+                  "diverge. RDZV_ETCD_BINARY can name an etcd 3.4, or 3.5.3 and later.",
+                  flush=True)
         self.results: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
         self.workers: dict[int, Worker] = {}
         self.next_index = 0
@@ -845,6 +850,13 @@ class Soak:
         print(f"violations       {len(self.violations)}")
         for text in self.violations:
             print(f"  {text}")
+
+
+def _loses_writes_when_killed(version: str) -> bool:
+    """Whether etcd ``version`` has bug 13766 (3.5.0 to 3.5.2)."""
+    parts = version.split(".")
+    return parts[:2] == ["3", "5"] and len(parts) > 2 and parts[2].isdigit() \
+        and int(parts[2]) <= 2
 
 
 def _applied_and_revision(member: Any) -> tuple[int, int] | None:

@@ -126,3 +126,6 @@ def test_the_soak_tells_diverged_etcd_members_from_lagging_ones(
     # A member still applying what the others did is not judged.
     readings["etcd-1"] = (5, 97)
     assert soak.Soak.etcd_divergence(driver) == ""
+    # The soak warns of the versions that have the bug.
+    assert [soak._loses_writes_when_killed(v) for v in ("3.5.0", "3.5.2", "3.5.3", "3.4.23")] \
+        == [True, True, False, False]
