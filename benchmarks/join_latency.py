@@ -444,8 +444,8 @@ class Metrics:
         self.series = series
 
     @classmethod
-    def scrape(cls, url: str) -> Metrics:
-        with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+    def scrape(cls, url: str, timeout: float = 30.0) -> Metrics:
+        with urllib.request.urlopen(url + "/metrics", timeout=timeout) as response:
             text = response.read().decode()
         series = {}
         for line in text.splitlines():

@@ -83,10 +83,11 @@ import sys
 import threading
 import time
 import traceback
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from join_latency import Metrics
 
 from rdzv import _state
 from rdzv.api import RendezvousConnectionError, RendezvousError, RendezvousParameters
@@ -864,20 +865,11 @@ def _applied_and_revision(member: Any) -> tuple[int, int] | None:
     if not member.is_running():
         return None
     try:
-        with urllib.request.urlopen(member.get_metrics_url() + "/metrics", timeout=2) as got:
-            text = got.read().decode()
+        metrics = Metrics.scrape(member.get_metrics_url(), timeout=2)
     except OSError:
         return None
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("etcd_server_proposals_applied_total",
-                    "etcd_debugging_mvcc_current_revision"):
-            values[name] = int(float(value))
-    if len(values) < 2:
-        return None
-    return (values["etcd_server_proposals_applied_total"],
-            values["etcd_debugging_mvcc_current_revision"])
+    return (int(metrics.sum("etcd_server_proposals_applied_total")),
+            int(metrics.sum("etcd_debugging_mvcc_current_revision")))
 
 
 def _version(name: str) -> str:

@@ -104,7 +104,8 @@ def test_scale_reports_each_step_and_the_fitted_slope(bench: ModuleType) -> None
 
 
 def test_the_soak_tells_diverged_etcd_members_from_lagging_ones(
-        etcd_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        bench: ModuleType, etcd_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench put join_latency in sys.modules, whose metrics soak reads with.
     spec = importlib.util.spec_from_file_location("soak", SCRIPT.parent / "soak.py")
     assert spec is not None and spec.loader is not None
     soak = importlib.util.module_from_spec(spec)
@@ -114,6 +115,8 @@ def test_the_soak_tells_diverged_etcd_members_from_lagging_ones(
     members = etcd_cluster.members
     wait_for(lambda: len({soak._applied_and_revision(m) for m in members}) == 1,
              timeout=10, what="the members to catch up")
+    applied, revision = soak._applied_and_revision(members[0])
+    assert applied > 0 and revision > 0
     assert soak.Soak.etcd_divergence(SimpleNamespace(cluster=etcd_cluster)) == ""
     # What etcd 3.5.0-3.5.2 can leave after a member's restart: the same raft
     # entries applied, different revisions.
